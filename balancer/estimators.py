@@ -19,8 +19,8 @@ class SliceTimeEstimator(Protocol):
     def batch_time(self, n, max_input_len: int, steps: int):
         """Seconds to prefill ``n`` rows padded to ``max_input_len`` and run ``steps`` decode steps.
 
-        ``n`` may be an int or a NumPy integer array (the DP batcher evaluates many sizes at once);
-        the result has the same shape.
+        ``n`` and ``max_input_len`` may be ints or NumPy arrays that broadcast together (the DP batcher
+        evaluates every size for every length in one call); the result has the broadcast shape.
         """
 
 
@@ -69,8 +69,9 @@ class BilinearLatencyModel:
         return self.e * n * context_len + self.f * n + self.g * context_len + self.h
 
     def batch_time(self, n, max_input_len: int, steps: int):
+        # n and max_input_len broadcast (the DP batcher passes a column of lengths and a row of sizes).
         n = np.asarray(n, dtype=float) if not np.isscalar(n) else float(n)
-        length = float(max_input_len)
+        length = np.asarray(max_input_len, dtype=float) if not np.isscalar(max_input_len) else float(max_input_len)
         s = float(max(steps, 0))
         # Σ_{j<s} (L + j) = s·L + s(s-1)/2
         context_sum = s * length + s * (s - 1.0) / 2.0

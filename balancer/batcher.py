@@ -1,0 +1,104 @@
+"""SCLS's dynamic-programming batcher.
+
+Sort the candidates by current input length and split them into contiguous runs. A run of n requests whose
+longest input is L costs ``time.batch_time(n, L, steps)`` and needs ``memory.batch_bytes(n, L, steps)``; the DP
+picks the split with the least total estimated time such that every run fits the memory budget and the
+batch-size cap. Contiguity after sorting is what makes this tractable: a batch is padded to its longest
+member, so mixing far-apart lengths only adds padding.
+
+best[j] = min over s in 1..cap(L_j) of best[j - s] + cost(s, L_j)
+
+The costs for every (j, s) come from one vectorised call to the estimator, so the loop over j is a few
+NumPy operations each; ten thousand candidates take tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from balancer.estimators import MemoryEstimator, SliceTimeEstimator
+from balancer.types import Request
+
+
+@dataclass
+class BatchPlan:
+    groups: list[list[Request]]
+    """Contiguous runs of the length-sorted candidates, shortest inputs first."""
+    total_time: float
+    """Sum of the estimated times of the groups (the DP's objective)."""
+    unfit: list[Request]
+    """Requests whose single-row batch already exceeds the memory budget; they can never run here."""
+
+
+def row_caps(lengths: np.ndarray, steps: int, memory: MemoryEstimator, max_batch_size: int) -> np.ndarray:
+    """Largest batch allowed when the longest row has each of ``lengths`` tokens (memory and the cap)."""
+    cache: dict[int, int] = {}
+    caps = np.empty(len(lengths), dtype=np.int64)
+    for i, length in enumerate(lengths.tolist()):
+        cap = cache.get(length)
+        if cap is None:
+            cap = cache[length] = min(max_batch_size, memory.max_batch_size(length, steps))
+        caps[i] = cap
+    return caps
+
+
+def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, memory: MemoryEstimator,
+                 max_batch_size: int) -> BatchPlan:
+    """Split ``requests`` into batches of least total estimated time under the memory bound."""
+    ordered = sorted(requests, key=lambda r: (r.input_len, r.id))
+    lengths = np.array([r.input_len for r in ordered], dtype=np.int64)
+    caps = row_caps(lengths, steps, memory, max_batch_size)
+    unfit = [r for r, c in zip(ordered, caps) if c < 1]
+    if unfit:
+        keep = caps >= 1
+        ordered = [r for r, k in zip(ordered, keep) if k]
+        lengths, caps = lengths[keep], caps[keep]
+    n = len(ordered)
+    if n == 0:
+        return BatchPlan([], 0.0, unfit)
+
+    width = int(min(caps.max(), n))
+    sizes = np.arange(1, width + 1, dtype=np.int64)
+    # cost[j, s-1]: a batch of s rows ending at sorted index j (its longest row), for every j at once.
+    cost = np.asarray(time.batch_time(sizes[None, :], lengths[:, None], steps), dtype=float)
+    cost = np.broadcast_to(cost, (n, width))
+
+    best = np.empty(n + 1)
+    best[0] = 0.0
+    take = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        cap = int(min(caps[j - 1], j, width))
+        # candidates: previous split point j - s for s = 1..cap
+        totals = best[j - cap:j][::-1] + cost[j - 1, :cap]
+        s = int(np.argmin(totals))
+        best[j] = totals[s]
+        take[j] = s + 1
+
+    groups: list[list[Request]] = []
+    j = n
+    while j > 0:
+        s = int(take[j])
+        groups.append(ordered[j - s:j])
+        j -= s
+    groups.reverse()
+    return BatchPlan(groups, float(best[n]), unfit)
+
+
+def split_for_parallelism(groups: list[list[Request]], workers: int, cost) -> list[list[Request]]:
+    """Halve the costliest splittable group until there are at least ``workers`` groups.
+
+    The DP minimises total work, which can leave fewer batches than idle replicas; splitting then buys
+    parallelism at a small cost in total work. ``cost(group)`` is the group's estimated time.
+    """
+    groups = list(groups)
+    while len(groups) < workers:
+        splittable = [g for g in groups if len(g) > 1]
+        if not splittable:
+            break
+        biggest = max(splittable, key=cost)
+        i = groups.index(biggest)
+        half = len(biggest) // 2
+        groups[i:i + 1] = [biggest[:half], biggest[half:]]
+    return groups

@@ -1,0 +1,271 @@
+"""The scheduler: one interface, three modes (SCLS, SLS, ILS).
+
+In the spirit of vLLM v1's scheduler: ``add_request`` puts work in, ``schedule(now)`` returns a plan
+(batches assigned to replicas), ``on_slice_done(result, now)`` takes what a replica did and returns the
+requests that finished. The scheduler executes nothing and reads no clock: the live dispatcher passes wall
+time and the simulator passes virtual time, so the same decisions drive both.
+
+How a round works in SCLS: the ordering policy (with aging) chooses *who* is served next, up to what the free
+replica slots can hold; the DP batcher chooses *how they are grouped* under the memory bound; the placement
+policy chooses *where* each batch runs. A batch runs for one slice of S tokens at most; its unfinished
+requests come back to the pool and may continue anywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from balancer.batcher import plan_batches, split_for_parallelism
+from balancer.config import SchedulerConfig
+from balancer.estimators import MemoryEstimator, SliceTimeEstimator
+from balancer.ordering import make_ordering, select
+from balancer.placement import ReplicaState, make_placement
+from balancer.types import Assignment, Batch, FinishReason, Mode, Request, SliceResult
+
+
+class UnservableRequest(ValueError):
+    """A request that can never run on these replicas (its single-row batch exceeds the memory budget)."""
+
+
+@dataclass
+class SchedulerStats:
+    batches_scheduled: int = 0
+    rows_scheduled: int = 0
+    batches_completed: int = 0
+    requests_finished: int = 0
+    early_returns: int = 0
+    """Requests that finished in a batch some of whose members still needed more tokens."""
+    stale_results: int = 0
+    """Results for batches the scheduler no longer tracks (duplicates after a reclaim); ignored."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, time: SliceTimeEstimator, memory: MemoryEstimator):
+        self.config = config
+        self.time = time
+        self.memory = memory
+        self.pool: dict[str, Request] = {}
+        self.running: dict[str, Request] = {}
+        self.replicas: dict[str, ReplicaState] = {}
+        self.stats = SchedulerStats()
+        self._owner: dict[str, str] = {}  # batch id -> replica id
+        self._aborted: set[str] = set()
+        self._batch_ids = itertools.count()
+        ordering = "fcfs" if config.mode is Mode.SLS else config.ordering
+        self.ordering = make_ordering(ordering, self.service_time, config.hrrn_service_floor)
+        self.placement = make_placement(config.placement)
+
+    # ---- replicas -------------------------------------------------------------------------------------
+    def add_replica(self, replica_id: str, now: float = 0.0) -> None:
+        if replica_id in self.replicas:
+            return
+        slots = self.config.ils_max_concurrency if self.config.mode is Mode.ILS else self.config.queue_depth
+        self.replicas[replica_id] = ReplicaState(replica_id, slots, expected_free_at=now)
+
+    def remove_replica(self, replica_id: str, now: float) -> list[Request]:
+        """Forget a replica (dead or drained); everything it held goes back to the pool, unchanged."""
+        replica = self.replicas.pop(replica_id, None)
+        if replica is None:
+            return []
+        returned: list[Request] = []
+        for batch_id in list(replica.inflight):
+            returned += self._return_batch(replica.inflight.pop(batch_id), now)
+            self._owner.pop(batch_id, None)
+        return returned
+
+    def requeue(self, batch_id: str, now: float) -> list[Request]:
+        """A placed batch that will not run (its replica lost it): its requests rejoin the pool as they were."""
+        replica_id = self._owner.pop(batch_id, None)
+        if replica_id is None:
+            return []
+        replica = self.replicas[replica_id]
+        batch = replica.inflight.pop(batch_id)
+        self._refresh_expected_free(replica, now)
+        return self._return_batch(batch, now)
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def add_request(self, request: Request, now: float) -> None:
+        """Admit a request to the pool (also used to restore requests after a restart)."""
+        if request.id in self.pool or request.id in self.running:
+            raise ValueError(f"request {request.id!r} is already scheduled")
+        request.max_tokens = min(request.max_tokens, self.config.max_gen_len)
+        if request.max_tokens < 1 or request.prompt_len < 1:
+            raise ValueError(f"request {request.id!r} needs prompt_len >= 1 and max_tokens >= 1")
+        longest, steps = self._worst_case_shape(request)
+        if self.memory.max_batch_size(longest, steps) < 1:
+            raise UnservableRequest(
+                f"request {request.id!r} needs {self.memory.batch_bytes(1, longest, steps):.0f} bytes of KV cache "
+                f"for one row, more than a replica's budget"
+            )
+        request.pool_since = now
+        self.pool[request.id] = request
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request (client went away). A running one is dropped when its batch reports."""
+        if self.pool.pop(request_id, None) is not None:
+            return True
+        if request_id in self.running:
+            self._aborted.add(request_id)
+            return True
+        return False
+
+    def service_time(self, request: Request) -> float:
+        """Predicted seconds the request still needs when run alone (HRRN's service)."""
+        steps = max(int(math.ceil(request.predicted_remaining)), 1)
+        return float(self.time.batch_time(1, request.input_len, steps))
+
+    # ---- scheduling -----------------------------------------------------------------------------------
+    def schedule(self, now: float) -> list[Assignment]:
+        """Place as much of the pool as the replicas' free slots take, and return the placements."""
+        open_replicas = [r for r in self.replicas.values() if r.free_slots > 0]
+        if not self.pool or not open_replicas:
+            return []
+        free = sum(r.free_slots for r in open_replicas)
+        if self.config.mode is Mode.SCLS:
+            batches = self._slice_batches(now, free, open_replicas)
+        elif self.config.mode is Mode.SLS:
+            batches = self._static_batches(now, free)
+        else:
+            batches = self._admissions(now, free)
+        assignments = self.placement.place(batches, open_replicas, now)
+        for a in assignments:
+            self._owner[a.batch.id] = a.replica_id
+            for r in a.batch.requests:
+                del self.pool[r.id]
+                self.running[r.id] = r
+            self.stats.batches_scheduled += 1
+            self.stats.rows_scheduled += a.batch.size
+        return assignments
+
+    def _slice_batches(self, now: float, free: int, open_replicas: list[ReplicaState]) -> list[Batch]:
+        cfg = self.config
+        candidates = select(list(self.pool.values()), self.ordering, now, cfg.max_wait,
+                            limit=free * cfg.max_batch_size)
+        plan = plan_batches(candidates, cfg.slice_len, self.time, self.memory, cfg.max_batch_size)
+        idle = sum(1 for r in open_replicas if not r.inflight)
+        groups = split_for_parallelism(
+            plan.groups, min(idle, free),
+            lambda g: float(self.time.batch_time(len(g), max(r.input_len for r in g), cfg.slice_len)),
+        )
+        if len(groups) > free:
+            # Keep the groups holding the most urgent requests; the rest wait in the pool for the next round.
+            rank = {r.id: i for i, r in enumerate(candidates)}
+            groups = sorted(groups, key=lambda g: min(rank[r.id] for r in g))[:free]
+        batches = [self._make_batch(g, cfg.slice_len) for g in groups]
+        # A request near the end of its budget may not fit a full slice's memory but fits its last few steps.
+        batches += [self._make_batch([r], r.remaining) for r in plan.unfit][:max(free - len(batches), 0)]
+        return batches
+
+    def _static_batches(self, now: float, free: int) -> list[Batch]:
+        cfg = self.config
+        queue = select(list(self.pool.values()), self.ordering, now, cfg.max_wait,
+                       limit=free * cfg.sls_batch_size)
+        batches: list[Batch] = []
+        while queue and len(batches) < free:
+            group = queue[:cfg.sls_batch_size]
+            # Shrink from the back until the static batch fits memory for its whole run.
+            while len(group) > 1 and self.memory.max_batch_size(
+                    max(r.input_len for r in group), max(r.remaining for r in group)) < len(group):
+                group = group[:-1]
+            queue = queue[len(group):]
+            batches.append(self._make_batch(group, max(r.remaining for r in group)))
+        return batches
+
+    def _admissions(self, now: float, free: int) -> list[Batch]:
+        chosen = select(list(self.pool.values()), self.ordering, now, self.config.max_wait, limit=free)
+        return [self._make_batch([r], r.remaining) for r in chosen]
+
+    def _make_batch(self, requests: list[Request], step_cap: int) -> Batch:
+        steps = min(step_cap, max(r.remaining for r in requests))
+        expected_steps = min(steps, max(int(math.ceil(r.predicted_remaining)) for r in requests))
+        longest = max(r.input_len for r in requests)
+        return Batch(
+            id=f"b{next(self._batch_ids)}",
+            requests=list(requests),
+            steps=steps,
+            est_time=float(self.time.batch_time(len(requests), longest, expected_steps)),
+            est_bytes=float(self.memory.batch_bytes(len(requests), longest, steps)),
+        )
+
+    # ---- results --------------------------------------------------------------------------------------
+    def on_slice_done(self, result: SliceResult, now: float) -> list[Request]:
+        """Apply a replica's result: finished requests are returned, unfinished ones rejoin the pool."""
+        replica_id = self._owner.pop(result.batch_id, None)
+        if replica_id is None or replica_id not in self.replicas:
+            self.stats.stale_results += 1
+            return []
+        replica = self.replicas[replica_id]
+        batch = replica.inflight.pop(result.batch_id)
+        replica.busy_time += result.elapsed
+        self._refresh_expected_free(replica, now)
+        self.stats.batches_completed += 1
+
+        outcomes = {o.request_id: o for o in result.outcomes}
+        finished: list[Request] = []
+        continuing = 0
+        for req in batch.requests:
+            self.running.pop(req.id, None)
+            if req.id in self._aborted:
+                self._aborted.discard(req.id)
+                continue
+            outcome = outcomes.get(req.id)
+            if outcome is None:  # the replica said nothing of it: serve it again, nothing was lost
+                req.pool_since = now
+                self.pool[req.id] = req
+                continuing += 1
+                continue
+            req.generated += outcome.new_tokens
+            req.slices += 1
+            if outcome.new_tokens > 0 and req.first_token_at is None:
+                req.first_token_at = now
+            reason = outcome.finish_reason
+            if not reason.is_final and req.remaining <= 0:
+                reason = FinishReason.LENGTH
+            if reason.is_final:
+                req.finish_reason = reason
+                req.finished_at = now
+                finished.append(req)
+            else:
+                req.pool_since = now
+                self.pool[req.id] = req
+                continuing += 1
+        self.stats.requests_finished += len(finished)
+        if continuing:
+            self.stats.early_returns += len(finished)
+        return finished
+
+    # ---- views ----------------------------------------------------------------------------------------
+    def expected_completion(self) -> dict[str, float]:
+        return {rid: r.expected_free_at for rid, r in self.replicas.items()}
+
+    @property
+    def pending(self) -> int:
+        return len(self.pool) + len(self.running)
+
+    # ---- internals ------------------------------------------------------------------------------------
+    def _worst_case_shape(self, request: Request) -> tuple[int, int]:
+        """(longest input, steps) of the largest single-row batch this request can ever be part of."""
+        if self.config.mode is Mode.SCLS:
+            steps = min(self.config.slice_len, request.remaining)
+            return request.prompt_len + request.max_tokens - steps, steps
+        return request.input_len, request.remaining
+
+    def _return_batch(self, batch: Batch, now: float) -> list[Request]:
+        returned = []
+        for req in batch.requests:
+            self.running.pop(req.id, None)
+            if req.id in self._aborted:
+                self._aborted.discard(req.id)
+                continue
+            req.pool_since = now
+            self.pool[req.id] = req
+            returned.append(req)
+        return returned
+
+    def _refresh_expected_free(self, replica: ReplicaState, now: float) -> None:
+        left = sum(b.est_time for b in replica.inflight.values())
+        if self.config.mode is Mode.ILS:  # requests share the continuous batch rather than queueing
+            left /= max(self.config.ils_max_concurrency, 1)
+        replica.expected_free_at = now + left

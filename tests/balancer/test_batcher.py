@@ -1,0 +1,85 @@
+"""The DP batcher against brute force, and its memory bound, on random pools."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balancer.batcher import plan_batches, split_for_parallelism
+from balancer.estimators import BilinearLatencyModel
+from tests.balancer.helpers import LATENCY, memory, request
+
+coef = st.floats(min_value=0.0, max_value=1e-2, allow_nan=False)
+models = st.builds(BilinearLatencyModel, coef, coef, coef, coef, coef, coef, coef, coef)
+
+
+def brute_force(lengths: list[int], steps: int, latency, mem, cap: int) -> float:
+    """Least total time over every split of the sorted lengths into contiguous feasible runs."""
+    lengths = sorted(lengths)
+    n = len(lengths)
+    best = float("inf")
+    for cuts in itertools.product([False, True], repeat=n - 1):
+        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+        total = 0.0
+        for lo, hi in zip(bounds, bounds[1:]):
+            size, longest = hi - lo, lengths[hi - 1]
+            if size > cap or mem.batch_bytes(size, longest, steps) > mem.budget_bytes:
+                total = float("inf")
+                break
+            total += float(latency.batch_time(size, longest, steps))
+        best = min(best, total)
+    return best
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 400), min_size=1, max_size=10),
+    steps=st.integers(1, 64),
+    budget=st.integers(500, 4000),
+    cap=st.integers(1, 10),
+    latency=models,
+)
+def test_dp_equals_brute_force_and_respects_memory(lengths, steps, budget, cap, latency):
+    mem = memory(budget)
+    reqs = [request(i, prompt_len=n) for i, n in enumerate(lengths)]
+    plan = plan_batches(reqs, steps, latency, mem, cap)
+
+    fits = [r for r in reqs if mem.max_batch_size(r.input_len, steps) >= 1]
+    assert {r.id for r in plan.unfit} == {r.id for r in reqs} - {r.id for r in fits}
+    # Every schedulable request is in exactly one batch.
+    placed = [r.id for g in plan.groups for r in g]
+    assert sorted(placed) == sorted(r.id for r in fits)
+    for group in plan.groups:
+        longest = max(r.input_len for r in group)
+        assert len(group) <= cap
+        assert mem.batch_bytes(len(group), longest, steps) <= mem.budget_bytes
+    if fits:
+        optimum = brute_force([r.input_len for r in fits], steps, latency, mem, cap)
+        assert np.isclose(plan.total_time, optimum, rtol=1e-9, atol=1e-12)
+
+
+def test_dp_groups_similar_lengths_when_padding_costs():
+    # Two clusters of lengths far apart: mixing them pads the short ones to 1000 tokens.
+    reqs = [request(i, prompt_len=10 + i) for i in range(4)] + [request(10 + i, prompt_len=1000 + i) for i in range(4)]
+    plan = plan_batches(reqs, 16, LATENCY, memory(10**7), 8)
+    assert [sorted(r.input_len for r in g) for g in plan.groups] == [[10, 11, 12, 13], [1000, 1001, 1002, 1003]]
+
+
+def test_dp_scales_to_ten_thousand_requests():
+    rng = np.random.default_rng(0)
+    reqs = [request(i, prompt_len=int(n)) for i, n in enumerate(rng.integers(4, 1500, 10_000))]
+    plan = plan_batches(reqs, 64, LATENCY, memory(200_000), 32)
+    assert sum(len(g) for g in plan.groups) == 10_000
+    assert all(len(g) <= 32 and len(g) * (max(r.input_len for r in g) + 64) <= 200_000 for g in plan.groups)
+
+
+def test_split_for_parallelism_reaches_worker_count_without_losing_anyone():
+    reqs = [request(i, prompt_len=10) for i in range(9)]
+    groups = split_for_parallelism([reqs], 4, cost=len)
+    assert len(groups) == 4
+    assert sorted(r.id for g in groups for r in g) == sorted(r.id for r in reqs)
+    # Cannot split singletons further.
+    assert len(split_for_parallelism([[reqs[0]]], 3, cost=len)) == 1
