@@ -93,10 +93,14 @@ class HFEngine:
         for rid in request_ids:
             self.store.pop(rid)
 
-    def run_slice(self, items: Sequence[SliceItem], max_steps: int) -> EngineSliceResult:
+    def run_slice(self, items: Sequence[SliceItem], max_steps: int | None = None) -> EngineSliceResult:
+        """Run ``items`` for at most ``max_steps`` new tokens each (``None``: until every row stops, as a
+        static batch in SLS does). Outputs come back in input order."""
         t_start = time.perf_counter()
         runner = self.runner
         rows = [RowState.start(it, runner.eos_token_ids, runner.max_positions) for it in items]
+        if max_steps is None:
+            max_steps = max((r.item.budget for r in rows), default=0)
         live = [r for r in rows if not r.done] if max_steps > 0 else []
         for r in rows:
             if r.done:

@@ -131,8 +131,9 @@ class EngineSliceResult:
 class Engine(Protocol):
     """A slice engine. Implementations: ``worker.hf_engine.HFEngine``, ``worker.deepspeed_engine.DeepSpeedEngine``."""
 
-    def run_slice(self, items: Sequence[SliceItem], max_steps: int) -> EngineSliceResult:
-        """Run ``items`` together for at most ``max_steps`` new tokens each; rows stop on their own conditions."""
+    def run_slice(self, items: Sequence[SliceItem], max_steps: int | None = None) -> EngineSliceResult:
+        """Run ``items`` together for at most ``max_steps`` new tokens each (``None``: to completion); rows
+        stop on their own conditions."""
         ...
 
     def drop(self, request_ids: Sequence[str]) -> None:

@@ -1,0 +1,162 @@
+"""``ContinuousBatchingEngine``: iteration-level scheduling for the ILS baseline (Orca / vLLM style).
+
+Requests wait in a FIFO queue; at most ``max_concurrency`` run at once. Each ``step()`` is one iteration:
+- if requests wait and there is room, the step prefills the newcomers as one left-padded group (yielding
+  their first tokens) and splices their caches into the running batch, like vLLM's prefill-first policy;
+- otherwise it decodes one token for every running request.
+Finished requests leave the batch at once (their rows are cut out of the cache and padding columns that no
+row needs any more are trimmed), so nobody waits for the longest request. Stopping rules, sampling and
+trace mode are shared with the slice engines (``worker.runner.RowState``).
+
+Why not transformers' own ``generate_batch`` / ``ContinuousBatchingManager``: in 5.23 it does run on CPU
+and matched ``generate`` greedily here, but it drives itself from a background thread (no synchronous
+``step()`` to time and to interleave arrivals with), has no per-request seeded sampling or stop ids, and
+no trace-mode target lengths. The baseline needs all of those, so this module keeps the loop in our hands.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from worker import kv
+from worker.protocol import ItemOutput, SliceItem
+from worker.runner import ModelRunner, RowState, choose, decode_inputs, prefill
+
+
+@dataclass
+class CBStats:
+    """Counters since construction (or ``reset_stats``)."""
+
+    steps: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prefill_time: float = 0.0
+    decode_time: float = 0.0
+    decode_step_times: list[float] = field(default_factory=list)
+    pad_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    max_running: int = 0
+
+
+class ContinuousBatchingEngine:
+    """Continuous batching over one model, under a concurrency cap."""
+
+    backend = "continuous"
+
+    def __init__(self, model, *, max_concurrency: int = 16, forward=None):
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        self.model = model
+        self.runner = ModelRunner(model, forward=forward)
+        self.max_concurrency = max_concurrency
+        self.waiting: deque[RowState] = deque()
+        self.running: list[RowState] = []
+        self._layers: kv.Layers | None = None
+        self._mask: torch.Tensor | None = None
+        self.stats = CBStats()
+
+    @classmethod
+    def from_pretrained(cls, model_path, device: str = "cpu", dtype: str = "float32", **kwargs):
+        from worker.hf_engine import load_model
+
+        return cls(load_model(model_path, device, dtype), **kwargs)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.runner.eos_token_ids
+
+    def reset_stats(self) -> None:
+        self.stats = CBStats()
+
+    def add(self, item: SliceItem) -> None:
+        """Queue a request; it joins the running batch at the next step with room."""
+        self.waiting.append(RowState.start(item, self.runner.eos_token_ids, self.runner.max_positions))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting request (running ones finish their iteration first). True if found."""
+        for r in list(self.waiting):
+            if r.item.request_id == request_id:
+                self.waiting.remove(r)
+                return True
+        return False
+
+    def step(self) -> list[ItemOutput]:
+        """One iteration; returns the requests that finished in it."""
+        finished: list[ItemOutput] = []
+        newcomers: list[RowState] = []
+        while self.waiting and len(self.running) + len(newcomers) < self.max_concurrency:
+            row = self.waiting.popleft()
+            if row.done:  # nothing to generate (exhausted budget): leaves without compute
+                finished.append(row.output())
+            else:
+                newcomers.append(row)
+        if newcomers:
+            self._prefill(newcomers)
+        elif self.running:
+            self._decode()
+        else:
+            return finished
+        self.stats.steps += 1
+        self.stats.max_running = max(self.stats.max_running, len(self.running))
+        keep = [b for b, r in enumerate(self.running) if not r.done]
+        if len(keep) < len(self.running):
+            finished += [r.output() for r in self.running if r.done]
+            self.running = [self.running[b] for b in keep]
+            if keep:
+                self._layers, self._mask = kv.select(self._layers, self._mask, keep)
+            else:
+                self._layers = self._mask = None
+        self.stats.finished += len(finished)
+        return finished
+
+    def _prefill(self, rows: list[RowState]) -> None:
+        logits, state = prefill(self.runner, rows)
+        choose(logits, rows, list(range(len(rows))))
+        self.stats.prefill_steps += 1
+        self.stats.prefill_time += state.seconds
+        self.stats.pad_tokens += state.pad_tokens
+        self.stats.generated_tokens += len(rows)
+        if self._layers is None:
+            self._layers, self._mask = state.layers, state.mask
+        else:
+            self._layers, self._mask = kv.concat(self._layers, self._mask, state.layers, state.mask)
+        self.running += rows
+
+    def _decode(self) -> None:
+        ids, pos = decode_inputs(self.running)
+        mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
+        t0 = time.perf_counter()
+        logits, self._layers = self.runner.forward(ids, mask, pos, self._layers)
+        self._mask = mask
+        choose(logits, self.running, list(range(len(self.running))))
+        self.runner.sync()
+        dt = time.perf_counter() - t0
+        self.stats.decode_steps += 1
+        self.stats.decode_time += dt
+        self.stats.decode_step_times.append(dt)
+        self.stats.generated_tokens += len(self.running)
+
+    def run(self, items: Iterable[SliceItem]) -> list[ItemOutput]:
+        """Convenience: serve ``items`` (all arriving now) to completion; outputs in input order."""
+        order = []
+        for it in items:
+            order.append(it.request_id)
+            self.add(it)
+        done: dict[str, ItemOutput] = {}
+        while self.has_work():
+            for out in self.step():
+                done[out.request_id] = out
+        return [done[rid] for rid in order]
