@@ -1,0 +1,104 @@
+"""``slicefleet simulate``: the real scheduler on a simulated cluster, ShareGPT requests, virtual time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PREDICTORS = ("oracle", "constant", "trained")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="scls",
+                   help="scls, sls or ils; a comma-separated list runs each on the same sample (default: scls)")
+    p.add_argument("--replicas", type=int, default=8, help="simulated replicas (default: 8)")
+    p.add_argument("--requests", type=int, default=2000, help="ShareGPT requests to replay (default: 2000)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="arrivals per second; omit for all requests at t = 0")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling and arrival seed (default: 0)")
+    p.add_argument("--slice-len", type=int, default=64, help="S, tokens per slice (default: 64)")
+    p.add_argument("--max-gen-len", type=int, default=1024, help="G, largest generation budget (default: 1024)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="SCLS batch-size cap (default: 32)")
+    p.add_argument("--sls-batch-size", type=int, default=8, help="SLS static batch size (default: 8)")
+    p.add_argument("--ils-concurrency", type=int, default=16, help="ILS requests per replica (default: 16)")
+    p.add_argument("--ordering", default="sjf", choices=["fcfs", "sjf", "hrrn"], help="SCLS/ILS ordering")
+    p.add_argument("--placement", default="maxmin", choices=["maxmin", "round_robin", "least_work"])
+    p.add_argument("--predictor", default="oracle", choices=PREDICTORS,
+                   help="length predictor: the true lengths, the sample median, or the trained model")
+    p.add_argument("--profile", default=None,
+                   help="latency profile JSON from 'slicefleet profile' (default: the packaged CPU profile)")
+    p.add_argument("--model", default=None,
+                   help="model directory whose tokenizer counts tokens and whose config sizes the KV cache "
+                        "(default: the small default model, built if missing)")
+    p.add_argument("--kv-budget-gib", type=float, default=2.0, help="KV-cache budget per replica (default: 2)")
+    p.add_argument("--json", dest="json_out", default=None, help="write the reports to this JSON file")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+
+
+def predicted_lengths(kind: str, sample, pairs) -> list[float]:
+    from cluster.sim.workload import constant_predictor, oracle_predictor
+
+    if kind == "oracle":
+        return oracle_predictor(pairs)
+    if kind == "constant":
+        outputs = sorted(o for _, o in pairs)
+        return constant_predictor(outputs[len(outputs) // 2])(pairs)
+    from predictor.length import load_length_predictor
+
+    model = load_length_predictor()
+    return list(model.predict([s.prompt for s in sample], [s.prompt_len for s in sample]))
+
+
+def run(args) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from balancer.config import SchedulerConfig
+    from cluster.sim.report import format_table
+    from cluster.sim.simulator import simulate
+    from cluster.sim.workload import arrival_times, build_workload
+    from predictor.latency import load_profile
+    from predictor.memory import memory_estimator
+    from predictor.sharegpt import sample_requests
+    from worker.make_model import ensure_default_model
+
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("scls", "sls", "ils")]
+    if bad:
+        raise SystemExit(f"unknown mode(s) {bad}: choose scls, sls, ils")
+    model_dir = Path(args.model) if args.model else ensure_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    latency = load_profile(args.profile)
+    memory = memory_estimator(AutoConfig.from_pretrained(model_dir), budget_bytes=args.kv_budget_gib * 2**30)
+
+    sample = sample_requests(tokenizer, args.requests, seed=args.seed)
+    pairs = [(s.prompt_len, s.output_len) for s in sample]
+    predicted = predicted_lengths(args.predictor, sample, pairs)
+    workload = build_workload(pairs, arrival_times(len(pairs), args.rate, args.burstiness, args.seed),
+                              predicted, ids=[s.id for s in sample])
+    reports = []
+    for mode in modes:
+        cfg = SchedulerConfig(
+            mode=mode, slice_len=args.slice_len, max_gen_len=args.max_gen_len,
+            max_batch_size=args.max_batch_size, sls_batch_size=args.sls_batch_size,
+            ils_max_concurrency=args.ils_concurrency, ordering=args.ordering, placement=args.placement,
+        )
+        report, _ = simulate(cfg, latency, memory, workload, args.replicas, progress=args.progress)
+        report.extra.update(predictor=args.predictor, rate=args.rate, seed=args.seed)
+        log.info("%s: %d requests in %.1f virtual s (%.1f s wall)", mode, report.requests, report.duration,
+                 report.extra["wall_seconds"])
+        reports.append(report)
+    print(format_table(reports))
+    if args.json_out:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                   "reports": [r.as_dict() for r in reports]}
+        out.write_text(json.dumps(payload, indent=1))
+        print(f"wrote {out}")
+    return 0

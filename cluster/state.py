@@ -1,0 +1,336 @@
+"""The Redis state store: every accepted request lives here from acceptance to completion.
+
+Who writes what (so that each fact has one writer):
+- the ingress writes a request's record and announces it on ``incoming`` *before* it acknowledges the client;
+- the dispatcher posts batches to each replica's work stream, and it alone applies results: appending the
+  new tokens, recording the replica, publishing output events, closing finished requests. It applies a batch
+  at most once (a Lua script checks and sets the batch's ``applied`` flag in the same atomic step), so a
+  duplicate result after a reclaim never doubles a token;
+- worker replicas register with a heartbeat, read their work stream, and post results.
+
+Keys (``{p}`` is the configured prefix):
+  {p}:req:{id}       hash   the request: prompt ids, budget, sampling, stop ids, arrival, status, ...
+  {p}:gen:{id}       list   output token ids so far (appended only by the result script)
+  {p}:out:{id}       stream output events for the client: tokens of one slice, then the finish
+  {p}:live           set    ids of requests not yet finished (what a restarted dispatcher rebuilds from)
+  {p}:incoming       stream new request ids, for the dispatcher
+  {p}:cancel         stream ids whose clients went away
+  {p}:work:{replica} stream batches for one replica (consumer group "worker")
+  {p}:results        stream slice results (consumer group "dispatcher")
+  {p}:replicas       set    registered replica ids;  {p}:hb:{replica} heartbeat key with a TTL
+  {p}:replica:{r}    hash   replica info (pid, engine, capacity)
+  {p}:epoch          int    dispatcher incarnation; batches of an older epoch are stale
+  {p}:metrics        string the dispatcher's latest metrics snapshot (JSON)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+OUTPUT_TTL_SECONDS = 3600
+"""How long a finished request's record and output stream stay readable (a client may reconnect)."""
+
+
+@dataclass
+class RequestRecord:
+    """A request as stored: everything needed to run its next slice on any replica."""
+
+    id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    arrival: float
+    model: str = ""
+    kind: str = "completion"
+    """'completion' or 'chat' (only the response shape differs)."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    """Stop strings (checked on text by the ingress; the engine stops on ``stop_token_ids``)."""
+    ignore_eos: bool = False
+    target_len: int | None = None
+    """Trace mode: generate exactly this many tokens (benchmarks replaying known lengths)."""
+    predicted_len: float | None = None
+    priority: int = 0
+    status: str = "live"
+    finish_reason: str | None = None
+    slices: int = 0
+    replicas: list[str] = field(default_factory=list)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    def to_hash(self) -> dict[str, str]:
+        return {k: json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_hash(cls, data: dict) -> "RequestRecord":
+        decoded = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in data.items()}
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in decoded.items() if k in known})
+
+
+class Keys:
+    def __init__(self, prefix: str = "sf"):
+        self.p = prefix
+
+    def req(self, rid: str) -> str:
+        return f"{self.p}:req:{rid}"
+
+    def gen(self, rid: str) -> str:
+        return f"{self.p}:gen:{rid}"
+
+    def out(self, rid: str) -> str:
+        return f"{self.p}:out:{rid}"
+
+    def work(self, replica: str) -> str:
+        return f"{self.p}:work:{replica}"
+
+    def hb(self, replica: str) -> str:
+        return f"{self.p}:hb:{replica}"
+
+    def replica(self, replica: str) -> str:
+        return f"{self.p}:replica:{replica}"
+
+    @property
+    def live(self) -> str:
+        return f"{self.p}:live"
+
+    @property
+    def incoming(self) -> str:
+        return f"{self.p}:incoming"
+
+    @property
+    def cancel(self) -> str:
+        return f"{self.p}:cancel"
+
+    @property
+    def results(self) -> str:
+        return f"{self.p}:results"
+
+    @property
+    def replicas(self) -> str:
+        return f"{self.p}:replicas"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.p}:epoch"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.p}:metrics"
+
+    def applied(self, batch_id: str) -> str:
+        return f"{self.p}:applied:{batch_id}"
+
+
+# KEYS[1] = applied flag, KEYS[2] = live set, then per request: req hash, gen list, out stream (3 keys each).
+# ARGV[1] = ttl, ARGV[2] = replica id, then per request: id, json tokens, finish reason ("" = continues).
+_APPLY_RESULT = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then
+  return 0
+end
+local n = (#KEYS - 2) / 3
+for i = 0, n - 1 do
+  local req, gen, out = KEYS[3 + 3*i], KEYS[4 + 3*i], KEYS[5 + 3*i]
+  local rid, tokens_json, reason = ARGV[3 + 3*i], ARGV[4 + 3*i], ARGV[5 + 3*i]
+  if redis.call('EXISTS', req) == 1 then
+    for _, t in ipairs(cjson.decode(tokens_json)) do redis.call('RPUSH', gen, t) end
+    local replicas = cjson.decode(redis.call('HGET', req, 'replicas'))
+    table.insert(replicas, ARGV[2])
+    redis.call('HSET', req, 'replicas', cjson.encode(replicas),
+               'slices', tostring(tonumber(redis.call('HGET', req, 'slices')) + 1))
+    if reason == '' then
+      redis.call('XADD', out, '*', 'tokens', tokens_json, 'replica', ARGV[2])
+    else
+      redis.call('HSET', req, 'status', '"done"', 'finish_reason', cjson.encode(reason))
+      redis.call('SREM', KEYS[2], rid)
+      redis.call('XADD', out, '*', 'tokens', tokens_json, 'replica', ARGV[2], 'finish_reason', reason)
+      redis.call('EXPIRE', req, ARGV[1]); redis.call('EXPIRE', gen, ARGV[1]); redis.call('EXPIRE', out, ARGV[1])
+    end
+  end
+end
+return 1
+"""
+
+
+@dataclass
+class ReplicaInfo:
+    id: str
+    pid: int
+    engine: str
+    node: str = ""
+    started: float = 0.0
+
+
+class StateStore:
+    """Synchronous access for the dispatcher and the workers (each runs its loop in a thread)."""
+
+    def __init__(self, url: str, prefix: str = "sf", password: str | None = None):
+        self.url = url
+        self.r = redis.Redis.from_url(url, password=password, socket_timeout=30, socket_connect_timeout=5,
+                                      health_check_interval=10, retry_on_timeout=True)
+        self.k = Keys(prefix)
+        self._apply = self.r.register_script(_APPLY_RESULT)
+
+    def ping(self) -> bool:
+        return bool(self.r.ping())
+
+    def ensure_group(self, stream: str, group: str) -> None:
+        try:
+            self.r.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # ---- requests (ingress side) ---------------------------------------------------------------------
+    def submit(self, rec: RequestRecord) -> None:
+        """Durable from here on: the record, the live set and the announcement land together."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k.req(rec.id), mapping=rec.to_hash())
+        pipe.sadd(self.k.live, rec.id)
+        pipe.xadd(self.k.incoming, {"id": rec.id})
+        pipe.execute()
+
+    def request_cancel(self, rid: str) -> None:
+        self.r.xadd(self.k.cancel, {"id": rid})
+
+    def record(self, rid: str) -> RequestRecord | None:
+        data = self.r.hgetall(self.k.req(rid))
+        return RequestRecord.from_hash(data) if data else None
+
+    def generated(self, rid: str) -> list[int]:
+        return [int(t) for t in self.r.lrange(self.k.gen(rid), 0, -1)]
+
+    def records(self, rids: list[str]) -> list[tuple[RequestRecord | None, list[int]]]:
+        """Records and generated tokens of many requests in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for rid in rids:
+            pipe.hgetall(self.k.req(rid))
+            pipe.lrange(self.k.gen(rid), 0, -1)
+        raw = pipe.execute()
+        out = []
+        for data, gen in zip(raw[0::2], raw[1::2]):
+            out.append((RequestRecord.from_hash(data) if data else None, [int(t) for t in gen]))
+        return out
+
+    def live_ids(self) -> list[str]:
+        return sorted(m.decode() for m in self.r.smembers(self.k.live))
+
+    def finish(self, rid: str, reason: str) -> None:
+        """Close a request outside the result path (cancelled, or refused after acceptance)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k.req(rid), mapping={"status": json.dumps("done"), "finish_reason": json.dumps(reason)})
+        pipe.srem(self.k.live, rid)
+        pipe.xadd(self.k.out(rid), {"tokens": "[]", "finish_reason": reason})
+        for key in (self.k.req(rid), self.k.gen(rid), self.k.out(rid)):
+            pipe.expire(key, OUTPUT_TTL_SECONDS)
+        pipe.execute()
+
+    def read_output(self, rid: str, last_id: str = "0", block_ms: int = 1000) -> list[tuple[str, dict]]:
+        resp = self.r.xread({self.k.out(rid): last_id}, block=block_ms)
+        if not resp:
+            return []
+        return [(eid.decode(), {k.decode(): v.decode() for k, v in fields.items()}) for eid, fields in resp[0][1]]
+
+    # ---- results (dispatcher side) -------------------------------------------------------------------
+    def apply_result(self, batch_id: str, replica_id: str, outcomes: list[tuple[str, list[int], str]]) -> bool:
+        """Atomically append each request's tokens and publish its output event, once per batch.
+
+        ``outcomes``: (request id, new token ids, finish reason or "" if it continues). Returns False if this
+        batch was applied before (the result is a duplicate).
+        """
+        keys = [self.k.applied(batch_id), self.k.live]
+        args: list[Any] = [OUTPUT_TTL_SECONDS, replica_id]
+        for rid, tokens, reason in outcomes:
+            keys += [self.k.req(rid), self.k.gen(rid), self.k.out(rid)]
+            args += [rid, json.dumps(list(tokens)), reason]
+        return bool(self._apply(keys=keys, args=args))
+
+    # ---- epochs, replicas ----------------------------------------------------------------------------
+    def new_epoch(self) -> int:
+        return int(self.r.incr(self.k.epoch))
+
+    def epoch(self) -> int:
+        return int(self.r.get(self.k.epoch) or 0)
+
+    def register_replica(self, info: ReplicaInfo, ttl: float) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k.replica(info.id), mapping={k: json.dumps(v) for k, v in asdict(info).items()})
+        pipe.sadd(self.k.replicas, info.id)
+        pipe.set(self.k.hb(info.id), "1", px=int(ttl * 1000))
+        pipe.execute()
+
+    def heartbeat(self, replica_id: str, ttl: float) -> None:
+        self.r.set(self.k.hb(replica_id), "1", px=int(ttl * 1000))
+
+    def replicas_alive(self) -> tuple[list[str], list[str]]:
+        """(alive, dead) among registered replicas, by heartbeat."""
+        ids = sorted(m.decode() for m in self.r.smembers(self.k.replicas))
+        if not ids:
+            return [], []
+        pipe = self.r.pipeline(transaction=False)
+        for rid in ids:
+            pipe.exists(self.k.hb(rid))
+        flags = pipe.execute()
+        return [i for i, f in zip(ids, flags) if f], [i for i, f in zip(ids, flags) if not f]
+
+    def replica_info(self, replica_id: str) -> ReplicaInfo | None:
+        data = self.r.hgetall(self.k.replica(replica_id))
+        if not data:
+            return None
+        return ReplicaInfo(**{k.decode(): json.loads(v) for k, v in data.items()})
+
+    def forget_replica(self, replica_id: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(self.k.replicas, replica_id)
+        pipe.delete(self.k.replica(replica_id), self.k.work(replica_id), self.k.hb(replica_id))
+        pipe.execute()
+
+    # ---- work streams --------------------------------------------------------------------------------
+    def post_batch(self, replica_id: str, message: dict) -> None:
+        self.r.xadd(self.k.work(replica_id), {"batch": json.dumps(message)})
+
+    def read_work(self, replica_id: str, consumer: str, block_ms: int, count: int = 1) -> list[tuple[str, dict]]:
+        stream = self.k.work(replica_id)
+        resp = self.r.xreadgroup("worker", consumer, {stream: ">"}, count=count, block=block_ms)
+        if not resp:
+            return []
+        return [(eid.decode(), json.loads(fields[b"batch"])) for eid, fields in resp[0][1]]
+
+    def ack_work(self, replica_id: str, entry_id: str) -> None:
+        self.r.xack(self.k.work(replica_id), "worker", entry_id)
+
+    def post_result(self, message: dict) -> None:
+        self.r.xadd(self.k.results, {"result": json.dumps(message)})
+
+    def publish_metrics(self, snapshot: dict) -> None:
+        self.r.set(self.k.metrics, json.dumps(snapshot), ex=60)
+
+    def metrics_snapshot(self) -> dict:
+        raw = self.r.get(self.k.metrics)
+        return json.loads(raw) if raw else {}
+
+
+def wait_for_redis(url: str, password: str | None = None, timeout: float = 30.0) -> None:
+    """Block until the server answers PING (it may be restarting)."""
+    deadline = time.monotonic() + timeout
+    client = redis.Redis.from_url(url, password=password, socket_connect_timeout=1)
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
