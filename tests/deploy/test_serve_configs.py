@@ -49,13 +49,3 @@ def test_no_secret_in_the_file(serve_config):
     redis = raw["applications"][0]["args"]["redis"]
     assert redis["password"].startswith("${") and "@" not in redis["url"]
 
-
-def test_app_entry_point_when_present():
-    """`cluster.app:build_app` is the lead's; once it exists it must be what the configs name."""
-    import importlib.util
-
-    if importlib.util.find_spec("cluster.app") is None:
-        return  # not built yet: the import path is checked as a string above
-    import cluster.app
-
-    assert callable(cluster.app.build_app)
