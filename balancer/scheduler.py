@@ -237,6 +237,13 @@ class Scheduler:
         return finished
 
     # ---- views ----------------------------------------------------------------------------------------
+    def owns(self, batch_id: str) -> bool:
+        """Whether a result for this batch would be applied (False: stale or duplicate)."""
+        return batch_id in self._owner
+
+    def is_aborted(self, request_id: str) -> bool:
+        return request_id in self._aborted
+
     def expected_completion(self) -> dict[str, float]:
         return {rid: r.expected_free_at for rid, r in self.replicas.items()}
 

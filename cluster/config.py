@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from balancer.config import SchedulerConfig
 
@@ -67,6 +67,19 @@ class RedisSettings(_Strict):
     password: str | None = Field(None, description="Overrides the password in the URL (e.g. from a Secret).")
     key_prefix: str = Field("sf", description="Prefix of every key, so clusters can share one Redis.")
 
+    @field_validator("url", "password", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        # "${SLICEFLEET_REDIS_URL:-}" expands to "" when the variable is unset: same as not configured.
+        return None if v == "" else v
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, v):
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis.url must start with redis://, rediss:// or unix://, got {v!r}")
+        return v
+
 
 class ReplicaSettings(_Strict):
     num_replicas: int = Field(2, ge=1, description="Worker replicas (one engine each).")
@@ -111,12 +124,12 @@ class SlicefleetConfig(_Strict):
         return self
 
 
-def _expand_env(node):
+def expand_env(node):
     """``${VAR}`` and ``${VAR:-default}`` in YAML strings, so secrets come from the environment."""
     if isinstance(node, dict):
-        return {k: _expand_env(v) for k, v in node.items()}
+        return {k: expand_env(v) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand_env(v) for v in node]
+        return [expand_env(v) for v in node]
     if isinstance(node, str) and "${" in node:
         import re
 
@@ -138,7 +151,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
-    data = _expand_env(data)
+    data = expand_env(data)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -171,6 +171,8 @@ class ReplicaInfo:
     engine: str
     node: str = ""
     started: float = 0.0
+    kv_budget_bytes: float | None = None
+    """What this replica can give to KV cache (free GPU memory after weights x safety, or the CPU budget)."""
 
 
 class StateStore:
@@ -271,8 +273,18 @@ class StateStore:
         pipe.set(self.k.hb(info.id), "1", px=int(ttl * 1000))
         pipe.execute()
 
-    def heartbeat(self, replica_id: str, ttl: float) -> None:
-        self.r.set(self.k.hb(replica_id), "1", px=int(ttl * 1000))
+    def heartbeat(self, replica_id: str, ttl: float, busy_seconds: float | None = None) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(self.k.hb(replica_id), "1", px=int(ttl * 1000))
+        if busy_seconds is not None:
+            pipe.hset(self.k.replica(replica_id), "busy_seconds", json.dumps(busy_seconds))
+        pipe.execute()
+
+    def busy_seconds(self, replica_ids: list[str]) -> dict[str, float]:
+        pipe = self.r.pipeline(transaction=False)
+        for rid in replica_ids:
+            pipe.hget(self.k.replica(rid), "busy_seconds")
+        return {rid: float(json.loads(v)) if v else 0.0 for rid, v in zip(replica_ids, pipe.execute())}
 
     def replicas_alive(self) -> tuple[list[str], list[str]]:
         """(alive, dead) among registered replicas, by heartbeat."""
@@ -289,7 +301,8 @@ class StateStore:
         data = self.r.hgetall(self.k.replica(replica_id))
         if not data:
             return None
-        return ReplicaInfo(**{k.decode(): json.loads(v) for k, v in data.items()})
+        known = ReplicaInfo.__dataclass_fields__
+        return ReplicaInfo(**{k.decode(): json.loads(v) for k, v in data.items() if k.decode() in known})
 
     def forget_replica(self, replica_id: str) -> None:
         pipe = self.r.pipeline(transaction=True)
@@ -301,7 +314,8 @@ class StateStore:
     def post_batch(self, replica_id: str, message: dict) -> None:
         self.r.xadd(self.k.work(replica_id), {"batch": json.dumps(message)})
 
-    def read_work(self, replica_id: str, consumer: str, block_ms: int, count: int = 1) -> list[tuple[str, dict]]:
+    def read_work(self, replica_id: str, consumer: str, block_ms: int | None, count: int = 1) -> list[tuple[str, dict]]:
+        """Next batches for a replica; ``block_ms`` None returns at once (0 would block forever)."""
         stream = self.k.work(replica_id)
         resp = self.r.xreadgroup("worker", consumer, {stream: ">"}, count=count, block=block_ms)
         if not resp:

@@ -1,0 +1,307 @@
+"""The dispatcher: the balancer's Scheduler, fed from Redis, with wall-clock time.
+
+One loop in one thread: take new requests, cancellations and slice results from their streams, apply
+results (once, atomically, in Redis), watch replica heartbeats, ask the scheduler for a plan, post each
+batch to its replica's stream, publish a metrics snapshot. All state it needs survives in Redis: a restarted
+dispatcher starts a new epoch (batches of the old one are ignored wherever they turn up), rebuilds its pool
+from the live set, and carries on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import redis
+
+from balancer.estimators import LinearKVMemory
+from balancer.scheduler import Scheduler, UnservableRequest
+from balancer.types import FinishReason, Request, RequestOutcome, SliceResult
+from cluster.config import SlicefleetConfig
+from cluster.state import RequestRecord, StateStore
+
+log = logging.getLogger("slicefleet.dispatcher")
+
+GROUP = "dispatcher"
+REPLICA_CHECK_EVERY = 0.5
+METRICS_EVERY = 1.0
+
+
+def to_request(rec: RequestRecord, generated: int, max_gen_len: int) -> Request:
+    return Request(rec.id, rec.prompt_len, min(rec.max_tokens, max_gen_len), rec.arrival,
+                   predicted_len=rec.predicted_len, generated=generated, slices=rec.slices, priority=rec.priority)
+
+
+def slice_result(msg: dict) -> SliceResult:
+    return SliceResult(
+        batch_id=msg["batch_id"],
+        replica_id=msg["replica_id"],
+        outcomes=[RequestOutcome(o["id"], len(o["tokens"]), FinishReason(o["finish"])) for o in msg["outputs"]],
+        elapsed=float(msg.get("elapsed", 0.0)),
+        prefill_time=float(msg.get("prefill_time", 0.0)),
+        decode_step_times=list(msg.get("decode_step_times", [])),
+        pad_tokens=int(msg.get("pad_tokens", 0)),
+        invalid_tokens=int(msg.get("invalid_tokens", 0)),
+        reprefill_tokens=int(msg.get("reprefill_tokens", 0)),
+        kv_reused=bool(msg.get("kv_reused", False)),
+    )
+
+
+class DispatcherCore:
+    """Everything but the Ray wrapper, so it can run in a test or a plain process too."""
+
+    def __init__(self, cfg: SlicefleetConfig, latency, memory: LinearKVMemory, store: StateStore):
+        self.cfg = cfg
+        self.store = store
+        self.latency = latency
+        self.scheduler = Scheduler(cfg.scheduler.to_balancer(), latency, memory)
+        self.counters = {"slices_run": 0, "batches_run": 0, "rows_run": 0, "requests_finished": 0,
+                         "stale_results": 0, "tokens_generated": 0, "pad_tokens": 0, "invalid_tokens": 0,
+                         "reprefill_tokens": 0, "kv_reused_batches": 0, "early_returns": 0,
+                         "predicted_slice_seconds_sum": 0.0, "actual_slice_seconds_sum": 0.0,
+                         "abs_pct_error_sum": 0.0, "replicas_lost": 0}
+        self._est: dict[str, float] = {}  # batch id -> estimated seconds, for prediction error
+        self._shape: dict[str, tuple[int, int]] = {}  # batch id -> (rows, longest input)
+        self._budgets: dict[str, float] = {}  # replica id -> KV bytes it reported
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.epoch = 0
+        self.started = False
+
+    # ---- start-up ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.epoch = self.store.new_epoch()
+        for stream in (self.store.k.incoming, self.store.k.results, self.store.k.cancel):
+            self.store.ensure_group(stream, GROUP)
+        self._rebuild()
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+        self._thread.start()
+        self.started = True
+
+    def _rebuild(self) -> None:
+        """Every unfinished request in Redis rejoins the pool with the tokens it already has."""
+        ids = self.store.live_ids()
+        now = time.time()
+        restored = 0
+        for rid, (rec, gen) in zip(ids, self.store.records(ids)):
+            if rec is None or rec.status == "done":
+                continue
+            self._admit(rec, len(gen), now)
+            restored += 1
+        log.info("dispatcher epoch %d: restored %d unfinished requests from Redis", self.epoch, restored)
+
+    def _admit(self, rec: RequestRecord, generated: int, now: float) -> None:
+        try:
+            self.scheduler.add_request(to_request(rec, generated, self.cfg.scheduler.max_gen_len), now)
+        except UnservableRequest as exc:
+            log.warning("refusing %s: %s", rec.id, exc)
+            self.store.finish(rec.id, "error")
+        except ValueError as exc:  # already in the pool (announced twice across a restart)
+            log.debug("ignoring %s: %s", rec.id, exc)
+
+    # ---- loop ----------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    @property
+    def healthy(self) -> bool:
+        return self._error is None and self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        last_replicas = last_metrics = 0.0
+        while not self._stop.is_set():
+            try:
+                self._step_streams()
+                now = time.time()
+                if now - last_replicas >= REPLICA_CHECK_EVERY:
+                    self._check_replicas(now)
+                    last_replicas = now
+                self._dispatch(time.time())
+                if now - last_metrics >= METRICS_EVERY:
+                    self.store.publish_metrics(self.snapshot(now))
+                    last_metrics = now
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Redis unavailable (%s); retrying", exc)
+                time.sleep(0.5)
+            except Exception as exc:  # a bug: surface it through health checks so Serve restarts us
+                log.exception("dispatcher loop failed")
+                self._error = exc
+                return
+
+    def _step_streams(self) -> None:
+        k = self.store.k
+        resp = self.store.r.xreadgroup(GROUP, "dispatcher", {k.incoming: ">", k.results: ">", k.cancel: ">"},
+                                       count=512, block=50)
+        now = time.time()
+        for stream, entries in resp or []:
+            stream = stream.decode()
+            ids = [eid for eid, _ in entries]
+            if stream == k.incoming:
+                rids = [f[b"id"].decode() for _, f in entries]
+                for rec, gen in self.store.records(rids):
+                    if rec is not None and rec.status != "done":
+                        self._admit(rec, len(gen), now)
+            elif stream == k.cancel:
+                for _, f in entries:
+                    self._cancel(f[b"id"].decode())
+            else:
+                for _, f in entries:
+                    self._apply(json.loads(f[b"result"]), now)
+            self.store.r.xack(stream, GROUP, *ids)
+
+    def _cancel(self, rid: str) -> None:
+        if self.scheduler.abort(rid):
+            log.info("cancelled %s", rid)
+        rec = self.store.record(rid)
+        if rec is not None and rec.status != "done":
+            self.store.finish(rid, "cancelled")
+
+    def _apply(self, msg: dict, now: float) -> None:
+        batch_id = msg["batch_id"]
+        if msg.get("epoch") != self.epoch or not self.scheduler.owns(batch_id):
+            self.counters["stale_results"] += 1
+            return
+        result = slice_result(msg)
+        outcomes = [(o["id"], o["tokens"], "" if o["finish"] == FinishReason.SLICE_END.value else o["finish"])
+                    for o in msg["outputs"] if not self.scheduler.is_aborted(o["id"])]
+        if outcomes:
+            self.store.apply_result(batch_id, result.replica_id, outcomes)
+        finished = self.scheduler.on_slice_done(result, now)
+        self._account(batch_id, msg, result, finished)
+
+    def _account(self, batch_id: str, msg: dict, result: SliceResult, finished: list[Request]) -> None:
+        c = self.counters
+        c["slices_run"] += len(result.outcomes)
+        c["batches_run"] += 1
+        c["rows_run"] += len(result.outcomes)
+        c["requests_finished"] += len(finished)
+        c["tokens_generated"] += sum(o.new_tokens for o in result.outcomes)
+        c["pad_tokens"] += result.pad_tokens
+        c["invalid_tokens"] += result.invalid_tokens
+        c["reprefill_tokens"] += result.reprefill_tokens
+        c["kv_reused_batches"] += int(result.kv_reused)
+        if len(finished) < len(result.outcomes):
+            c["early_returns"] += len(finished)
+        est = self._est.pop(batch_id, None)
+        n, longest = self._shape.pop(batch_id, (msg.get("n", 0), msg.get("max_input_len", 0)))
+        if est is not None and result.elapsed > 0 and self.cfg.scheduler.mode != "ils":
+            c["predicted_slice_seconds_sum"] += est
+            c["actual_slice_seconds_sum"] += result.elapsed
+            c["abs_pct_error_sum"] += abs(est - result.elapsed) / result.elapsed
+            if hasattr(self.latency, "observe_result") and msg.get("n"):
+                steps = len(result.decode_step_times) or max((o.new_tokens for o in result.outcomes), default=0)
+                self.latency.observe_result(result, n=int(msg["n"]), max_input_len=int(msg["max_input_len"]),
+                                            steps=steps)
+
+    def _check_replicas(self, now: float) -> None:
+        alive, dead = self.store.replicas_alive()
+        for rid in dead:
+            returned = self.scheduler.remove_replica(rid, now)
+            self.store.forget_replica(rid)
+            self.counters["replicas_lost"] += 1
+            self._budgets.pop(rid, None)
+            log.warning("replica %s stopped beating: %d requests back to the pool", rid, len(returned))
+        for rid in alive:
+            if rid not in self.scheduler.replicas:
+                self.scheduler.add_replica(rid, now)
+                self._fit_memory_to(self.store.replica_info(rid))
+                log.info("replica %s joined", rid)
+
+    def _fit_memory_to(self, info) -> None:
+        """Batches must fit the smallest replica: the KV budget is the least that any live replica reports."""
+        if info is None or not info.kv_budget_bytes:
+            return
+        self._budgets[info.id] = float(info.kv_budget_bytes)
+        self._apply_budget()
+
+    def _apply_budget(self) -> None:
+        live = [b for rid, b in self._budgets.items() if rid in self.scheduler.replicas]
+        memory = self.scheduler.memory
+        if live and min(live) != memory.budget_bytes:
+            self.scheduler.memory = LinearKVMemory(memory.bytes_per_token, min(live))
+            log.info("KV budget per batch: %.1f MiB (least of %d replicas)", min(live) / 2**20, len(live))
+
+    def _dispatch(self, now: float) -> None:
+        for a in self.scheduler.schedule(now):
+            b = a.batch
+            self._est[b.id] = b.est_time
+            self._shape[b.id] = (b.size, b.max_input_len)
+            self.store.post_batch(a.replica_id, {"batch_id": b.id, "epoch": self.epoch, "steps": b.steps,
+                                                 "request_ids": b.request_ids})
+
+    # ---- views ---------------------------------------------------------------------------------------
+    def snapshot(self, now: float) -> dict:
+        s = self.scheduler
+        c = self.counters
+        batches = max(c["batches_run"], 1)
+        replica_ids = sorted(s.replicas)
+        busy = self.store.busy_seconds(replica_ids) if replica_ids else {}
+        return {
+            "time": now,
+            "epoch": self.epoch,
+            "mode": self.cfg.scheduler.mode,
+            "pool_depth": len(s.pool),
+            "running": len(s.running),
+            "backlog_seconds": self.backlog_seconds(now),
+            "batch_size_mean": c["rows_run"] / batches,
+            "slice_time_mape": c["abs_pct_error_sum"] / batches if c["batches_run"] else 0.0,
+            **c,
+            "replicas": {rid: {"expected_completion_s": s.replicas[rid].outstanding(now),
+                               "busy_seconds": busy.get(rid, 0.0),
+                               "inflight_batches": len(s.replicas[rid].inflight)} for rid in replica_ids},
+        }
+
+    def backlog_seconds(self, now: float) -> float:
+        """Predicted seconds until the replicas could start a request arriving now."""
+        s = self.scheduler
+        if not s.replicas:
+            return float("inf") if s.pool else 0.0
+        waiting = sum(s.service_time(r) for r in s.pool.values())
+        placed = sum(r.outstanding(now) for r in s.replicas.values())
+        return (waiting / max(self.cfg.scheduler.max_batch_size, 1) + placed) / len(s.replicas)
+
+
+def build_estimators(cfg: SlicefleetConfig):
+    """The latency model (profile, refit online) and the KV memory model for the configured model."""
+    from transformers import AutoConfig
+
+    from predictor.latency import OnlineLatencyEstimator, load_profile
+    from predictor.memory import memory_estimator
+    from worker.make_model import ensure_default_model
+
+    model_dir = cfg.model.path or str(ensure_default_model())
+    latency = OnlineLatencyEstimator(load_profile(cfg.predictor.latency_profile))
+    # The dispatcher has no GPU: it starts from the configured (or CPU default) budget and lowers it to
+    # what each replica measures when it registers.
+    memory = memory_estimator(AutoConfig.from_pretrained(model_dir), dtype=cfg.model.dtype, device="cpu",
+                              budget_bytes=cfg.engine.kv_budget_bytes)
+    return latency, memory
+
+
+class Dispatcher:
+    """The Ray Serve deployment class (wrapped with ``serve.deployment`` in ``cluster.app``)."""
+
+    def __init__(self, config: dict):
+        cfg = SlicefleetConfig.model_validate(config)
+        latency, memory = build_estimators(cfg)
+        store = StateStore(cfg.redis.url, cfg.redis.key_prefix, cfg.redis.password)
+        self.core = DispatcherCore(cfg, latency, memory, store)
+        self.core.start()
+
+    def ready(self) -> bool:
+        return self.core.healthy
+
+    def check_health(self) -> None:
+        if not self.core.healthy:
+            raise RuntimeError(f"dispatcher loop stopped: {self.core._error!r}")
+
+    def snapshot(self) -> dict:
+        return self.core.snapshot(time.time())
+
+    def __del__(self):
+        self.core.stop()

@@ -1,0 +1,93 @@
+"""A whole Slicefleet cluster on this machine: Redis (embedded unless configured), Ray on loopback, the app.
+
+Used by ``slicefleet serve``, the end-to-end tests and the benchmarks, so all three run the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import httpx
+
+from cluster.config import SlicefleetConfig
+
+log = logging.getLogger("slicefleet.local")
+
+
+class LocalCluster:
+    def __init__(self, cfg: SlicefleetConfig, app_name: str = "slicefleet", redis_dir: str | Path | None = None):
+        self.cfg = cfg
+        self.app_name = app_name
+        self.redis = None
+        self.redis_dir = redis_dir
+        self._ray_started = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.api.host}:{self.cfg.api.port}"
+
+    def start(self, timeout: float = 300.0) -> "LocalCluster":
+        # Every Ray socket on 127.0.0.1 (DESIGN.md); set before Ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray
+        from ray import serve
+
+        if not self.cfg.redis.url:
+            from cluster.redis_server import EmbeddedRedis
+
+            self.redis = EmbeddedRedis(self.redis_dir).start()
+            self.cfg = self.cfg.model_copy(
+                update={"redis": self.cfg.redis.model_copy(update={"url": self.redis.url})})
+        from worker.make_model import ensure_default_model
+
+        if not self.cfg.model.path:
+            ensure_default_model()  # build once here rather than racing in every replica
+        if not ray.is_initialized():
+            ray.init(address="local", include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1", configure_logging=False)
+            self._ray_started = True
+        serve.start(http_options={"host": self.cfg.api.host, "port": self.cfg.api.port})
+        from cluster.app import build_app_from_config
+
+        log.info("deploying %d worker replicas (%s, %s engine)", self.cfg.replicas.num_replicas,
+                 self.cfg.scheduler.mode, self.cfg.engine.backend)
+        serve.run(build_app_from_config(self.cfg), name=self.app_name, route_prefix="/", blocking=False)
+        self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                resp = httpx.get(f"{self.url}/health", timeout=5)
+                if resp.status_code == 200:
+                    return
+                last = resp.text
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster not healthy after {timeout:.0f} s: {last}")
+
+    def stop(self) -> None:
+        try:
+            import ray
+            from ray import serve
+
+            if ray.is_initialized():
+                serve.shutdown()
+                if self._ray_started:
+                    ray.shutdown()
+        finally:
+            if self.redis is not None:
+                self.redis.stop()
+                self.redis = None
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
