@@ -12,3 +12,8 @@ if ! "$PY" -c 'import balancer, cluster, hypothesis, openai' 2>/dev/null \
   "$PY" -m pip install --quiet -e ".[test]"
   touch .setup-done
 fi
+# The Helm v4 library for tests/deploy (chart lint and render). It declares Python >= 3.12 but works on 3.11,
+# so it cannot be a plain test extra; pinned because tests/deploy/helm_render.py relies on its Install result.
+if ! "$PY" -c 'import helm_sdkpy' 2>/dev/null; then
+  "$PY" -m pip install --quiet --ignore-requires-python "helm-sdkpy==0.1.32"
+fi
