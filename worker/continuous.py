@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
+from transformers import DynamicCache
 
 from worker import kv
 from worker.protocol import ItemOutput, SliceItem
@@ -57,7 +58,7 @@ class ContinuousBatchingEngine:
         self.max_concurrency = max_concurrency
         self.waiting: deque[RowState] = deque()
         self.running: list[RowState] = []
-        self._layers: kv.Layers | None = None
+        self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
         self.stats = CBStats()
 
@@ -116,9 +117,10 @@ class ContinuousBatchingEngine:
             finished += [r.output() for r in self.running if r.done]
             self.running = [self.running[b] for b in keep]
             if keep:
-                self._layers, self._mask = kv.select(self._layers, self._mask, keep)
+                layers, self._mask = kv.select(kv.cache_layers(self._cache), self._mask, keep)
+                self._cache = kv.make_cache(layers, self.runner.config)
             else:
-                self._layers = self._mask = None
+                self._cache = self._mask = None
         self.stats.finished += len(finished)
         return finished
 
@@ -129,17 +131,20 @@ class ContinuousBatchingEngine:
         self.stats.prefill_time += state.seconds
         self.stats.pad_tokens += state.pad_tokens
         self.stats.generated_tokens += len(rows)
-        if self._layers is None:
-            self._layers, self._mask = state.layers, state.mask
+        if self._cache is None:
+            self._cache, self._mask = state.cache, state.mask
         else:
-            self._layers, self._mask = kv.concat(self._layers, self._mask, state.layers, state.mask)
+            layers, self._mask = kv.concat(
+                kv.cache_layers(self._cache), self._mask, kv.cache_layers(state.cache), state.mask
+            )
+            self._cache = kv.make_cache(layers, self.runner.config)
         self.running += rows
 
     def _decode(self) -> None:
         ids, pos = decode_inputs(self.running)
         mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
         t0 = time.perf_counter()
-        logits, self._layers = self.runner.forward(ids, mask, pos, self._layers)
+        logits, self._cache = self.runner.forward(ids, mask, pos, self._cache)
         self._mask = mask
         choose(logits, self.running, list(range(len(self.running))))
         self.runner.sync()

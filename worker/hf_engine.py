@@ -124,7 +124,7 @@ class HFEngine:
         result.reprefill_tokens = state.reprefill_tokens
         result.kv_reused = all(r.kv_reused for r in live)
         choose(logits, live, list(range(len(live))))
-        layers, mask = state.layers, state.mask
+        cache, mask = state.cache, state.mask
 
         for _ in range(max_steps - 1):
             active = [b for b, r in enumerate(live) if not r.done]
@@ -133,7 +133,7 @@ class HFEngine:
             ids, pos = decode_inputs(live)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             t0 = time.perf_counter()
-            logits, layers = runner.forward(ids, mask, pos, layers)
+            logits, cache = runner.forward(ids, mask, pos, cache)
             choose(logits, live, active)
             runner.sync()
             result.decode_step_times.append(time.perf_counter() - t0)
@@ -142,7 +142,7 @@ class HFEngine:
         if self.kv_reuse:
             for b, r in enumerate(live):
                 if not r.done:
-                    row_kv = kv.extract_row(layers, mask, b)
+                    row_kv = kv.extract_row(kv.cache_layers(cache), mask, b)
                     # the cache covers the history minus the last token, which was sampled but never fed
                     assert row_kv.length == len(r.tokens) - 1, (row_kv.length, len(r.tokens))
                     self.store.put(r.item.request_id, r.tokens[:-1], row_kv)

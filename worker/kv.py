@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 """Per model layer, (keys, values), each [B, H, T, D]."""
@@ -39,8 +40,18 @@ def cache_layers(cache: DynamicCache) -> Layers:
 
 
 def make_cache(layers: Layers, config) -> DynamicCache:
-    """Wrap tensors (no copy) as a ``DynamicCache`` the model can extend."""
-    return DynamicCache(ddp_cache_data=layers, config=config)
+    """Wrap tensors as a ``DynamicCache`` the model can extend.
+
+    The constructor's own path (``ddp_cache_data``) concatenates onto empty tensors, i.e. copies the whole
+    KV once more; for plain ``DynamicLayer``s we hand the tensors over as they are.
+    """
+    cache = DynamicCache(config=config)
+    if len(cache.layers) != len(layers) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return DynamicCache(ddp_cache_data=layers, config=config)
+    for layer, (k, v) in zip(cache.layers, layers):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
 
 
 def pad_left(layers: Layers, mask: torch.Tensor, width: int) -> tuple[Layers, torch.Tensor]:

@@ -59,13 +59,15 @@ class ModelRunner:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        layers: kv.Layers | None,
-    ) -> tuple[torch.Tensor, kv.Layers]:
-        """One forward over ``input_ids`` [B, M] after the cached ``layers`` (length T, mask [B, T + M]).
+        cache: DynamicCache | None,
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """One forward over ``input_ids`` [B, M] after ``cache`` (length T; mask [B, T + M]).
 
-        Returns the last position's logits [B, V] (float32) and the extended cache layers.
+        Returns the last position's logits [B, V] (float32) and the cache, extended in place. The same
+        cache object is passed step after step: rebuilding it from tensors would copy the whole KV.
         """
-        cache = kv.make_cache(layers, self.config) if layers is not None else DynamicCache(config=self.config)
+        if cache is None:
+            cache = DynamicCache(config=self.config)
         out = self.forward_fn(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
@@ -74,7 +76,7 @@ class ModelRunner:
             use_cache=True,
             logits_to_keep=1,
         )
-        return out.logits[:, -1, :].float(), kv.cache_layers(out.past_key_values)
+        return out.logits[:, -1, :].float(), out.past_key_values
 
 
 @dataclass
@@ -146,7 +148,7 @@ def choose(logits: torch.Tensor, rows: list[RowState], active: list[int]) -> Non
 class Prefill:
     """The result of prefilling a group of rows: their batch cache, mask and next positions."""
 
-    layers: kv.Layers
+    cache: DynamicCache
     mask: torch.Tensor
     pad_tokens: int
     reprefill_tokens: int
@@ -177,12 +179,13 @@ def prefill(
         if r.item.generated > 0:
             reprefill += s - 1  # all but the last token had been computed by an earlier slice
     layers, kv_mask = kv.stack_rows(kept, runner.num_layers)
+    cache = kv.make_cache(layers, runner.config) if layers is not None else None
     mask = torch.cat([kv_mask.cpu(), in_mask], dim=1)
     t0 = time.perf_counter()
-    logits, layers = runner.forward(input_ids, mask, pos, layers)
+    logits, cache = runner.forward(input_ids, mask, pos, cache)
     runner.sync()
     seconds = time.perf_counter() - t0
-    state = Prefill(layers, mask.to(runner.device), sum(width - s for s in rest), reprefill, seconds)
+    state = Prefill(cache, mask.to(runner.device), sum(width - s for s in rest), reprefill, seconds)
     return logits, state
 
 
