@@ -25,7 +25,9 @@ python -c "import ninja" 2>/dev/null || pip install --quiet ninja
 
 want=$(sed -n 's/^version = "\(.*\)"/\1/p' "$SRC/pyproject.toml")
 have=$(python -c "import importlib.metadata as m; print(m.version('slicefleet'))" 2>/dev/null || true)
-if [ "$have" != "$want" ] || [ "${SLICEFLEET_FORCE_INSTALL:-0}" = 1 ]; then
+if [ "${SLICEFLEET_FORCE_INSTALL:-0}" = 1 ]; then
+  pip install --quiet "$SRC" && pip install --quiet --force-reinstall --no-deps "$SRC"
+elif [ "$have" != "$want" ]; then
   pip install --quiet "$SRC"
 fi
 python -c "import cluster.config, balancer, worker, predictor"

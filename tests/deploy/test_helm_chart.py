@@ -413,3 +413,14 @@ def _merge(a: dict, b: dict) -> dict:
         else:
             a[k] = v
     return a
+
+
+def test_docs_list_the_default_manifests_and_metrics():
+    from .helpers import REPO
+
+    docs = (REPO / "docs" / "deploy.md").read_text()
+    rows = [line for line in docs.splitlines() if line.startswith("| ")]
+    for kind, name in DEFAULT_MANIFESTS:
+        assert any(line.startswith(f"| {kind} |") and f"`{name}`" in line for line in rows), (kind, name)
+    for metric in DASHBOARD_METRICS:
+        assert f"`{metric}`" in docs, metric
