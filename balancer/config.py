@@ -41,6 +41,10 @@ class SchedulerConfig:
     """Batches a replica may hold at once (running plus queued). Two hides the dispatch round trip;
     more commits the pool to replicas early and makes new arrivals wait behind it."""
 
+    kv_reuse: bool = True
+    """Engines keep an unfinished request's KV cache after a slice. Placement then counts the prefill a
+    batch saves on the replica that holds its rows' caches."""
+
     hrrn_service_floor: float = 1.0
     """HRRN: the smallest predicted service (tokens) used in (wait + service) / service."""
 

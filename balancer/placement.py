@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from balancer.types import Assignment, Batch
 
@@ -36,17 +36,28 @@ class ReplicaState:
         return max(self.expected_free_at - now, 0.0)
 
 
+CostOn = Callable[[Batch, str], float]
+"""Estimated seconds of a batch on a given replica (it can differ: a replica may hold some rows' KV caches)."""
+
+
+def _same_everywhere(batch: Batch, replica_id: str) -> float:
+    return batch.est_time
+
+
 class PlacementPolicy(Protocol):
     name: str
 
-    def place(self, batches: list[Batch], replicas: list[ReplicaState], now: float) -> list[Assignment]:
+    def place(self, batches: list[Batch], replicas: list[ReplicaState], now: float,
+              cost_on: CostOn = _same_everywhere) -> list[Assignment]:
         """Assign every batch to a replica with a free slot (callers pass no more batches than free slots).
 
-        Updates each chosen replica's ``expected_free_at`` and ``inflight``.
+        Updates each chosen replica's ``expected_free_at`` and ``inflight``, and each batch's ``est_time`` to
+        its cost on the chosen replica.
         """
 
 
-def _assign(batch: Batch, replica: ReplicaState, now: float) -> Assignment:
+def _assign(batch: Batch, replica: ReplicaState, now: float, cost_on: CostOn) -> Assignment:
+    batch.est_time = cost_on(batch, replica.id)
     start = max(replica.expected_free_at, now)
     replica.expected_free_at = start + batch.est_time
     replica.inflight[batch.id] = batch
@@ -54,16 +65,18 @@ def _assign(batch: Batch, replica: ReplicaState, now: float) -> Assignment:
 
 
 class MaxMin:
+    """Largest batch first, onto the replica where it would *finish* earliest, counting what it costs there."""
+
     name = "maxmin"
 
-    def place(self, batches, replicas, now):
+    def place(self, batches, replicas, now, cost_on=_same_everywhere):
         out = []
         for batch in sorted(batches, key=lambda b: (-b.est_time, b.id)):
             open_ = [r for r in replicas if r.free_slots > 0]
             if not open_:
                 break
-            target = min(open_, key=lambda r: (max(r.expected_free_at, now), r.id))
-            out.append(_assign(batch, target, now))
+            target = min(open_, key=lambda r: (max(r.expected_free_at, now) + cost_on(batch, r.id), r.id))
+            out.append(_assign(batch, target, now, cost_on))
         return out
 
 
@@ -73,7 +86,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._cursor = 0
 
-    def place(self, batches, replicas, now):
+    def place(self, batches, replicas, now, cost_on=_same_everywhere):
         out = []
         ordered = sorted(replicas, key=lambda r: r.id)
         for batch in batches:
@@ -81,7 +94,7 @@ class RoundRobin:
                 replica = ordered[self._cursor % len(ordered)]
                 self._cursor += 1
                 if replica.free_slots > 0:
-                    out.append(_assign(batch, replica, now))
+                    out.append(_assign(batch, replica, now, cost_on))
                     break
             else:
                 break
@@ -91,14 +104,14 @@ class RoundRobin:
 class LeastWork:
     name = "least_work"
 
-    def place(self, batches, replicas, now):
+    def place(self, batches, replicas, now, cost_on=_same_everywhere):
         out = []
         for batch in batches:
             open_ = [r for r in replicas if r.free_slots > 0]
             if not open_:
                 break
             target = min(open_, key=lambda r: (r.outstanding(now), r.id))
-            out.append(_assign(batch, target, now))
+            out.append(_assign(batch, target, now, cost_on))
         return out
 
 

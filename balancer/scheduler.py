@@ -73,6 +73,9 @@ class Scheduler:
         for batch_id in list(replica.inflight):
             returned += self._return_batch(replica.inflight.pop(batch_id), now)
             self._owner.pop(batch_id, None)
+        for req in self.pool.values():  # caches held there are gone
+            if req.kv_replica == replica_id:
+                req.kv_replica = None
         return returned
 
     def requeue(self, batch_id: str, now: float) -> list[Request]:
@@ -129,7 +132,7 @@ class Scheduler:
             batches = self._static_batches(now, free)
         else:
             batches = self._admissions(now, free)
-        assignments = self.placement.place(batches, open_replicas, now)
+        assignments = self.placement.place(batches, open_replicas, now, self.cost_on)
         for a in assignments:
             self._owner[a.batch.id] = a.replica_id
             for r in a.batch.requests:
@@ -176,6 +179,25 @@ class Scheduler:
     def _admissions(self, now: float, free: int) -> list[Batch]:
         chosen = select(list(self.pool.values()), self.ordering, now, self.config.max_wait, limit=free)
         return [self._make_batch([r], r.remaining) for r in chosen]
+
+    def cost_on(self, batch: Batch, replica_id: str) -> float:
+        """A batch's estimated time on one replica: rows whose KV cache is kept there skip the re-prefill.
+
+        Their prefill shrinks to one token each; the decode steps are unchanged (every row still attends over
+        its whole padded context).
+        """
+        if not self.config.kv_reuse:
+            return batch.est_time
+        fresh = [r for r in batch.requests if r.kv_replica != replica_id]
+        if len(fresh) == batch.size:
+            return batch.est_time
+        n, longest = batch.size, batch.max_input_len
+        full_prefill = float(self.time.batch_time(n, longest, 0))
+        if fresh:
+            prefill = float(self.time.batch_time(len(fresh), max(r.input_len for r in fresh), 0))
+        else:
+            prefill = float(self.time.batch_time(n, 1, 0))
+        return max(batch.est_time - full_prefill + prefill, 0.0)
 
     def _make_batch(self, requests: list[Request], step_cap: int) -> Batch:
         steps = min(step_cap, max(r.remaining for r in requests))
@@ -229,6 +251,7 @@ class Scheduler:
                 finished.append(req)
             else:
                 req.pool_since = now
+                req.kv_replica = replica_id if self.config.kv_reuse else None
                 self.pool[req.id] = req
                 continuing += 1
         self.stats.requests_finished += len(finished)

@@ -56,6 +56,9 @@ class Request:
     """Larger runs earlier among requests of the same ordering key; aging still applies."""
     pool_since: float | None = None
     """When the request last (re)entered the pool; ``None`` until it does."""
+    kv_replica: str | None = None
+    """The replica that kept this request's KV cache after its last slice, if any: a slice there feeds only
+    the new token instead of re-prefilling the whole history."""
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: FinishReason | None = None

@@ -7,6 +7,7 @@ carried between slices in the simulation).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from balancer.estimators import BilinearLatencyModel
@@ -25,14 +26,22 @@ def _finish(req: Request, new_tokens: int, true_len: int) -> FinishReason:
 
 @dataclass
 class SliceReplica:
-    """Runs one batch at a time (SCLS slices, SLS static batches); queued batches wait their turn."""
+    """Runs one batch at a time (SCLS slices, SLS static batches); queued batches wait their turn.
+
+    Like the HF engine with ``kv_reuse``, it keeps each unfinished row's KV cache in an LRU of
+    ``kv_cache_tokens``; a row that comes back with exactly the history it left with skips its re-prefill.
+    """
 
     id: str
     latency: BilinearLatencyModel
     true_len: dict[str, int]
+    kv_cache_tokens: int = 0
     queue: list[Batch] = field(default_factory=list)
     running: Batch | None = None
     busy_time: float = 0.0
+    kv_rows: OrderedDict = field(default_factory=OrderedDict)
+    """request id -> history length its kept cache covers (LRU order)."""
+    kv_reused_rows: int = 0
 
     def submit(self, batch: Batch) -> None:
         self.queue.append(batch)
@@ -55,15 +64,38 @@ class SliceReplica:
         steps = max(new)  # the engine stops once every row has finished
         outcomes = [RequestOutcome(r.id, k, _finish(r, k, self.true_len[r.id]))
                     for r, k in zip(batch.requests, new)]
+        reused = {r.id for r in batch.requests if self.kv_rows.pop(r.id, None) == r.input_len}
+        fresh = [r for r in batch.requests if r.id not in reused]
+        self.kv_reused_rows += len(reused)
+        if fresh:
+            fresh_len = max(r.input_len for r in fresh)
+            prefill = self.latency.prefill_time(len(fresh), fresh_len)
+        else:
+            fresh_len, prefill = 0, self.latency.prefill_time(batch.size, 1)
+        decode = self.latency.batch_time(batch.size, longest, steps) - self.latency.prefill_time(batch.size, longest)
+        self._keep(batch, new, outcomes)
         return SliceResult(
             batch_id=batch.id,
             replica_id=self.id,
             outcomes=outcomes,
-            elapsed=float(self.latency.batch_time(batch.size, longest, steps)),
-            pad_tokens=sum(longest - r.input_len for r in batch.requests),
+            elapsed=float(prefill + decode),
+            pad_tokens=sum(fresh_len - r.input_len for r in fresh),
             invalid_tokens=sum(steps - k for k in new),
-            reprefill_tokens=sum(r.input_len for r in batch.requests if r.slices > 0),
+            reprefill_tokens=sum(r.input_len for r in fresh if r.slices > 0),
+            kv_reused=not fresh,
         )
+
+    def _keep(self, batch: Batch, new: list[int], outcomes: list[RequestOutcome]) -> None:
+        """Keep the caches of rows that will need another slice; evict least recently used beyond capacity."""
+        if self.kv_cache_tokens <= 0:
+            return
+        for r, k, o in zip(batch.requests, new, outcomes):
+            if not o.finish_reason.is_final:
+                self.kv_rows[r.id] = r.input_len + k
+        held = sum(self.kv_rows.values())
+        while held > self.kv_cache_tokens and self.kv_rows:
+            _, tokens = self.kv_rows.popitem(last=False)
+            held -= tokens
 
 
 @dataclass

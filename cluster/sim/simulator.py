@@ -22,6 +22,10 @@ from cluster.sim.workload import SimRequest
 
 _ARRIVAL, _DONE, _SEGMENT = 0, 1, 2
 
+DEFAULT_KV_CACHE_TOKENS = 40_000
+"""Tokens of KV cache a simulated replica keeps between slices: the HF engine's default 512 MiB at the
+default model's 12 KiB per token."""
+
 
 @dataclass
 class FinishedRecord:
@@ -31,7 +35,8 @@ class FinishedRecord:
 
 class Simulation:
     def __init__(self, config: SchedulerConfig, latency: BilinearLatencyModel, memory: MemoryEstimator,
-                 workload: list[SimRequest], replicas: int, progress: bool = False):
+                 workload: list[SimRequest], replicas: int, progress: bool = False,
+                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS):
         if replicas < 1:
             raise ValueError("need at least one replica")
         self.config = config
@@ -39,8 +44,13 @@ class Simulation:
         self.workload = workload
         self.scheduler = Scheduler(config, latency, memory)
         self.true_len = {r.id: r.output_len for r in workload}
-        replica_cls = ContinuousReplica if config.mode is Mode.ILS else SliceReplica
-        self.replicas = {f"sim-{i}": replica_cls(f"sim-{i}", latency, self.true_len) for i in range(replicas)}
+        if config.mode is Mode.ILS:
+            self.replicas = {f"sim-{i}": ContinuousReplica(f"sim-{i}", latency, self.true_len)
+                             for i in range(replicas)}
+        else:
+            keep = kv_cache_tokens if config.kv_reuse and config.mode is Mode.SCLS else 0
+            self.replicas = {f"sim-{i}": SliceReplica(f"sim-{i}", latency, self.true_len, keep)
+                             for i in range(replicas)}
         for rid in self.replicas:
             self.scheduler.add_replica(rid, 0.0)
         self.progress = progress
@@ -146,11 +156,13 @@ class Simulation:
             busy=[r.busy_time for r in self.replicas.values()],
             early_returns=early,
             slices=sum(r.slices for r in reqs),
-            extra={"wall_seconds": wall, "rejected": len(self.rejected)},
+            extra={"wall_seconds": wall, "rejected": len(self.rejected),
+                   "kv_reused_rows": sum(getattr(r, "kv_reused_rows", 0) for r in self.replicas.values())},
         )
 
 
 def simulate(config: SchedulerConfig, latency: BilinearLatencyModel, memory: MemoryEstimator,
-             workload: list[SimRequest], replicas: int, progress: bool = False) -> tuple[RunReport, Simulation]:
-    sim = Simulation(config, latency, memory, workload, replicas, progress)
+             workload: list[SimRequest], replicas: int, progress: bool = False,
+             kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS) -> tuple[RunReport, Simulation]:
+    sim = Simulation(config, latency, memory, workload, replicas, progress, kv_cache_tokens)
     return sim.run(), sim

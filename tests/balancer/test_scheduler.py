@@ -161,3 +161,32 @@ def test_every_request_finishes_exactly_once_within_budget_and_memory(mode, lens
     for r in finished:
         assert r.generated == min(true_len[r.id], r.max_tokens)
         assert r.generated <= r.max_tokens
+
+
+def test_a_continuing_batch_goes_back_to_the_replica_that_kept_its_kv_cache():
+    sched = make(replicas=1, slice_len=8, max_batch_size=4, queue_depth=1)
+    for i in range(4):
+        sched.add_request(request(i, prompt_len=200, max_tokens=64), 0.0)
+    [first] = sched.schedule(0.0)
+    complete(sched, first, 1.0)
+    assert all(r.kv_replica == "w0" for r in sched.pool.values())
+    # A second replica joins, idle: both are free at t=1, so only the saved prefill can decide.
+    sched.add_replica("w1", 1.0)
+    out = sched.schedule(1.0)
+    on_w0 = [a for a in out if a.replica_id == "w0"]
+    assert len(on_w0) == 1
+    batch = on_w0[0].batch
+    assert sched.cost_on(batch, "w0") < sched.cost_on(batch, "w1")
+    # The batch placed on the replica without caches is costed with its full prefill.
+    for a in out:
+        if a.replica_id == "w1":
+            assert a.batch.est_time == pytest.approx(sched.cost_on(a.batch, "w1"))
+            assert sched.cost_on(a.batch, "w1") > sched.cost_on(a.batch, "w0")
+
+
+def test_without_kv_reuse_cost_is_the_same_everywhere():
+    sched = make(replicas=2, slice_len=8, kv_reuse=False)
+    sched.add_request(request(0, prompt_len=200, max_tokens=64), 0.0)
+    [a] = sched.schedule(0.0)
+    complete(sched, a, 1.0)
+    assert sched.pool["r0"].kv_replica is None

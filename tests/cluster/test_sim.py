@@ -66,3 +66,15 @@ def test_arrivals():
     assert abs((t[-1] / len(t)) - 0.1) < 0.01  # mean gap 1/rate
     with pytest.raises(ValueError):
         arrival_times(3, -1.0)
+
+
+def test_kv_reuse_removes_most_reprefill_work():
+    pairs = synthetic_lengths(300, seed=11)
+    workload = build_workload(pairs, arrival_times(300, None), oracle_predictor(pairs))
+    reports = {}
+    for reuse in (True, False):
+        cfg = SchedulerConfig(mode="scls", slice_len=32, max_gen_len=1024, kv_reuse=reuse)
+        reports[reuse], _ = simulate(cfg, LATENCY, MEMORY, workload, replicas=4)
+    assert reports[True].extra["kv_reused_rows"] > 0 and reports[False].extra["kv_reused_rows"] == 0
+    assert reports[True].reprefill_tokens < 0.5 * reports[False].reprefill_tokens
+    assert reports[True].useful_tokens == reports[False].useful_tokens
