@@ -41,17 +41,26 @@ DEFAULT_MANIFESTS = [
 ]
 GPU_MANIFESTS = sorted(DEFAULT_MANIFESTS + [("Ingress", "slicefleet"), ("ServiceMonitor", "slicefleet")])
 
-# Metric families the Grafana dashboard charts (the API's /metrics; prefix slicefleet_).
+# Metric families the Grafana dashboard charts (the API's /metrics, cluster/metrics.py; prefix slicefleet_).
 DASHBOARD_METRICS = {
     "slicefleet_pool_depth",
-    "slicefleet_slices_total",
-    "slicefleet_batch_size",
+    "slicefleet_running_requests",
+    "slicefleet_slices_run_total",
+    "slicefleet_batches_run_total",
+    "slicefleet_batch_size_mean",
     "slicefleet_replica_expected_completion_seconds",
+    "slicefleet_replica_busy_seconds_total",
     "slicefleet_predicted_output_tokens",
-    "slicefleet_actual_output_tokens",
-    "slicefleet_slice_seconds",
-    "slicefleet_slice_predicted_seconds",
-    "slicefleet_http_requests_total",
+    "slicefleet_output_tokens",
+    "slicefleet_predicted_slice_seconds_total",
+    "slicefleet_actual_slice_seconds_total",
+    "slicefleet_slice_time_mape",
+    "slicefleet_ingress_requests_total",
+    "slicefleet_ingress_errors_total",
+    "slicefleet_ingress_rejected_total",
+    "slicefleet_request_latency_seconds",
+    "slicefleet_time_to_first_token_seconds",
+    "slicefleet_backlog_seconds",
 }
 
 
@@ -335,20 +344,57 @@ def test_gcs_fault_tolerance_redis_is_separate(gpu):
         assert gcs.split(":")[0] not in pod_env(gpu, c)["SLICEFLEET_REDIS_URL"]
 
 
+def dashboard_series(dash: dict) -> set[str]:
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    return {m for e in exprs for m in re.findall(r"\b([a-z_:][a-z0-9_:]*)\{", e)}
+
+
 def test_grafana_dashboard(rendered):
     cm = rendered.one("ConfigMap", "-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     dash = json.loads(cm["data"]["slicefleet.json"])
+    assert dash == json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
-    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    names = {m for e in exprs for m in re.findall(r"\b([a-z_:][a-z0-9_:]*)\{", e)}
+    names = dashboard_series(dash)
     assert names and all(n.startswith("slicefleet_") for n in names), names
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
-    assert DASHBOARD_METRICS <= families, DASHBOARD_METRICS - families
+    assert families == DASHBOARD_METRICS, families ^ DASHBOARD_METRICS
     titles = " ".join(p["title"].lower() for p in dash["panels"])
-    for word in ("pool", "slices", "batch", "expected completion", "predicted", "slice time", "error"):
+    for word in ("pool depth", "slices run", "batch size", "expected completion per replica",
+                 "predicted vs actual output length", "slice time", "errors"):
         assert word in titles, word
+
+
+def test_dashboard_reads_what_the_api_exports():
+    """Every series the dashboard queries is in the /metrics text cluster/metrics.py produces."""
+    import importlib.util
+
+    if importlib.util.find_spec("cluster.metrics") is None:
+        pytest.skip("cluster/metrics.py (the API's Prometheus metrics) is not in this tree yet")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from cluster.metrics import IngressMetrics
+
+    m = IngressMetrics()
+    for status in (200, 400, 429, 500):
+        m.observe_response("chat", status)
+    m.rejected.inc()
+    m.predicted_output.observe(100)
+    m.actual_output.observe(90)
+    m.latency.labels("chat").observe(1.5)
+    m.ttft.labels("chat").observe(0.2)
+    # A dispatcher snapshot as cluster/dispatcher.py publishes it.
+    snapshot = {
+        "pool_depth": 3, "running": 8, "slices_run": 120, "batches_run": 10, "batch_size_mean": 12.0,
+        "backlog_seconds": 4.5, "slice_time_mape": 0.07, "predicted_slice_seconds_sum": 30.0,
+        "actual_slice_seconds_sum": 31.0,
+        "replicas": {"r0": {"expected_completion_s": 1.2, "busy_seconds": 50.0}},
+    }
+    text = m.render(snapshot).decode()
+    exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    wanted = dashboard_series(json.loads((CHART / "files" / "grafana-dashboard.json").read_text()))
+    assert wanted <= exported, sorted(wanted - exported)
 
 
 # --- values: schema and guards -------------------------------------------------------------------------
