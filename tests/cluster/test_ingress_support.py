@@ -1,0 +1,252 @@
+"""Support for the ingress tests (a fake dispatcher, builders, SSE parsing) and unit tests of the Ray-free
+pieces: incremental text assembly with stop strings, the async store's parity with StateStore, the
+dispatcher-snapshot collector.
+
+The fake dispatcher is a stand-in used only by the ingress's own tests: it reads ``{p}:incoming`` and
+``{p}:cancel`` and answers through the real ``StateStore.apply_result`` / ``StateStore.finish``. The real
+dispatcher is tested end to end elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cluster.config import SlicefleetConfig
+from cluster.ingress import IngressService, TextAssembler, model_facts
+from cluster.ingress_store import AsyncStateStore
+from cluster.metrics import IngressMetrics
+from cluster.state import ReplicaInfo, RequestRecord, StateStore
+
+ANSWER_TEXT = ("Hello world! Héllo 世界 🙂 The quick brown fox jumps over the lazy dog. "
+               "Then it rests under a tree and dreams of 🍕 and 🍣 until the end.")
+
+
+def ensure_tiny_model(tmp_path_factory) -> Path:
+    """The test-sized model, built once per session (shared by the ingress test modules)."""
+    from worker.make_model import TEST_SPEC, ensure_model
+
+    return ensure_model(tmp_path_factory.getbasetemp() / "ingress-tiny-llama", TEST_SPEC)
+
+
+def make_config(redis_url: str, model_dir: Path, prefix: str, **api) -> SlicefleetConfig:
+    return SlicefleetConfig.model_validate({
+        "model": {"path": str(model_dir), "name": "tiny-test"},
+        "redis": {"url": redis_url, "key_prefix": prefix},
+        "scheduler": {"max_gen_len": 256, "slice_len": 4},
+        "replicas": {"num_replicas": 2},
+        "api": api,
+    })
+
+
+def make_service(cfg: SlicefleetConfig, tokenizer, model_dir: Path, **kwargs) -> IngressService:
+    facts = model_facts(model_dir, tokenizer, cfg.model.max_context)
+    store = AsyncStateStore(cfg.redis.url, cfg.redis.key_prefix, cfg.redis.password)
+    kwargs.setdefault("snapshot_ttl", 0.0)
+    kwargs.setdefault("poll_seconds", 0.5)
+    return IngressService(cfg, tokenizer, store, **{**facts, **kwargs})
+
+
+def parse_sse(raw: str) -> list:
+    """The ``data:`` payloads of an SSE body, JSON-decoded (``[DONE]`` kept as the string)."""
+    out = []
+    for block in raw.split("\n\n"):
+        block = block.strip()
+        if not block:
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: "):]
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def wait_until(pred, timeout: float = 5.0, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    return pred()
+
+
+class FakeDispatcher(threading.Thread):
+    """Answers each request with ``answer_ids`` (cycled), ``slice_len`` tokens per output event.
+
+    Knobs (reset by :meth:`reset`): ``delay`` seconds between a request's slices; ``hold`` emits nothing;
+    ``final_reason`` overrides the finish reason; ``ready`` is what the readiness callable reports.
+    A token equal to ``eos_id`` ends the request with ``eos`` (unless the record says ``ignore_eos``); a
+    record with ``target_len`` gets exactly that many tokens and ``eos``; otherwise ``max_tokens`` and
+    ``length``. Cancels finish the request with ``cancelled`` through ``StateStore.finish``.
+    """
+
+    def __init__(self, url: str, prefix: str, answer_ids: list[int], eos_id: int, slice_len: int = 4):
+        super().__init__(daemon=True, name="fake-dispatcher")
+        self.store = StateStore(url, prefix)
+        self.default_answer = list(answer_ids)
+        self.eos_id = eos_id
+        self.default_slice_len = slice_len
+        self.cancels: list[str] = []
+        self.seen: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.answer_ids = list(self.default_answer)
+            self.slice_len = self.default_slice_len
+            self.delay = 0.0
+            self.hold = False
+            self.final_reason: str | None = None
+            self.ready = True
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join(5)
+
+    def run(self) -> None:
+        k = self.store.k
+        last = {k.incoming: "0", k.cancel: "0"}
+        active: dict[str, dict] = {}
+        while not self._stop.is_set():
+            resp = self.store.r.xread(dict(last), block=10)
+            for stream, entries in resp or []:
+                stream = stream.decode()
+                for eid, fields in entries:
+                    last[stream] = eid.decode()
+                    rid = fields[b"id"].decode()
+                    if stream == k.incoming:
+                        self.seen.append(rid)
+                        active[rid] = {"rec": self.store.record(rid), "pos": 0, "next": 0.0}
+                    else:
+                        self.cancels.append(rid)
+                        if active.pop(rid, None) is not None:
+                            self.store.finish(rid, "cancelled")
+            now = time.monotonic()
+            with self._lock:
+                for rid, st in list(active.items()):
+                    if self.hold or st["next"] > now:
+                        continue
+                    rec: RequestRecord = st["rec"]
+                    total = min(rec.max_tokens, rec.target_len) if rec.target_len else rec.max_tokens
+                    tokens, reason = [], ""
+                    while len(tokens) < self.slice_len and st["pos"] < total:
+                        tok = self.answer_ids[st["pos"] % len(self.answer_ids)]
+                        tokens.append(tok)
+                        st["pos"] += 1
+                        if tok == self.eos_id and not rec.ignore_eos and not rec.target_len:
+                            reason = "eos"
+                            break
+                    if not reason and st["pos"] >= total:
+                        reason = "eos" if rec.target_len and rec.target_len <= rec.max_tokens else "length"
+                    if reason and self.final_reason:
+                        reason = self.final_reason
+                    self.store.apply_result(uuid.uuid4().hex, "fake-0", [(rid, tokens, reason)])
+                    st["next"] = now + self.delay
+                    if reason:
+                        del active[rid]
+
+
+# ---- unit tests of the Ray-free pieces -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ensure_tiny_model(tmp_path_factory)))
+
+
+def _decode(tok):
+    return lambda ids: tok.decode(ids, skip_special_tokens=True)
+
+
+def test_text_assembler_one_token_at_a_time_never_emits_broken_utf8(tokenizer):
+    ids = tokenizer(ANSWER_TEXT, add_special_tokens=False)["input_ids"]
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    asm = TextAssembler(_decode(tokenizer))
+    deltas = [asm.feed([t]) for t in ids] + [asm.flush()]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == full == asm.sent_text
+    # The emoji take several byte-level tokens: some feeds must have held text back.
+    assert deltas.count("") > 0
+    assert asm.completion_tokens == len(ids)
+
+
+def test_text_assembler_stop_string_across_feeds(tokenizer):
+    ids = tokenizer(ANSWER_TEXT, add_special_tokens=False)["input_ids"]
+    asm = TextAssembler(_decode(tokenizer), ["fox jumps", "never"])
+    sent = ""
+    for t in ids:
+        sent += asm.feed([t])
+        # Nothing that could still turn into a stop string is ever sent.
+        assert "fox" not in sent
+        if asm.stopped:
+            break
+    assert asm.stopped
+    assert sent == asm.sent_text == ANSWER_TEXT[: ANSWER_TEXT.index("fox jumps")]
+    assert asm.flush() == ""
+    # The count covers exactly the tokens up to the one completing the stop string.
+    k = asm.completion_tokens
+    assert "fox jumps" in tokenizer.decode(ids[:k]) and "fox jumps" not in tokenizer.decode(ids[: k - 1])
+
+
+def test_text_assembler_partial_stop_prefix_is_released_at_the_end(tokenizer):
+    asm = TextAssembler(lambda ids: "".join(chr(i) for i in ids), ["xyz"])
+    assert asm.feed([ord("a"), ord("x"), ord("y")]) == "a"  # "xy" might start "xyz"
+    assert asm.feed([ord("q")]) == "xyq"
+    assert asm.feed([ord("x")]) == ""
+    assert asm.flush() == "x"
+    assert asm.sent_text == "axyqx" and not asm.stopped
+
+
+def test_async_store_submit_matches_state_store(tmp_path):
+    from cluster.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        sync = StateStore(server.url, "parity")
+        store = AsyncStateStore(server.url, "parity")
+        rec = RequestRecord(id="r1", prompt_ids=[0, 5, 6], max_tokens=9, arrival=123.5, model="m", kind="chat",
+                            temperature=0.7, top_p=0.9, seed=3, stop=["x"], target_len=4, predicted_len=12.5,
+                            priority=2)
+
+        async def go():
+            await store.submit(rec)
+            await store.request_cancel("r1")
+            sync.apply_result("b1", "rep", [("r1", [7, 8], "")])
+            sync.apply_result("b2", "rep", [("r1", [9], "length")])
+            events = await store.read_output("r1", "0", block_ms=10)
+            sync.register_replica(ReplicaInfo("a", 1, "hf"), 30)
+            alive = await store.replicas_alive()
+            sync.publish_metrics({"pool_depth": 4})
+            snap = await store.metrics_snapshot()
+            await store.close()
+            return events, alive, snap
+
+        events, alive, snap = asyncio.run(go())
+        got = sync.record("r1")
+        assert got.prompt_ids == [0, 5, 6] and got.kind == "chat" and got.target_len == 4
+        assert got.predicted_len == 12.5 and got.priority == 2 and got.stop == ["x"]
+        assert "r1" not in sync.live_ids()  # the "length" event closed it
+        assert sync.r.xlen(sync.k.incoming) == 1 and sync.r.xlen(sync.k.cancel) == 1
+        assert [json.loads(f["tokens"]) for _, f in events] == [[7, 8], [9]]
+        assert events[-1][1]["finish_reason"] == "length" and "finish_reason" not in events[0][1]
+        assert alive == (["a"], [])
+        assert snap == {"pool_depth": 4}
+
+
+def test_snapshot_collector_skips_missing_keys():
+    text = IngressMetrics().render({"pool_depth": 2, "replicas": {"r1": {"busy_seconds": 3.5}}}).decode()
+    assert "slicefleet_pool_depth 2.0" in text
+    assert 'slicefleet_replica_busy_seconds_total{replica="r1"} 3.5' in text
+    assert "slicefleet_running_requests" not in text
+    assert "slicefleet_replica_expected_completion_seconds" not in text
+    empty = IngressMetrics().render({}).decode()
+    assert "slicefleet_dispatcher_snapshot_present 0.0" in empty and "slicefleet_pool_depth" not in empty
