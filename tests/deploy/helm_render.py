@@ -11,15 +11,21 @@ helm-sdkpy bundles Helm v4's Go library but exposes no dry-run or template actio
 Helm renders the templates (validating the values against values.schema.json first), maps and creates
 each object, and returns the release, whose ``manifest`` is the rendered YAML. The objects Helm POSTed
 are recorded too, so a test sees exactly what `helm install` would send to a cluster.
+
+Helm runs in a separate worker process (spawned once per test session): the Go runtime it loads installs
+signal handlers and threads that have no business in the process that runs the rest of the test suite.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
+import multiprocessing
 import os
 import platform
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -187,21 +193,47 @@ class Rendered:
         return sorted((d["kind"], d["metadata"]["name"]) for d in self.docs)
 
 
-def render(values: dict | None = None, *, release: str = "slicefleet", namespace: str = "slicefleet",
-           kube_version: str = "1.31.0") -> Rendered:
-    """`helm install` of k8s/slicefleet with ``values`` into a fresh fake API; raises Helm's error on failure."""
-    h = helm()
+_executor: ProcessPoolExecutor | None = None
+
+
+def _worker() -> ProcessPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        atexit.register(_executor.shutdown, wait=True, cancel_futures=True)
+    return _executor
+
+
+def _install(values: dict, release: str, namespace: str, kube_version: str) -> dict:
+    """In the worker process: `helm install` into a fresh fake API; Helm's errors propagate."""
+    import helm_sdkpy as h
+
+    os.environ.setdefault("HELM_CACHE_HOME", "/tmp/slicefleet-helm-cache")
     with FakeKubeAPI(kube_version=kube_version) as api:
-        os.environ.setdefault("HELM_CACHE_HOME", "/tmp/slicefleet-helm-cache")
         cfg = h.Configuration(namespace=namespace, kubeconfig=api.kubeconfig)
-        result = asyncio.run(h.Install(cfg).run(release, str(CHART), values=values or {}, wait=False, timeout=60))
-        created = list(api.created)
-    docs = [d for d in yaml.safe_load_all(result["manifest"]) if d]
-    return Rendered(manifest=result["manifest"], docs=docs, created=created, release=result)
+        result = asyncio.run(h.Install(cfg).run(release, str(CHART), values=values, wait=False, timeout=60))
+        return {"release": result, "created": list(api.created)}
 
 
-def lint() -> dict:
-    h = helm()
+def _lint() -> dict:
+    import helm_sdkpy as h
+
     with FakeKubeAPI() as api:
         cfg = h.Configuration(namespace="slicefleet", kubeconfig=api.kubeconfig)
         return asyncio.run(h.Lint(cfg).run(str(CHART)))
+
+
+def render(values: dict | None = None, *, release: str = "slicefleet", namespace: str = "slicefleet",
+           kube_version: str = "1.31.0") -> Rendered:
+    """`helm install` of k8s/slicefleet with ``values`` (merged over values.yaml, like `-f`)."""
+    helm()
+    out = _worker().submit(_install, values or {}, release, namespace, kube_version).result()
+    result = out["release"]
+    docs = [d for d in yaml.safe_load_all(result["manifest"]) if d]
+    return Rendered(manifest=result["manifest"], docs=docs, created=out["created"], release=result)
+
+
+def lint() -> dict:
+    """`helm lint` of k8s/slicefleet (default values)."""
+    helm()
+    return _worker().submit(_lint).result()
