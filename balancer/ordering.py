@@ -8,8 +8,9 @@ thinks of it (SSJF's anti-starvation rule, applied per slice).
 
 from __future__ import annotations
 
-import heapq
 from typing import Callable, Protocol
+
+import numpy as np
 
 from balancer.types import Request
 
@@ -20,24 +21,28 @@ ServiceTime = Callable[[Request], float]
 class OrderingPolicy(Protocol):
     name: str
 
-    def key(self, request: Request, now: float) -> tuple:
-        """Sort key: smaller goes first."""
+    def scores(self, requests: list[Request], now: float) -> np.ndarray:
+        """One number per request: among fresh requests of equal priority, smaller goes first."""
+
+
+def _attr(requests: list[Request], name: str) -> np.ndarray:
+    return np.fromiter((getattr(r, name) for r in requests), dtype=float, count=len(requests))
 
 
 class FCFS:
     name = "fcfs"
 
-    def key(self, request: Request, now: float) -> tuple:
-        return (-request.priority, request.arrival, request.id)
+    def scores(self, requests, now):
+        return _attr(requests, "arrival")
 
 
 class ShortestPredictedFirst:
-    """SSJF: fewest predicted remaining tokens first; ties by arrival."""
+    """SSJF: fewest predicted remaining tokens first."""
 
     name = "sjf"
 
-    def key(self, request: Request, now: float) -> tuple:
-        return (-request.priority, request.predicted_remaining, request.arrival, request.id)
+    def scores(self, requests, now):
+        return _attr(requests, "predicted_remaining")
 
 
 class HighestResponseRatioNext:
@@ -53,10 +58,11 @@ class HighestResponseRatioNext:
         self.service_time = service_time
         self.floor = floor
 
-    def key(self, request: Request, now: float) -> tuple:
-        service = max(self.service_time(request), self.floor)
-        ratio = (max(now - request.arrival, 0.0) + service) / service
-        return (-request.priority, -ratio, request.arrival, request.id)
+    def scores(self, requests, now):
+        service = np.maximum(np.fromiter((self.service_time(r) for r in requests), float, len(requests)),
+                             self.floor)
+        wait = np.maximum(now - _attr(requests, "arrival"), 0.0)
+        return -(wait + service) / service
 
 
 def make_ordering(name: str, service_time: ServiceTime | None = None, floor: float = 1e-3) -> OrderingPolicy:
@@ -72,28 +78,24 @@ def make_ordering(name: str, service_time: ServiceTime | None = None, floor: flo
     raise ValueError(f"unknown ordering {name!r}; choose fcfs, sjf or hrrn")
 
 
-def waited(request: Request, now: float) -> float:
-    """Seconds since the request last entered the pool."""
-    since = request.arrival if request.pool_since is None else request.pool_since
-    return now - since
-
-
 def select(pool: list[Request], policy: OrderingPolicy, now: float, max_wait: float,
            limit: int | None = None) -> list[Request]:
-    """The first ``limit`` requests of the pool in serving order: aged ones (FCFS) first, then by policy."""
-    aged = [r for r in pool if waited(r, now) >= max_wait]
-    aged.sort(key=lambda r: (-waited(r, now), r.id))
-    if limit is not None and len(aged) >= limit:
-        return aged[:limit]
-    aged_ids = {r.id for r in aged}
-    fresh = [r for r in pool if r.id not in aged_ids]
-    rest_limit = None if limit is None else limit - len(aged)
+    """The first ``limit`` requests of the pool in serving order: aged ones (oldest first), then by policy.
 
-    def key(r: Request) -> tuple:
-        return policy.key(r, now)
-
-    if rest_limit is not None and rest_limit < len(fresh):
-        fresh = heapq.nsmallest(rest_limit, fresh, key=key)
-    else:
-        fresh.sort(key=key)
-    return aged + fresh
+    "Aged" means waiting in the pool (since it last entered) for ``max_wait`` seconds or more.
+    """
+    n = len(pool)
+    if n == 0:
+        return []
+    since = np.fromiter((r.arrival if r.pool_since is None else r.pool_since for r in pool), float, n)
+    fresh = (now - since < max_wait).astype(np.int8)
+    priority = _attr(pool, "priority")
+    scores = policy.scores(pool, now)
+    # Keys, last one most significant: aged before fresh; aged by how long they waited; fresh by
+    # priority, then score, then arrival. lexsort is stable, so pool order breaks the remaining ties.
+    key_main = np.where(fresh == 1, scores, since)
+    key_prio = np.where(fresh == 1, -priority, 0.0)
+    order = np.lexsort((_attr(pool, "arrival"), key_main, key_prio, fresh))
+    if limit is not None:
+        order = order[:limit]
+    return [pool[i] for i in order]

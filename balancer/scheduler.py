@@ -21,7 +21,7 @@ from balancer.batcher import plan_batches, split_for_parallelism
 from balancer.config import SchedulerConfig
 from balancer.estimators import MemoryEstimator, SliceTimeEstimator
 from balancer.ordering import make_ordering, select
-from balancer.placement import ReplicaState, make_placement
+from balancer.placement import ReplicaState, cost_on, make_placement
 from balancer.types import Assignment, Batch, FinishReason, Mode, Request, SliceResult
 
 
@@ -132,7 +132,7 @@ class Scheduler:
             batches = self._static_batches(now, free)
         else:
             batches = self._admissions(now, free)
-        assignments = self.placement.place(batches, open_replicas, now, self.cost_on)
+        assignments = self.placement.place(batches, open_replicas, now)
         for a in assignments:
             self._owner[a.batch.id] = a.replica_id
             for r in a.batch.requests:
@@ -180,17 +180,10 @@ class Scheduler:
         chosen = select(list(self.pool.values()), self.ordering, now, self.config.max_wait, limit=free)
         return [self._make_batch([r], r.remaining) for r in chosen]
 
-    def cost_on(self, batch: Batch, replica_id: str) -> float:
-        """A batch's estimated time on one replica: rows whose KV cache is kept there skip the re-prefill.
-
-        Their prefill shrinks to one token each; the decode steps are unchanged (every row still attends over
-        its whole padded context).
-        """
-        if not self.config.kv_reuse:
-            return batch.est_time
+    def _time_with_cache_on(self, batch: Batch, replica_id: str) -> float:
+        """Rows whose KV cache is kept on ``replica_id`` skip the re-prefill there: their prefill shrinks to
+        one token each, while the decode steps stay (every row still attends over its padded context)."""
         fresh = [r for r in batch.requests if r.kv_replica != replica_id]
-        if len(fresh) == batch.size:
-            return batch.est_time
         n, longest = batch.size, batch.max_input_len
         full_prefill = float(self.time.batch_time(n, longest, 0))
         if fresh:
@@ -203,13 +196,17 @@ class Scheduler:
         steps = min(step_cap, max(r.remaining for r in requests))
         expected_steps = min(steps, max(int(math.ceil(r.predicted_remaining)) for r in requests))
         longest = max(r.input_len for r in requests)
-        return Batch(
+        batch = Batch(
             id=f"b{next(self._batch_ids)}",
             requests=list(requests),
             steps=steps,
             est_time=float(self.time.batch_time(len(requests), longest, expected_steps)),
             est_bytes=float(self.memory.batch_bytes(len(requests), longest, steps)),
         )
+        if self.config.kv_reuse:
+            holders = {r.kv_replica for r in requests if r.kv_replica is not None}
+            batch.cheaper_on = {h: self._time_with_cache_on(batch, h) for h in holders if h in self.replicas}
+        return batch
 
     # ---- results --------------------------------------------------------------------------------------
     def on_slice_done(self, result: SliceResult, now: float) -> list[Request]:
@@ -295,7 +292,7 @@ class Scheduler:
         return returned
 
     def _refresh_expected_free(self, replica: ReplicaState, now: float) -> None:
-        left = sum(b.est_time for b in replica.inflight.values())
+        left = sum(cost_on(b, replica.id) for b in replica.inflight.values())
         if self.config.mode is Mode.ILS:  # requests share the continuous batch rather than queueing
             left /= max(self.config.ils_max_concurrency, 1)
         replica.expected_free_at = now + left

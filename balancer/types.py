@@ -76,7 +76,11 @@ class Request:
     def predicted_remaining(self) -> float:
         """Predicted tokens still to come, never above the budget that is left and never below 1."""
         total = self.max_tokens if self.predicted_len is None else self.predicted_len
-        return float(min(max(total - self.generated, 1.0), max(self.remaining, 1)))
+        left = total - self.generated
+        cap = self.max_tokens - self.generated
+        if cap < 1:
+            cap = 1
+        return float(cap if left > cap else (left if left > 1.0 else 1.0))
 
     @property
     def done(self) -> bool:
@@ -95,6 +99,8 @@ class Batch:
     """Estimated serving time, seconds."""
     est_bytes: float = 0.0
     """Estimated peak KV-cache bytes."""
+    cheaper_on: dict[str, float] = field(default_factory=dict)
+    """Replicas that hold some rows' KV caches, and the batch's (lower) estimated time there."""
 
     @property
     def size(self) -> int:

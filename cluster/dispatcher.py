@@ -229,7 +229,7 @@ class DispatcherCore:
     def _dispatch(self, now: float) -> None:
         for a in self.scheduler.schedule(now):
             b = a.batch
-            self._est[b.id] = b.est_time
+            self._est[b.id] = a.expected_finish - a.expected_start
             self._shape[b.id] = (b.size, b.max_input_len)
             self.store.post_batch(a.replica_id, {"batch_id": b.id, "epoch": self.epoch, "steps": b.steps,
                                                  "request_ids": b.request_ids})
