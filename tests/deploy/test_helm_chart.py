@@ -34,7 +34,6 @@ DEFAULT_MANIFESTS = [
     ("ConfigMap", "slicefleet-redis"),
     ("RayService", "slicefleet"),
     ("Secret", "slicefleet-redis"),
-    ("Service", "slicefleet-api"),
     ("Service", "slicefleet-redis"),
     ("Service", "slicefleet-redis-headless"),
     ("StatefulSet", "slicefleet-redis"),
@@ -280,25 +279,32 @@ def test_head_and_gpu_workers(gpu):
         assert {"name": "model", "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
 
 
-def test_api_service_reaches_serving_ray_pods(rendered):
-    svc = rendered.one("Service", "-api")
-    selector = dict(svc["spec"]["selector"])
-    assert selector.pop("ray.io/serve") == "true"  # KubeRay sets it on pods whose Serve proxy is healthy
-    (port,) = svc["spec"]["ports"]
-    assert port["port"] == 8000 and port["name"] == "http"
+def api_service(rendered) -> dict:
+    """The API Service as KubeRay creates it from RayService.spec.serveService."""
+    return {"apiVersion": "v1", "kind": "Service", **rendered.one("RayService")["spec"]["serveService"]}
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_api_service_declared_for_kuberay(rendered, kube_version):
+    svc = api_service(rendered)
+    kubernetes_validate.validate(svc, kube_version, strict=True)
+    assert svc["metadata"]["name"] == "slicefleet-api"
+    assert svc["metadata"]["labels"]["app.kubernetes.io/component"] == "api"
+    # KubeRay sets the selector itself (active cluster, ray.io/serve=true); one given here would be ignored.
+    assert "selector" not in svc["spec"]
+    # ... and takes the port from the head container's port named "serve": they must agree.
+    assert svc["spec"]["ports"] == [{"name": "serve", "port": 8000}]
     cluster = rendered.one("RayService")["spec"]["rayClusterConfig"]
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for t in templates:
-        assert selector.items() <= t["metadata"]["labels"].items()
         ports = {p["name"]: p["containerPort"] for p in t["spec"]["containers"][0]["ports"]}
-        assert ports[port["targetPort"]] == 8000
-    # Nothing else in the release carries the selector's labels.
-    for other in rendered.by_kind("StatefulSet"):
-        assert not selector.items() <= other["spec"]["template"]["metadata"]["labels"].items()
+        assert ports["serve"] == 8000
+    # The chart renders no Service of its own that would compete for the name.
+    assert all(s["metadata"]["name"] != svc["metadata"]["name"] for s in rendered.by_kind("Service"))
 
 
 def test_ingress_and_service_monitor_point_at_the_api(gpu):
-    svc = gpu.one("Service", "-api")
+    svc = api_service(gpu)
     ing = gpu.one("Ingress")
     for rule in ing["spec"]["rules"]:
         for path in rule["http"]["paths"]:
@@ -311,10 +317,9 @@ def test_ingress_and_service_monitor_point_at_the_api(gpu):
     assert sm["spec"]["namespaceSelector"]["matchNames"] == ["slicefleet"]
     (ep,) = sm["spec"]["endpoints"]
     assert ep["port"] in {p["name"] for p in svc["spec"]["ports"]} and ep["path"] == "/metrics"
-    # No other Service of the release matches the monitor's selector.
-    matches = [s for s in gpu.by_kind("Service")
-               if sm["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
-    assert matches == [svc]
+    # No Service the chart renders matches the monitor's selector (only the API Service does).
+    for other in gpu.by_kind("Service"):
+        assert not sm["spec"]["selector"]["matchLabels"].items() <= other["metadata"]["labels"].items()
 
 
 def test_redis_statefulset_durable_and_password_from_secret(rendered):
