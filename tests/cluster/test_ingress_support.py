@@ -94,7 +94,7 @@ class FakeDispatcher(threading.Thread):
         self.default_slice_len = slice_len
         self.cancels: list[str] = []
         self.seen: list[str] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._lock = threading.Lock()
         self.reset()
 
@@ -108,15 +108,21 @@ class FakeDispatcher(threading.Thread):
             self.ready = True
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
 
     def run(self) -> None:
         k = self.store.k
         last = {k.incoming: "0", k.cancel: "0"}
         active: dict[str, dict] = {}
-        while not self._stop.is_set():
-            resp = self.store.r.xread(dict(last), block=10)
+        while not self._halt.is_set():
+            if active and not self.hold:
+                # Work to do: poll without blocking (a short BLOCK only ends at the server's next cron
+                # tick, ~100 ms) and pace ourselves.
+                resp = self.store.r.xread(dict(last))
+                time.sleep(0.001)
+            else:
+                resp = self.store.r.xread(dict(last), block=50)
             for stream, entries in resp or []:
                 stream = stream.decode()
                 for eid, fields in entries:

