@@ -90,6 +90,8 @@ class FakeKubeAPI:
     """A recording Kubernetes API on a loopback port (see the module docstring)."""
 
     kube_version: str = "1.31.0"
+    # Objects already in the cluster, by API path (e.g. /api/v1/namespaces/ns/secrets/name): what `lookup` sees.
+    existing: dict[str, dict] = field(default_factory=dict)
     created: list[dict] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
 
@@ -116,6 +118,8 @@ class FakeKubeAPI:
                 found = _discovery(path, api.kube_version)
                 if found is not None:
                     return self._json(200, found)
+                if path in api.existing:
+                    return self._json(200, api.existing[path])
                 last = path.rstrip("/").split("/")[-1]
                 if any(last == plural for res in API_RESOURCES.values() for plural, _, _ in res):
                     return self._json(200, {"kind": "List", "apiVersion": "v1", "metadata": {}, "items": []})
@@ -130,6 +134,10 @@ class FakeKubeAPI:
                 # Helm stores its release record as protobuf; the chart's objects arrive as JSON.
                 if self.command == "POST" and ctype.startswith("application/json"):
                     api.created.append(json.loads(body))
+                if self.command == "PATCH":
+                    # A patch of an existing object (an upgrade): answer with the object as stored.
+                    path = self.path.split("?")[0]
+                    return self._json(200, api.existing.get(path, {}))
                 # Echo the object back (JSON or protobuf alike): "created as sent".
                 self.send_response(201 if self.command == "POST" else 200)
                 self.send_header("Content-Type", ctype)
@@ -204,12 +212,12 @@ def _worker() -> ProcessPoolExecutor:
     return _executor
 
 
-def _install(values: dict, release: str, namespace: str, kube_version: str) -> dict:
+def _install(values: dict, release: str, namespace: str, kube_version: str, existing: dict) -> dict:
     """In the worker process: `helm install` into a fresh fake API; Helm's errors propagate."""
     import helm_sdkpy as h
 
     os.environ.setdefault("HELM_CACHE_HOME", "/tmp/slicefleet-helm-cache")
-    with FakeKubeAPI(kube_version=kube_version) as api:
+    with FakeKubeAPI(kube_version=kube_version, existing=existing) as api:
         cfg = h.Configuration(namespace=namespace, kubeconfig=api.kubeconfig)
         result = asyncio.run(h.Install(cfg).run(release, str(CHART), values=values, wait=False, timeout=60))
         return {"release": result, "created": list(api.created)}
@@ -224,10 +232,11 @@ def _lint() -> dict:
 
 
 def render(values: dict | None = None, *, release: str = "slicefleet", namespace: str = "slicefleet",
-           kube_version: str = "1.31.0") -> Rendered:
-    """`helm install` of k8s/slicefleet with ``values`` (merged over values.yaml, like `-f`)."""
+           kube_version: str = "1.31.0", existing: dict[str, dict] | None = None) -> Rendered:
+    """`helm install` of k8s/slicefleet with ``values`` (merged over values.yaml, like `-f`), into a cluster
+    holding ``existing`` objects (by API path)."""
     helm()
-    out = _worker().submit(_install, values or {}, release, namespace, kube_version).result()
+    out = _worker().submit(_install, values or {}, release, namespace, kube_version, existing or {}).result()
     result = out["release"]
     docs = [d for d in yaml.safe_load_all(result["manifest"]) if d]
     return Rendered(manifest=result["manifest"], docs=docs, created=out["created"], release=result)

@@ -342,6 +342,24 @@ def test_redis_statefulset_durable_and_password_from_secret(rendered):
     assert sts["spec"]["serviceName"] == rendered.one("Service", "-redis-headless")["metadata"]["name"]
 
 
+def test_generated_redis_password_survives_upgrades(default):
+    """A second install/upgrade reads the password already in the cluster instead of generating a new one."""
+    secret = default.one("Secret", "-redis")
+    generated = base64.b64decode(secret["data"]["redis-password"]).decode()
+    assert len(generated) == 32
+    existing = {"/api/v1/namespaces/slicefleet/secrets/slicefleet-redis": {
+        "apiVersion": "v1", "kind": "Secret",
+        # As the first install left it (and as `helm uninstall` keeps it: helm.sh/resource-policy: keep).
+        "metadata": {"name": "slicefleet-redis", "namespace": "slicefleet",
+                     "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                     "annotations": {"meta.helm.sh/release-name": "slicefleet",
+                                     "meta.helm.sh/release-namespace": "slicefleet"}},
+        "data": {"redis-password": base64.b64encode(b"kept-from-the-first-install").decode()}}}
+    again = render(existing=existing).one("Secret", "-redis")
+    assert base64.b64decode(again["data"]["redis-password"]) == b"kept-from-the-first-install"
+    assert again["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
 def test_gcs_fault_tolerance_redis_is_separate(gpu):
     cluster = gpu.one("RayService")["spec"]["rayClusterConfig"]
     gcs = cluster["gcsFaultToleranceOptions"]["redisAddress"]
