@@ -459,6 +459,20 @@ def test_guards_fail_on_unservable_settings(values, message):
         render(merged)
 
 
+def test_fractional_gpus_are_counted(gpu):
+    from .helm_render import helm
+
+    base = load_yaml(GPU_VALUES)
+    # 8 replicas x 0.5 GPU fit on 4 one-GPU pods; 10 do not.
+    fits = _merge(copy.deepcopy(base), {"slicefleet": {"replicaResources": {"numGpus": 0.5}},
+                                        "workers": {"maxReplicas": 4, "replicas": 4, "minReplicas": 2}})
+    args = yaml.safe_load(render(fits).one("RayService")["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["replicas"]["num_gpus"] == 0.5
+    fits["slicefleet"]["replicas"] = 10
+    with pytest.raises(helm().HelmError, match="needs more GPUs"):
+        render(fits)
+
+
 def test_external_redis_mode(tmp_path):
     r = render({
         "redis": {"enabled": False},

@@ -147,13 +147,16 @@ applications:
 {{- define "slicefleet.validate" -}}
 {{- $s := .Values.slicefleet -}}
 {{- $gpuPerPod := int (index (.Values.workers.resources.limits | default dict) "nvidia.com/gpu" | default 0) -}}
-{{- if and (gt (int $s.replicaResources.numGpus) 0) (lt (mul $gpuPerPod (int .Values.workers.maxReplicas)) (mul (int $s.replicas) (int $s.replicaResources.numGpus))) -}}
+{{- $gpusPerReplica := float64 $s.replicaResources.numGpus -}}
+{{- $gpusNeeded := mulf (float64 $s.replicas) $gpusPerReplica -}}
+{{- $gpusAtMost := float64 (mul $gpuPerPod (int .Values.workers.maxReplicas)) -}}
+{{- if and (gt $gpusPerReplica 0.0) (gt $gpusNeeded $gpusAtMost) -}}
 {{- fail (printf "slicefleet.replicas=%d x numGpus=%v needs more GPUs than workers.maxReplicas=%d x nvidia.com/gpu=%d provide" (int $s.replicas) $s.replicaResources.numGpus (int .Values.workers.maxReplicas) $gpuPerPod) -}}
 {{- end -}}
 {{- if and (hasPrefix "cuda" $s.engine.device) (eq $gpuPerPod 0) -}}
 {{- fail "slicefleet.engine.device is cuda but workers.resources.limits has no nvidia.com/gpu" -}}
 {{- end -}}
-{{- if and (gt (int $s.replicaResources.numGpus) 0) (not (hasPrefix "cuda" $s.engine.device)) -}}
+{{- if and (gt $gpusPerReplica 0.0) (not (hasPrefix "cuda" $s.engine.device)) -}}
 {{- fail "slicefleet.replicaResources.numGpus > 0 needs slicefleet.engine.device: cuda" -}}
 {{- end -}}
 {{- if gt (int .Values.workers.minReplicas) (int .Values.workers.maxReplicas) -}}
