@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anyio
+from redis import exceptions as redis_exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -201,6 +202,9 @@ def load_length_predictor(config: SlicefleetConfig) -> Callable[[str, list[int]]
             model = _load(config.predictor.length_model)
         except TypeError:
             model = _load()
+    except FileNotFoundError as exc:
+        log.info("no length-predictor artefact (%s); predicted_len stays unset", exc)
+        return None
     except Exception as exc:  # noqa: BLE001
         log.warning("length predictor failed to load (%s); predicted_len stays unset", exc)
         return None
@@ -374,7 +378,11 @@ class IngressService:
             return 503, body
         ready, why = await self._is_ready()
         body["dispatcher_ready"] = ready
-        alive, _dead = await self.store.replicas_alive()
+        try:
+            alive, _dead = await self.store.replicas_alive()
+        except Exception as exc:  # noqa: BLE001
+            body["reason"] = f"redis failed while reading replicas: {type(exc).__name__}: {exc}"
+            return 503, body
         body["replicas_alive"] = len(alive)
         reasons = [] if ready else [why or "dispatcher not ready"]
         if len(alive) < expected:
@@ -613,7 +621,13 @@ class IngressService:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _Timeout()
-            entries = await self.store.read_output(rid, last, block_ms=min(remaining, self.poll_seconds) * 1000)
+            try:
+                entries = await self.store.read_output(rid, last, block_ms=min(remaining, self.poll_seconds) * 1000)
+            except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:
+                # Redis restarting (it keeps the stream in its AOF): keep waiting until the deadline.
+                log.warning("reading output of %s failed (%s); retrying", rid, exc)
+                await asyncio.sleep(min(0.5, max(remaining, 0.0)))
+                continue
             for eid, fields in entries:
                 last = eid
                 tokens = json.loads(fields.get("tokens") or "[]")

@@ -477,3 +477,30 @@ def test_metrics_exposes_ingress_and_dispatcher_metrics(client, env):
     assert "slicefleet_slice_time_mape" not in text  # missing from the snapshot: skipped
     assert value["slicefleet_ingress_inflight"] == 0
     assert json.loads(json.dumps(value))  # every value parsed as a number
+
+
+def test_a_request_survives_a_redis_restart(env, tmp_path):
+    """The wait on the output stream rides out a Redis restart (the AOF brings the stream back)."""
+    server = EmbeddedRedis(data_dir=tmp_path / "redis").start()
+    fake = FakeDispatcher(server.url, "rr", env.answer, env.tok.eos_token_id)
+    fake.start()
+    try:
+        cfg = make_config(server.url, env.model_dir, "rr")
+        service = make_service(cfg, env.tok, env.model_dir, ready=lambda: True, poll_seconds=0.3)
+        with TestClient(build_api(service)) as c:
+            fake.hold = True
+            result = {}
+            t = threading.Thread(target=lambda: result.setdefault(
+                "r", c.post("/v1/completions", json={"prompt": "persist", "max_tokens": 6})))
+            t.start()
+            assert wait_until(lambda: len(fake.seen) == 1)
+            time.sleep(1.2)  # let the AOF (fsync every second) hold the record
+            server.restart()
+            fake.hold = False
+            t.join(15)
+            r = result["r"]
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == _decode(env, env.answer[:6])
+    finally:
+        fake.stop()
+        server.stop()

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from cluster.config import SlicefleetConfig
 from cluster.ingress import IngressService, TextAssembler, model_facts
@@ -116,48 +117,54 @@ class FakeDispatcher(threading.Thread):
         last = {k.incoming: "0", k.cancel: "0"}
         active: dict[str, dict] = {}
         while not self._halt.is_set():
-            if active and not self.hold:
-                # Work to do: poll without blocking (a short BLOCK only ends at the server's next cron
-                # tick, ~100 ms) and pace ourselves.
-                resp = self.store.r.xread(dict(last))
-                time.sleep(0.001)
-            else:
-                resp = self.store.r.xread(dict(last), block=50)
-            for stream, entries in resp or []:
-                stream = stream.decode()
-                for eid, fields in entries:
-                    last[stream] = eid.decode()
-                    rid = fields[b"id"].decode()
-                    if stream == k.incoming:
-                        self.seen.append(rid)
-                        active[rid] = {"rec": self.store.record(rid), "pos": 0, "next": 0.0}
-                    else:
-                        self.cancels.append(rid)
-                        if active.pop(rid, None) is not None:
-                            self.store.finish(rid, "cancelled")
-            now = time.monotonic()
-            with self._lock:
-                for rid, st in list(active.items()):
-                    if self.hold or st["next"] > now:
-                        continue
-                    rec: RequestRecord = st["rec"]
-                    total = min(rec.max_tokens, rec.target_len) if rec.target_len else rec.max_tokens
-                    tokens, reason = [], ""
-                    while len(tokens) < self.slice_len and st["pos"] < total:
-                        tok = self.answer_ids[st["pos"] % len(self.answer_ids)]
-                        tokens.append(tok)
-                        st["pos"] += 1
-                        if tok == self.eos_id and not rec.ignore_eos and not rec.target_len:
-                            reason = "eos"
-                            break
-                    if not reason and st["pos"] >= total:
-                        reason = "eos" if rec.target_len and rec.target_len <= rec.max_tokens else "length"
-                    if reason and self.final_reason:
-                        reason = self.final_reason
-                    self.store.apply_result(uuid.uuid4().hex, "fake-0", [(rid, tokens, reason)])
-                    st["next"] = now + self.delay
-                    if reason:
-                        del active[rid]
+            try:
+                self._step(k, last, active)
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(0.05)  # Redis restarting: the streams come back from its AOF
+
+    def _step(self, k, last: dict, active: dict) -> None:
+        if active and not self.hold:
+            # Work to do: poll without blocking (a short BLOCK only ends at the server's next cron
+            # tick, ~100 ms) and pace ourselves.
+            resp = self.store.r.xread(dict(last))
+            time.sleep(0.001)
+        else:
+            resp = self.store.r.xread(dict(last), block=50)
+        for stream, entries in resp or []:
+            stream = stream.decode()
+            for eid, fields in entries:
+                last[stream] = eid.decode()
+                rid = fields[b"id"].decode()
+                if stream == k.incoming:
+                    self.seen.append(rid)
+                    active[rid] = {"rec": self.store.record(rid), "pos": 0, "next": 0.0}
+                else:
+                    self.cancels.append(rid)
+                    if active.pop(rid, None) is not None:
+                        self.store.finish(rid, "cancelled")
+        now = time.monotonic()
+        with self._lock:
+            for rid, st in list(active.items()):
+                if self.hold or st["next"] > now:
+                    continue
+                rec: RequestRecord = st["rec"]
+                total = min(rec.max_tokens, rec.target_len) if rec.target_len else rec.max_tokens
+                tokens, reason = [], ""
+                while len(tokens) < self.slice_len and st["pos"] < total:
+                    tok = self.answer_ids[st["pos"] % len(self.answer_ids)]
+                    tokens.append(tok)
+                    st["pos"] += 1
+                    if tok == self.eos_id and not rec.ignore_eos and not rec.target_len:
+                        reason = "eos"
+                        break
+                if not reason and st["pos"] >= total:
+                    reason = "eos" if rec.target_len and rec.target_len <= rec.max_tokens else "length"
+                if reason and self.final_reason:
+                    reason = self.final_reason
+                self.store.apply_result(uuid.uuid4().hex, "fake-0", [(rid, tokens, reason)])
+                st["next"] = now + self.delay
+                if reason:
+                    del active[rid]
 
 
 # ---- unit tests of the Ray-free pieces -------------------------------------------------------------------
