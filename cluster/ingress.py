@@ -581,8 +581,7 @@ class IngressService:
             over = backlog - bound  # seconds of work above the bound, at one second of work per second
             retry = max(1, min(math.ceil(over), 3600)) if math.isfinite(over) else 60
             self.metrics.rejected.inc()
-            raise ApiError(429, f"the server is overloaded: predicted backlog {backlog:.0f} s exceeds "  # inf prints as 'inf'
-                           
+            raise ApiError(429, f"the server is overloaded: predicted backlog {backlog:.0f} s exceeds "
                            f"{bound:.0f} s; retry after {retry} s", "rate_limit_error", None, "backlog_exceeded",
                            headers={"Retry-After": str(retry)})
 
@@ -677,10 +676,14 @@ class IngressService:
             self._finished(prep, "disconnected", None)
             return JSONResponse(error_body("client closed the request", "client_closed", None, "client_closed"),
                                 status_code=499)
-        except BaseException:
-            # Cancelled by Serve (client gone at the proxy) or an unexpected failure: free the slot.
+        except asyncio.CancelledError:
+            # Cancelled by Serve (the client went away at the proxy): free the slot.
             self._spawn(self._cancel(rid))
             self._finished(prep, "disconnected", None)
+            raise
+        except Exception:
+            self._spawn(self._cancel(rid))
+            self._finished(prep, "error", None)
             raise
         asm.flush()
         self._raise_for_reason(prep, reason)
