@@ -53,6 +53,8 @@ class Scheduler:
         self._owner: dict[str, str] = {}  # batch id -> replica id
         self._aborted: set[str] = set()
         self._batch_ids = itertools.count()
+        self.batch_prefix = "b"
+        """Batch ids are ``{batch_prefix}{n}``; a restarted dispatcher sets a new prefix so ids never repeat."""
         ordering = "fcfs" if config.mode is Mode.SLS else config.ordering
         self.ordering = make_ordering(ordering, self.service_time, config.hrrn_service_floor)
         self.placement = make_placement(config.placement)
@@ -197,7 +199,7 @@ class Scheduler:
         expected_steps = min(steps, max(int(math.ceil(r.predicted_remaining)) for r in requests))
         longest = max(r.input_len for r in requests)
         batch = Batch(
-            id=f"b{next(self._batch_ids)}",
+            id=f"{self.batch_prefix}{next(self._batch_ids)}",
             requests=list(requests),
             steps=steps,
             est_time=float(self.time.batch_time(len(requests), longest, expected_steps)),

@@ -74,6 +74,7 @@ class DispatcherCore:
     # ---- start-up ------------------------------------------------------------------------------------
     def start(self) -> None:
         self.epoch = self.store.new_epoch()
+        self.scheduler.batch_prefix = f"e{self.epoch}.b"  # never reuse an earlier incarnation's batch ids
         for stream in (self.store.k.incoming, self.store.k.results, self.store.k.cancel):
             self.store.ensure_group(stream, GROUP)
         self._rebuild()
@@ -167,10 +168,16 @@ class DispatcherCore:
             self.counters["stale_results"] += 1
             return
         result = slice_result(msg)
+        # Aborted rows (cancelled, or gone from Redis) only close the scheduler's bookkeeping.
         outcomes = [(o["id"], o["tokens"], "" if o["finish"] == FinishReason.SLICE_END.value else o["finish"])
-                    for o in msg["outputs"] if not self.scheduler.is_aborted(o["id"])]
-        if outcomes:
-            self.store.apply_result(batch_id, result.replica_id, outcomes)
+                    for o in msg["outputs"]
+                    if not self.scheduler.is_aborted(o["id"]) and o["finish"] != FinishReason.ABORTED.value]
+        if outcomes and not self.store.apply_result(batch_id, result.replica_id, outcomes):
+            # Redis already holds this batch's tokens, so our counts are behind: start its requests again
+            # from what Redis has (the worker always reads the stored history).
+            log.error("batch %s was already applied; re-queueing its requests", batch_id)
+            self.scheduler.requeue(batch_id, now)
+            return
         finished = self.scheduler.on_slice_done(result, now)
         self._account(batch_id, msg, result, finished)
 

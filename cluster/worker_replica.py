@@ -58,6 +58,11 @@ def result_message(batch_id: str, epoch: int, replica_id: str, res, n: int, max_
     }
 
 
+def aborted(request_id: str) -> dict:
+    """The result row for a request that was gone from Redis when its batch came up."""
+    return {"id": request_id, "tokens": [], "finish": "aborted"}
+
+
 class SliceWorker:
     """The Ray Serve deployment class (wrapped with ``serve.deployment`` in ``cluster.app``)."""
 
@@ -151,12 +156,14 @@ class SliceWorker:
                 return
 
     def _load(self, request_ids: list[str]):
-        items = []
+        """Slice items for the live requests, and the ids of those that are gone (cancelled, expired)."""
+        items, gone = [], []
         for rid, (rec, gen) in zip(request_ids, self.store.records(request_ids)):
             if rec is None or rec.status == "done":
-                continue  # cancelled or finished while queued
-            items.append(slice_item(rec, gen))
-        return items
+                gone.append(rid)
+            else:
+                items.append(slice_item(rec, gen))
+        return items, gone
 
     def _slice_loop(self) -> None:
         while not self._stop.is_set():
@@ -164,16 +171,18 @@ class SliceWorker:
                 if msg["epoch"] < self.store.epoch():
                     self.store.ack_work(self.replica_id, entry_id)  # placed by a dispatcher that is gone
                     continue
-                items = self._load(msg["request_ids"])
+                items, gone = self._load(msg["request_ids"])
                 if items:
                     res = self.engine.run_slice(items, msg["steps"])
                     self.busy_seconds += res.elapsed
                     longest = max(len(i.token_ids) for i in items)
-                    self.store.post_result(result_message(msg["batch_id"], msg["epoch"], self.replica_id, res,
-                                                          len(items), longest))
+                    message = result_message(msg["batch_id"], msg["epoch"], self.replica_id, res, len(items),
+                                             longest)
                 else:
-                    self.store.post_result({"batch_id": msg["batch_id"], "epoch": msg["epoch"],
-                                            "replica_id": self.replica_id, "outputs": [], "elapsed": 0.0})
+                    message = {"batch_id": msg["batch_id"], "epoch": msg["epoch"], "replica_id": self.replica_id,
+                               "outputs": [], "elapsed": 0.0}
+                message["outputs"] += [aborted(rid) for rid in gone]
+                self.store.post_result(message)
                 self.store.ack_work(self.replica_id, entry_id)
 
     def _continuous_loop(self) -> None:
@@ -185,10 +194,14 @@ class SliceWorker:
             block = None if self.engine.has_work() else 500
             entries = self.store.read_work(self.replica_id, self.replica_id, block_ms=block, count=64)
             for entry_id, msg in entries:
-                items = self._load(msg["request_ids"])
+                items, gone = self._load(msg["request_ids"])
                 for item in items:
                     pending[item.request_id] = (msg["batch_id"], msg["epoch"], entry_id, len(item.token_ids))
                     self.engine.add(item)
+                if gone:  # ILS batches hold one request each
+                    self.store.post_result({"batch_id": msg["batch_id"], "epoch": msg["epoch"],
+                                            "replica_id": self.replica_id, "elapsed": 0.0,
+                                            "outputs": [aborted(rid) for rid in gone]})
                 if not items:
                     self.store.ack_work(self.replica_id, entry_id)
             if not self.engine.has_work():

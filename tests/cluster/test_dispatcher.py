@@ -1,0 +1,114 @@
+"""The dispatcher and worker loops in one process, against a real Redis server and the real model.
+
+Faster than the Ray end-to-end tests, so the restart and exactly-once paths are checked in detail here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from cluster.config import SlicefleetConfig
+from cluster.dispatcher import DispatcherCore, build_estimators
+from cluster.redis_server import EmbeddedRedis
+from cluster.state import RequestRecord, StateStore
+from cluster.worker_replica import SliceWorker
+
+
+@pytest.fixture
+def redis_url():
+    with EmbeddedRedis() as srv:
+        yield srv.url
+
+
+@pytest.fixture(scope="module")
+def reference():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from worker.make_model import ensure_default_model
+
+    model = AutoModelForCausalLM.from_pretrained(ensure_default_model()).eval()
+
+    def generate(ids: list[int], n: int) -> list[int]:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        return out[0, len(ids):].tolist()
+
+    return generate
+
+
+def start(cfg: SlicefleetConfig, store: StateStore) -> DispatcherCore:
+    latency, memory = build_estimators(cfg)
+    core = DispatcherCore(cfg, latency, memory, store)
+    core.start()
+    return core
+
+
+def wait_until_done(store: StateStore, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while store.live_ids():
+        assert time.monotonic() < deadline, f"still live: {store.live_ids()}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("mode", ["scls", "sls", "ils"])
+def test_a_dispatcher_restart_mid_load_loses_and_doubles_nothing(redis_url, reference, mode):
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url},
+                                           "scheduler": {"mode": mode, "slice_len": 8}})
+    store = StateStore(redis_url)
+    first = start(cfg, store)
+    workers = [SliceWorker(cfg.model_dump()) for _ in range(2)]
+    try:
+        prompts = {f"q{i}": [5, 6, 7, 8 + i] for i in range(8)}
+        for rid, ids in prompts.items():
+            store.submit(RequestRecord(rid, ids, 48, time.time()))
+        deadline = time.monotonic() + 60
+        while first.counters["tokens_generated"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        first.stop()  # the old loop is gone mid-load, as if its process died
+        second = start(cfg, store)
+        assert second.epoch == first.epoch + 1
+        wait_until_done(store)
+        for rid, ids in prompts.items():
+            assert store.generated(rid) == reference(ids, 48), rid
+            assert store.record(rid).finish_reason == "length"
+        second.stop()
+    finally:
+        for w in workers:
+            w._stop.set()
+
+
+def test_cancelled_while_queued_is_closed_not_run(redis_url):
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"slice_len": 4}})
+    store = StateStore(redis_url)
+    core = start(cfg, store)
+    try:
+        store.submit(RequestRecord("gone", [5, 6, 7], 40, time.time()))
+        store.request_cancel("gone")
+        deadline = time.monotonic() + 10
+        while store.record("gone").status != "done" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.record("gone").finish_reason == "cancelled"
+        assert "gone" not in core.scheduler.pool and not core.scheduler.pending
+    finally:
+        core.stop()
+
+
+def test_results_of_an_earlier_epoch_are_ignored(redis_url):
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}})
+    store = StateStore(redis_url)
+    core = start(cfg, store)
+    try:
+        store.submit(RequestRecord("r", [5, 6, 7], 10, time.time()))
+        store.post_result({"batch_id": "e0.b0", "epoch": core.epoch - 1, "replica_id": "ghost",
+                           "outputs": [{"id": "r", "tokens": [1, 2, 3], "finish": "eos"}], "elapsed": 0.1})
+        deadline = time.monotonic() + 10
+        while core.counters["stale_results"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert core.counters["stale_results"] == 1
+        assert store.generated("r") == [] and "r" in store.live_ids()
+    finally:
+        core.stop()
