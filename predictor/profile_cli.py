@@ -40,7 +40,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="runs per point (median kept)")
     parser.add_argument("--max-tokens", type=int, default=None, help="skip points with N*L above this")
     parser.add_argument("--heldout", type=int, default=None, help="held-out whole slices for the MAPE report")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on CPU (default: $SLICEFLEET_TORCH_THREADS or 1, as the engines use)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -59,7 +60,8 @@ def _grid(args):
     return grid
 
 
-def make_runner(model_path: str, engine: str, device: str, dtype: str, runner: str = "auto"):
+def make_runner(model_path: str, engine: str, device: str, dtype: str, runner: str = "auto",
+                threads: int | None = None):
     """The runner ``slicefleet profile`` uses: the worker's engine if it has one and ``runner`` allows,
     else plain transformers forwards (optionally DeepSpeed-wrapped). Returns (runner, name)."""
     from predictor import profiler
@@ -68,7 +70,7 @@ def make_runner(model_path: str, engine: str, device: str, dtype: str, runner: s
         try:
             from predictor.engine_runner import worker_engine_runner
 
-            found = worker_engine_runner(model_path, engine, device, dtype)
+            found = worker_engine_runner(model_path, engine, device, dtype, num_threads=threads)
         except ImportError as exc:
             if runner == "engine":
                 raise
@@ -91,15 +93,19 @@ def run(args) -> int:
     from predictor import profiler
     from predictor.latency import hardware_key
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if not str(args.device).startswith("cuda"):
+        import os
+
+        threads = args.threads or int(os.environ.get("SLICEFLEET_TORCH_THREADS", "1"))
+        torch.set_num_threads(threads)
+        args.threads = threads
     model_path = args.model
     if model_path is None:
         from worker.make_model import ensure_default_model
 
         model_path = str(ensure_default_model())
     grid = _grid(args)
-    runner, runner_name = make_runner(model_path, args.engine, args.device, args.dtype, args.runner)
+    runner, runner_name = make_runner(model_path, args.engine, args.device, args.dtype, args.runner, args.threads)
     key = {**profiler.model_key(model_path, args.dtype), "engine": args.engine,
            "hardware": hardware_key(args.device)}
     meta = {

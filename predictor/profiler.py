@@ -53,7 +53,7 @@ class Grid:
     heldout_steps: int = 32
     """Slice length of the held-out whole-slice measurements."""
     max_tokens: int = 16384
-    repeats: int = 3
+    repeats: int = 5
     seed: int = 0
 
     @classmethod
@@ -80,8 +80,8 @@ class Grid:
         return out
 
 
-def _median_run(runner: SliceRunner, n: int, length: int, steps: int, repeats: int) -> tuple[float, list[float]]:
-    runs = [runner.run(n, length, steps) for _ in range(max(repeats, 1))]
+def _median(runs: list[tuple[float, list[float]]]) -> tuple[float, list[float]]:
+    """Per-point median over repeated runs: of the prefill time, and of each decode step's time."""
     prefill = statistics.median(r[0] for r in runs)
     k = min(len(r[1]) for r in runs)
     decode = [statistics.median(r[1][j] for r in runs) for j in range(k)]
@@ -110,18 +110,26 @@ def profile(
     runner.run(big[0], big[1], 2)
     runner.run(1, min(grid.lengths), 2)
 
+    jobs = [("train", p) for p in train_pts] + [("heldout", p) for p in held_pts]
+    runs: dict[tuple[str, int, int], list[tuple[float, list[float]]]] = {job_key: [] for job_key in
+                                                                        ((k, n, L) for k, (n, L) in jobs)}
+    # Repeats are whole passes over the grid, each in its own shuffled order: a burst of load from another
+    # process on a shared machine then hits different points in different passes, and the per-point
+    # median discards it (back-to-back repeats would all land inside the same burst).
+    order = [(rep, job) for rep in range(max(grid.repeats, 1))
+             for job in random.Random(grid.seed + rep).sample(jobs, len(jobs))]
+    t0 = time.perf_counter()
+    bar = tqdm(order, desc="profile", unit="run", disable=not progress)
+    for rep, (kind, (n, L)) in bar:
+        steps = grid.decode_steps if kind == "train" else grid.heldout_steps
+        bar.set_postfix_str(f"pass {rep + 1} {kind} N={n} L={L}")
+        runs[(kind, n, L)].append(runner.run(n, L, steps))
+
     samples = Samples()
     train_slices: list[SliceMeasurement] = []
     heldout: list[SliceMeasurement] = []
-    jobs = [("train", p) for p in train_pts] + [("heldout", p) for p in held_pts]
-    # Interleave so slow drift of a shared machine hits both sets alike.
-    random.Random(grid.seed).shuffle(jobs)
-    t0 = time.perf_counter()
-    bar = tqdm(jobs, desc="profile", unit="pt", disable=not progress)
-    for kind, (n, L) in bar:
-        steps = grid.decode_steps if kind == "train" else grid.heldout_steps
-        bar.set_postfix_str(f"{kind} N={n} L={L}")
-        pre, dec = _median_run(runner, n, L, steps, grid.repeats)
+    for (kind, n, L), results in runs.items():
+        pre, dec = _median(results)
         m = SliceMeasurement(n, L, len(dec), pre, dec)
         if kind == "train":
             samples.add_slice(n, L, pre, dec)

@@ -174,3 +174,23 @@ def test_profiler_runs_a_real_tiny_model(tiny_model_dir):
     prof = profile(runner, grid, progress=False)
     assert all(getattr(prof.model, k) >= 0 for k in COEFFS)
     assert prof.metrics["slice_mape_heldout"] is not None
+
+
+def test_online_estimator_takes_slice_results():
+    from balancer.types import FinishReason, RequestOutcome, SliceResult
+
+    est = OnlineLatencyEstimator(TRUE)
+    slow = BilinearLatencyModel(*(v * 3 for v in TRUE.as_dict().values()))
+    for i in range(120):
+        n, L = 1 + i % 16, 50 + 7 * i
+        pre = slow.prefill_time(n, L)
+        dec = [slow.decode_step_time(n, L + j) for j in range(31)]
+        res = SliceResult(batch_id=f"b{i}", replica_id="r0",
+                          outcomes=[RequestOutcome(f"q{k}", 32, FinishReason.SLICE_END) for k in range(n)],
+                          elapsed=pre + sum(dec), prefill_time=pre, decode_step_times=dec)
+        est.observe_result(res, max_input_len=L)
+    assert est.reports == 120
+    assert est.batch_time(8, 300, 31) == pytest.approx(slow.batch_time(8, 300, 31), rel=0.03)
+    est.observe(0, 10, 5, 1.0)  # empty batches and zero times are ignored
+    est.observe(3, 10, 5, 0.0)
+    assert est.reports == 120
