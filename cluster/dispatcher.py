@@ -27,6 +27,9 @@ log = logging.getLogger("slicefleet.dispatcher")
 GROUP = "dispatcher"
 REPLICA_CHECK_EVERY = 0.5
 METRICS_EVERY = 1.0
+BATCH_TIMEOUT_FACTOR = 5.0
+BATCH_TIMEOUT_SLACK = 30.0
+"""A batch with no result by expected finish + 5 x (expected finish - dispatch) + 30 s is re-placed."""
 
 
 def to_request(rec: RequestRecord, generated: int, max_gen_len: int) -> Request:
@@ -61,10 +64,11 @@ class DispatcherCore:
                          "stale_results": 0, "tokens_generated": 0, "pad_tokens": 0, "invalid_tokens": 0,
                          "reprefill_tokens": 0, "kv_reused_batches": 0, "early_returns": 0,
                          "predicted_slice_seconds_sum": 0.0, "actual_slice_seconds_sum": 0.0,
-                         "abs_pct_error_sum": 0.0, "replicas_lost": 0}
+                         "abs_pct_error_sum": 0.0, "replicas_lost": 0, "batches_timed_out": 0}
         self._est: dict[str, float] = {}  # batch id -> estimated seconds, for prediction error
         self._shape: dict[str, tuple[int, int]] = {}  # batch id -> (rows, longest input)
         self._budgets: dict[str, float] = {}  # replica id -> KV bytes it reported
+        self._deadline: dict[str, float] = {}  # batch id -> when to give up waiting for its result
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -121,6 +125,7 @@ class DispatcherCore:
                 now = time.time()
                 if now - last_replicas >= REPLICA_CHECK_EVERY:
                     self._check_replicas(now)
+                    self._expire_batches(now)
                     last_replicas = now
                 self._dispatch(time.time())
                 if now - last_metrics >= METRICS_EVERY:
@@ -233,9 +238,26 @@ class DispatcherCore:
             self.scheduler.memory = LinearKVMemory(memory.bytes_per_token, min(live))
             log.info("KV budget per batch: %.1f MiB (least of %d replicas)", min(live) / 2**20, len(live))
 
+    def _expire_batches(self, now: float) -> None:
+        """Re-place batches whose results are long overdue (a lost message, a hung replica).
+
+        A live replica's result that turns up later is stale and ignored, so nothing runs twice into Redis.
+        """
+        for batch_id, deadline in list(self._deadline.items()):
+            if not self.scheduler.owns(batch_id):
+                del self._deadline[batch_id]
+            elif now > deadline:
+                del self._deadline[batch_id]
+                returned = self.scheduler.requeue(batch_id, now)
+                self.counters["batches_timed_out"] += 1
+                log.warning("batch %s overdue: %d requests back to the pool", batch_id, len(returned))
+
     def _dispatch(self, now: float) -> None:
         for a in self.scheduler.schedule(now):
             b = a.batch
+            # Generous: the estimate can be off several times over while the online fit warms up.
+            self._deadline[b.id] = a.expected_finish + BATCH_TIMEOUT_FACTOR * (a.expected_finish - now) \
+                + BATCH_TIMEOUT_SLACK
             self._est[b.id] = a.expected_finish - a.expected_start
             self._shape[b.id] = (b.size, b.max_input_len)
             self.store.post_batch(a.replica_id, {"batch_id": b.id, "epoch": self.epoch, "steps": b.steps,

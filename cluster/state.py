@@ -314,10 +314,16 @@ class StateStore:
     def post_batch(self, replica_id: str, message: dict) -> None:
         self.r.xadd(self.k.work(replica_id), {"batch": json.dumps(message)})
 
-    def read_work(self, replica_id: str, consumer: str, block_ms: int | None, count: int = 1) -> list[tuple[str, dict]]:
-        """Next batches for a replica; ``block_ms`` None returns at once (0 would block forever)."""
+    def read_work(self, replica_id: str, consumer: str, block_ms: int | None, count: int = 1,
+                  pending: bool = False) -> list[tuple[str, dict]]:
+        """Next batches for a replica; ``block_ms`` None returns at once (0 would block forever).
+
+        ``pending``: instead, the batches already delivered to this consumer but never acknowledged (its
+        loop failed between reading a batch and posting the result, e.g. while Redis restarted).
+        """
         stream = self.k.work(replica_id)
-        resp = self.r.xreadgroup("worker", consumer, {stream: ">"}, count=count, block=block_ms)
+        resp = self.r.xreadgroup("worker", consumer, {stream: "0" if pending else ">"}, count=count,
+                                 block=None if pending else block_ms)
         if not resp:
             return []
         return [(eid.decode(), json.loads(fields[b"batch"])) for eid, fields in resp[0][1]]

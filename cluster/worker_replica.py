@@ -73,6 +73,7 @@ class SliceWorker:
         self.replica_id = self._make_id()
         self.continuous = cfg.scheduler.mode == "ils"
         self.engine = self._build_engine(cfg)
+        self._ils_pending: dict[str, tuple[str, int, str, int]] = {}
         self.busy_seconds = 0.0
         """Seconds spent computing (load-imbalance figures); published with each heartbeat."""
         self._stop = threading.Event()
@@ -166,8 +167,13 @@ class SliceWorker:
         return items, gone
 
     def _slice_loop(self) -> None:
+        # Whatever was delivered but not acknowledged before this loop (re)started is run first: the result
+        # may never have been posted. Running a batch twice is harmless; the dispatcher applies it once.
+        pending = True
         while not self._stop.is_set():
-            for entry_id, msg in self.store.read_work(self.replica_id, self.replica_id, block_ms=500):
+            entries = self.store.read_work(self.replica_id, self.replica_id, block_ms=500, count=8, pending=pending)
+            pending = False
+            for entry_id, msg in entries:
                 if msg["epoch"] < self.store.epoch():
                     self.store.ack_work(self.replica_id, entry_id)  # placed by a dispatcher that is gone
                     continue
@@ -188,11 +194,17 @@ class SliceWorker:
     def _continuous_loop(self) -> None:
         from worker.protocol import EngineSliceResult
 
-        pending: dict[str, tuple[str, int, str, int]] = {}  # request id -> (batch id, epoch, entry id, input len)
+        # request id -> (batch id, epoch, entry id, input len); kept on self because the engine's requests
+        # outlive a restart of this loop.
+        pending = self._ils_pending
+        unacked = True  # as in the slice loop: first re-admit what was delivered but never answered
         while not self._stop.is_set():
             # Never wait for new work while requests are decoding: they join at the next step.
             block = None if self.engine.has_work() else 500
-            entries = self.store.read_work(self.replica_id, self.replica_id, block_ms=block, count=64)
+            entries = self.store.read_work(self.replica_id, self.replica_id, block_ms=block, count=64,
+                                           pending=unacked)
+            unacked = False
+            entries = [(e, m) for e, m in entries if all(r not in pending for r in m["request_ids"])]
             for entry_id, msg in entries:
                 items, gone = self._load(msg["request_ids"])
                 for item in items:

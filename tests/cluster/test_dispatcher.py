@@ -112,3 +112,57 @@ def test_results_of_an_earlier_epoch_are_ignored(redis_url):
         assert store.generated("r") == [] and "r" in store.live_ids()
     finally:
         core.stop()
+
+
+def test_a_batch_delivered_but_never_answered_is_run_when_the_worker_loop_starts(redis_url, reference):
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"slice_len": 4}})
+    store = StateStore(redis_url)
+    store.submit(RequestRecord("r", [5, 6, 7], 4, time.time()))
+    # A worker that read its batch and died before answering: the entry is delivered, never acknowledged.
+    store.ensure_group(store.k.work("w"), "worker")
+    store.post_batch("w", {"batch_id": "e0.b7", "epoch": 0, "steps": 4, "request_ids": ["r"]})
+    assert store.read_work("w", "w", block_ms=None)
+    worker = SliceWorker.__new__(SliceWorker)  # the loop alone, on the same replica id
+    worker.cfg, worker.store, worker.replica_id, worker.continuous = cfg, store, "w", False
+    worker.engine = SliceWorker._build_engine(cfg)
+    worker.busy_seconds, worker._error, worker._ils_pending = 0.0, None, {}
+    import threading
+
+    worker._stop = threading.Event()
+    thread = threading.Thread(target=worker._guarded, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while store.r.xlen(store.k.results) == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [(_, fields)] = store.r.xrange(store.k.results)
+        import json
+
+        result = json.loads(fields[b"result"])
+        assert result["batch_id"] == "e0.b7" and result["outputs"][0]["tokens"] == reference([5, 6, 7], 4)
+        assert store.r.xpending(store.k.work("w"), "worker")["pending"] == 0
+    finally:
+        worker._stop.set()
+
+
+def test_an_overdue_batch_is_placed_again(redis_url, monkeypatch):
+    import cluster.dispatcher as dispatcher_module
+
+    monkeypatch.setattr(dispatcher_module, "BATCH_TIMEOUT_FACTOR", 0.0)
+    monkeypatch.setattr(dispatcher_module, "BATCH_TIMEOUT_SLACK", 0.5)
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"slice_len": 4}})
+    store = StateStore(redis_url)
+    # A registered replica that beats but never answers (hung engine).
+    from cluster.state import ReplicaInfo
+
+    store.register_replica(ReplicaInfo("mute", 0, "hf"), ttl=60)
+    core = start(cfg, store)
+    try:
+        store.submit(RequestRecord("r", [5, 6, 7], 8, time.time()))
+        deadline = time.monotonic() + 15
+        while core.counters["batches_timed_out"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert core.counters["batches_timed_out"] >= 1
+        assert "r" in core.scheduler.pool or "r" in core.scheduler.running
+    finally:
+        core.stop()
