@@ -1,0 +1,313 @@
+"""Async HTTP load generator for OpenAI-compatible completion servers (Slicefleet or vLLM).
+
+Conventions follow vLLM's ``bench serve``:
+
+* requests are ShareGPT samples (:func:`predictor.sharegpt.sample_requests`, vLLM's filter, a seed);
+* arrivals: all at t = 0 (``rate=None``), a Poisson process at ``rate`` (``burstiness=1``) or gamma gaps with
+  shape ``burstiness`` (the very :func:`cluster.sim.workload.arrival_times` the simulator uses);
+* every request streams (``stream: true``), so TTFT is the time to the first non-empty chunk;
+* metrics: request and output-token throughput over the benchmark duration, TTFT, TPOT = (E2E - TTFT) /
+  (output tokens - 1), ITL = gaps between successive content chunks, E2E latency; mean / median / p99;
+  goodput = requests per second that meet every stated SLO.
+
+Trace mode: each request carries its true ShareGPT output length (capped to ``max_gen_len``) and the server is
+told to generate exactly that many tokens: Slicefleet's ``target_len`` (budget ``max_tokens`` = the cap, so
+the scheduler is not told the length), vLLM's ``ignore_eos`` + ``max_tokens``. So every system generates the
+same tokens. Prompts are sent as token ids, so every server sees the same prompt tokens.
+
+The papers' metrics (valid-token ratio, pad/invalid tokens, batch size, imbalance...) come from the
+dispatcher's metrics snapshot, as the difference between a snapshot taken before and after the run, and are
+folded into :class:`cluster.sim.report.RunReport` with :func:`cluster.sim.report.summarize`, so live and
+simulated figures share one definition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+SNAPSHOT_COUNTERS = ("slices_run", "batches_run", "rows_run", "requests_finished", "tokens_generated",
+                     "pad_tokens", "invalid_tokens", "reprefill_tokens", "kv_reused_batches", "early_returns")
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    id: str
+    prompt: list[int] | str
+    prompt_len: int
+    output_len: int
+    """Tokens to generate in trace mode (the true ShareGPT length, capped); None-like 0 outside trace mode."""
+
+
+@dataclass
+class RequestResult:
+    id: str
+    prompt_len: int
+    expected_len: int
+    send_time: float = 0.0
+    """Seconds after the benchmark start when the request was sent."""
+    success: bool = False
+    error: str = ""
+    ttft: float = 0.0
+    latency: float = 0.0
+    output_tokens: int = 0
+    itl: list[float] = field(default_factory=list)
+    response_id: str = ""
+
+    @property
+    def first_token_time(self) -> float:
+        return self.send_time + self.ttft
+
+    @property
+    def finish_time(self) -> float:
+        return self.send_time + self.latency
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Service-level objectives for goodput (vLLM ``--goodput``): a request counts if it meets all set ones."""
+
+    ttft: float | None = None
+    tpot: float | None = None
+    e2el: float | None = None
+
+    def met(self, r: RequestResult) -> bool:
+        if not r.success:
+            return False
+        if self.ttft is not None and r.ttft > self.ttft:
+            return False
+        if self.tpot is not None and tpot(r) > self.tpot:
+            return False
+        if self.e2el is not None and r.latency > self.e2el:
+            return False
+        return True
+
+
+def tpot(r: RequestResult) -> float:
+    return (r.latency - r.ttft) / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
+
+
+# ---- requests ------------------------------------------------------------------------------------------
+def sharegpt_requests(tokenizer, n: int, seed: int, max_gen_len: int) -> list[BenchRequest]:
+    """``n`` ShareGPT samples (vLLM rules), prompts as the model's token ids, outputs capped to ``max_gen_len``."""
+    from predictor.sharegpt import sample_requests
+
+    out = []
+    for s in sample_requests(tokenizer, n, seed=seed):
+        ids = list(tokenizer(s.prompt).input_ids)
+        out.append(BenchRequest(s.id, ids, len(ids), min(int(s.output_len), max_gen_len)))
+    return out
+
+
+def arrivals(n: int, rate: float | None, burstiness: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Send offsets in seconds: all at 0 when ``rate`` is None/inf, else gamma gaps (Poisson at shape 1)."""
+    from cluster.sim.workload import arrival_times
+
+    return arrival_times(n, rate, burstiness, seed)
+
+
+def request_body(req: BenchRequest, flavor: str, model: str, max_gen_len: int, trace: bool = True,
+                 budget: str = "cap") -> dict:
+    """The JSON body. Slicefleet in trace mode: ``target_len`` = the trace length and ``max_tokens`` = G
+    (``budget="cap"``, the scheduler is not told the length) or the trace length (``"true"``, an oracle)."""
+    body = {"model": model, "prompt": req.prompt, "stream": True, "stream_options": {"include_usage": True},
+            "temperature": 0.0}
+    if not trace:
+        body["max_tokens"] = max_gen_len
+    elif flavor == "slicefleet":
+        body["max_tokens"] = max_gen_len if budget == "cap" else req.output_len
+        body["target_len"] = req.output_len
+    elif flavor == "vllm":
+        body["max_tokens"] = req.output_len
+        body["ignore_eos"] = True
+    else:
+        raise ValueError(f"unknown server flavor {flavor!r}")
+    return body
+
+
+# ---- the client ----------------------------------------------------------------------------------------
+async def _one(client, url: str, body: dict, req: BenchRequest, t0: float, sem: asyncio.Semaphore | None,
+               timeout: float) -> RequestResult:
+    res = RequestResult(req.id, req.prompt_len, req.output_len)
+    if sem is not None:
+        await sem.acquire()
+    try:
+        start = time.perf_counter()
+        res.send_time = start - t0
+        last = start
+        chunks = 0
+        async with client.stream("POST", url, json=body, timeout=timeout) as resp:
+            if resp.status_code != 200:
+                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}"
+                return res
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                msg = json.loads(data)
+                if "error" in msg:
+                    res.error = str(msg["error"])[:300]
+                    return res
+                res.response_id = msg.get("id", res.response_id)
+                usage = msg.get("usage")
+                if usage and usage.get("completion_tokens") is not None:
+                    res.output_tokens = int(usage["completion_tokens"])
+                text = "".join(c.get("text", "") for c in msg.get("choices") or [])
+                if text:
+                    now = time.perf_counter()
+                    if chunks == 0:
+                        res.ttft = now - start
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+                    chunks += 1
+        res.latency = time.perf_counter() - start
+        if chunks == 0:
+            res.ttft = res.latency
+        res.success = True
+    except Exception as exc:  # a failed request is counted, not fatal
+        res.error = f"{type(exc).__name__}: {exc}"[:300]
+    finally:
+        if sem is not None:
+            sem.release()
+    return res
+
+
+async def run_load(urls: Sequence[str], requests: Sequence[BenchRequest], offsets: Sequence[float], *,
+                   flavor: str = "slicefleet", model: str = "slicefleet-tiny-llama", max_gen_len: int = 1024,
+                   trace: bool = True, budget: str = "cap", max_concurrency: int | None = None, timeout: float = 1800.0,
+                   progress: bool = True, desc: str = "bench") -> tuple[list[RequestResult], float]:
+    """Send ``requests`` at ``offsets`` (seconds) to ``urls`` (round-robin over several base URLs, in
+    request order). Returns the results and the wall time from the first send to the last answer."""
+    import httpx
+
+    if len(offsets) != len(requests):
+        raise ValueError("need one offset per request")
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(requests), desc=desc, unit="req")
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        t0 = time.perf_counter()
+
+        async def launch(i: int, req: BenchRequest) -> RequestResult:
+            delay = t0 + float(offsets[i]) - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            url = urls[i % len(urls)].rstrip("/") + "/v1/completions"
+            r = await _one(client, url, request_body(req, flavor, model, max_gen_len, trace, budget), req, t0, sem, timeout)
+            if bar is not None:
+                bar.update(1)
+            return r
+
+        results = await asyncio.gather(*(launch(i, r) for i, r in enumerate(requests)))
+        wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    return list(results), wall
+
+
+# ---- metrics -------------------------------------------------------------------------------------------
+def _stats(values: Sequence[float], scale: float = 1.0) -> dict:
+    arr = np.asarray(values, dtype=float) * scale
+    if arr.size == 0:
+        return {"mean": 0.0, "median": 0.0, "p99": 0.0}
+    return {"mean": float(arr.mean()), "median": float(np.median(arr)), "p99": float(np.percentile(arr, 99))}
+
+
+def serving_metrics(results: Sequence[RequestResult], slo: SLO | None = None) -> dict:
+    """vLLM ``bench serve`` figures over the successful requests. Duration: first send to last finish."""
+    ok = [r for r in results if r.success]
+    out: dict = {"completed": len(ok), "failed": len(results) - len(ok)}
+    if not ok:
+        return out | {"duration": 0.0, "request_throughput": 0.0, "output_throughput": 0.0}
+    start = min(r.send_time for r in results)
+    duration = max(r.finish_time for r in ok) - start
+    tokens = sum(r.output_tokens for r in ok)
+    out.update(
+        duration=duration,
+        total_output_tokens=tokens,
+        total_input_tokens=sum(r.prompt_len for r in ok),
+        request_throughput=len(ok) / duration if duration > 0 else 0.0,
+        output_throughput=tokens / duration if duration > 0 else 0.0,
+        ttft=_stats([r.ttft for r in ok]),
+        tpot=_stats([tpot(r) for r in ok if r.output_tokens > 1]),
+        itl=_stats([g for r in ok for g in r.itl]),
+        e2el=_stats([r.latency for r in ok]),
+        length_mismatches=sum(1 for r in ok if r.expected_len and r.output_tokens != r.expected_len),
+    )
+    if slo is not None:
+        good = sum(1 for r in ok if slo.met(r))
+        out["slo"] = {k: v for k, v in asdict(slo).items() if v is not None}
+        out["good_requests"] = good
+        out["goodput"] = good / duration if duration > 0 else 0.0
+    return out
+
+
+def snapshot_delta(before: dict | None, after: dict | None) -> dict:
+    """Counters and per-replica busy seconds accumulated between two dispatcher snapshots."""
+    if not after:
+        return {}
+    before = before or {}
+    d = {k: float(after.get(k, 0)) - float(before.get(k, 0)) for k in SNAPSHOT_COUNTERS}
+    b_rep = before.get("replicas") or {}
+    d["busy_seconds"] = {rid: float(info.get("busy_seconds", 0.0)) - float((b_rep.get(rid) or {}).get("busy_seconds", 0.0))
+                         for rid, info in (after.get("replicas") or {}).items()}
+    d["slice_time_mape"] = after.get("slice_time_mape")
+    return d
+
+
+def live_report(mode: str, replicas: int, results: Sequence[RequestResult], delta: dict, extra: dict | None = None):
+    """A :class:`RunReport` for a live run, with the simulator's definitions (cluster.sim.report.summarize).
+
+    Useful tokens are the client-counted completion tokens; pad / invalid / re-prefill tokens, rows, batches,
+    early returns and slices are the dispatcher's counter deltas (zero for a server without them, e.g. vLLM).
+    """
+    from cluster.sim.report import summarize
+
+    ok = [r for r in results if r.success]
+    busy = list((delta.get("busy_seconds") or {}).values())
+    return summarize(
+        mode=mode, replicas=replicas,
+        arrivals=[r.send_time for r in ok], finishes=[r.finish_time for r in ok],
+        first_tokens=[r.first_token_time for r in ok],
+        useful=sum(r.output_tokens for r in ok),
+        pad=int(delta.get("pad_tokens", 0)), invalid=int(delta.get("invalid_tokens", 0)),
+        reprefill=int(delta.get("reprefill_tokens", 0)),
+        rows=int(delta.get("rows_run", 0)), batches=int(delta.get("batches_run", 0)),
+        busy=busy, early_returns=int(delta.get("early_returns", 0)), slices=int(delta.get("slices_run", 0)),
+        extra=dict(extra or {}),
+    )
+
+
+def wait_for_snapshot_settle(read: Callable[[], dict | None], expect_finished: float, timeout: float = 10.0,
+                             baseline: dict | None = None) -> dict | None:
+    """Poll the snapshot until the finished-request counter reaches ``expect_finished`` over ``baseline``
+    and the busy seconds stop moving (heartbeats lag by a second or two)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    base = float((baseline or {}).get("requests_finished", 0))
+    while time.monotonic() < deadline:
+        snap = read()
+        if snap and float(snap.get("requests_finished", 0)) - base >= expect_finished:
+            busy = {k: v.get("busy_seconds") for k, v in (snap.get("replicas") or {}).items()}
+            if last is not None and busy == last:
+                return snap
+            last = busy
+        time.sleep(1.1)
+    return read()
+
+
+def percentile_or_nan(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else math.nan

@@ -1,0 +1,188 @@
+"""Tables and plots from a ``bench.json`` (written by ``slicefleet bench``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _rate(r) -> str:
+    return "inf" if r is None else f"{r:g}"
+
+
+def comparison_table(runs: list[dict]) -> str:
+    """One row per run: vLLM-style serving metrics and the papers' metrics, plus the simulator's error."""
+    head = ["system", "rate", "ok/failed", "req/s", "useful tok/s", "E2E mean", "E2E p50", "E2E p99",
+            "TTFT p50", "TPOT p50", "goodput", "valid ratio", "decode valid", "pad", "invalid", "reprefill",
+            "batch", "imbalance", "early ret.", "slices/req", "load"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in runs:
+        s, rep = run["serving"], run["report"]
+        peer = run["mode"] == "vllm"
+        dash = "–"
+        lines.append("| " + " | ".join([
+            run["label"], _rate(run["rate"]), f"{s['completed']}/{s['failed']}",
+            f"{s.get('request_throughput', 0):.3f}", f"{s.get('output_throughput', 0):.0f}",
+            f"{s.get('e2el', {}).get('mean', 0):.1f}", f"{s.get('e2el', {}).get('median', 0):.1f}",
+            f"{s.get('e2el', {}).get('p99', 0):.1f}", f"{s.get('ttft', {}).get('median', 0):.2f}",
+            f"{s.get('tpot', {}).get('median', 0) * 1000:.0f} ms", f"{s.get('goodput', 0):.3f}",
+            dash if peer else f"{rep['valid_token_ratio']:.3f}", dash if peer else f"{rep['decode_valid_ratio']:.3f}",
+            dash if peer else str(rep["pad_tokens"]), dash if peer else str(rep["invalid_tokens"]),
+            dash if peer else str(rep["reprefill_tokens"]), dash if peer else f"{rep['mean_batch_size']:.1f}",
+            f"{rep['load_imbalance']:.3f}" if rep.get("load_imbalance") or not peer else dash,
+            dash if peer else f"{rep['early_return_ratio']:.2f}", dash if peer else f"{rep['slices_per_request']:.2f}",
+            f"{run.get('load_before', 0):.1f}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def ratio_table(runs: list[dict]) -> str:
+    """SCLS against each other system at each rate: request throughput, useful tok/s and p99 ratios."""
+    lines = ["| rate | SCLS vs | req/s ratio | tok/s ratio | p99 ratio (other / SCLS) |", "|---|---|---|---|---|"]
+    by = {(r["label"], r["rate"]): r for r in runs}
+    for (label, rate), run in by.items():
+        if label == "scls":
+            continue
+        base = by.get(("scls", rate))
+        if base is None:
+            continue
+        a, b = base["serving"], run["serving"]
+        if not b.get("request_throughput"):
+            continue
+        lines.append(f"| {_rate(rate)} | {label} | {a['request_throughput'] / b['request_throughput']:.2f}x | "
+                     f"{a['output_throughput'] / b['output_throughput']:.2f}x | "
+                     f"{b['e2el']['p99'] / a['e2el']['p99']:.2f}x |")
+    return "\n".join(lines)
+
+
+def sim_table(runs: list[dict]) -> str:
+    lines = ["| system | rate | live req/s | sim req/s | err | live tok/s | sim tok/s | err | live p99 | sim p99 | err "
+             "| live valid | sim valid | live batch | sim batch |", "|" + "---|" * 15]
+    for run in runs:
+        sim = run.get("sim")
+        if not sim:
+            continue
+        live, err = run["report"], run["sim_error"]
+
+        def pct(k):
+            return "–" if err.get(k) is None else f"{100 * err[k]:+.0f}%"
+        lines.append(
+            f"| {run['label']} | {_rate(run['rate'])} | {live['request_throughput']:.3f} | {sim['request_throughput']:.3f} | "
+            f"{pct('request_throughput')} | {live['output_token_throughput']:.0f} | {sim['output_token_throughput']:.0f} | "
+            f"{pct('output_token_throughput')} | {live['latency_p99']:.1f} | {sim['latency_p99']:.1f} | {pct('latency_p99')} | "
+            f"{live['valid_token_ratio']:.3f} | {sim['valid_token_ratio']:.3f} | {live['mean_batch_size']:.1f} | "
+            f"{sim['mean_batch_size']:.1f} |")
+    return "\n".join(lines)
+
+
+def markdown(data: dict) -> str:
+    runs = data["runs"]
+    a = data.get("args", {})
+    parts = [f"# slicefleet bench: {a.get('requests')} ShareGPT requests, {a.get('replicas')} replicas, "
+             f"seed {a.get('seed')}, G={a.get('max_gen_len')}, S={a.get('slice_len')}, budget={a.get('budget')}",
+             "", f"machine: {data.get('machine')}", "",
+             f"SLOs for goodput: TTFT <= {a.get('slo_ttft')} s, TPOT <= {a.get('slo_tpot')} s"
+             + (f", E2E <= {a.get('slo_e2el')} s" if a.get("slo_e2el") else ""), "",
+             "## Comparison", "", comparison_table(runs), "", "## SCLS ratios (same rate)", "", ratio_table(runs)]
+    st = sim_table(runs)
+    if st.count("\n") > 1:
+        parts += ["", "## Simulator (packaged CPU profile) vs live, same trace", "", st]
+    return "\n".join(parts) + "\n"
+
+
+# ---- plots ---------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_vs_rate(runs: list[dict], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    labels = sorted({r["label"] for r in runs}, key=lambda x: (x != "scls", x))
+    for label in labels:
+        rs = sorted((r for r in runs if r["label"] == label), key=lambda r: r["rate"] or 1e9)
+        if not rs:
+            continue
+        finite = [r for r in rs if r["rate"] is not None]
+        # All-at-once is drawn at the right edge, at the offered rate of the whole sample in zero time.
+        top = max([r["rate"] for r in finite] + [0.0]) * 1.5 or 1.0
+        xs = [r["rate"] if r["rate"] is not None else top for r in rs]
+        axes[0].plot(xs, [r["serving"].get("request_throughput", 0) for r in rs], "o-", label=label)
+        axes[1].plot(xs, [r["serving"].get("output_throughput", 0) for r in rs], "o-", label=label)
+        axes[2].plot(xs, [r["serving"].get("e2el", {}).get("p99", 0) for r in rs], "o-", label=label)
+    for ax, title in zip(axes, ["request throughput (req/s)", "useful output tok/s", "E2E p99 (s)"]):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("request rate (req/s; rightmost = all at once)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_cdf(runs: list[dict], path: Path) -> None:
+    plt = _plt()
+    rates = sorted({r["rate"] for r in runs}, key=lambda x: x or 1e9)
+    fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 3.6), squeeze=False)
+    for ax, rate in zip(axes[0], rates):
+        for r in runs:
+            if r["rate"] != rate or not r.get("latencies"):
+                continue
+            lat = np.sort(r["latencies"])
+            ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=r["label"])
+        ax.set_title(f"E2E latency CDF, rate {_rate(rate)}", fontsize=10)
+        ax.set_xlabel("seconds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_busy(runs: list[dict], path: Path) -> None:
+    """Per-replica cumulative busy seconds over each run (the first rate of each system)."""
+    plt = _plt()
+    chosen = []
+    seen = set()
+    for r in runs:
+        if r.get("busy_samples") and r["label"] not in seen:
+            chosen.append(r)
+            seen.add(r["label"])
+    if not chosen:
+        return
+    fig, axes = plt.subplots(1, len(chosen), figsize=(4 * len(chosen), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], chosen):
+        samples = r["busy_samples"]
+        t0 = {rid: b for rid, b in samples[0][1].items()}
+        rids = sorted({rid for _, b in samples for rid in b})
+        for i, rid in enumerate(rids):
+            xs = [t for t, b in samples if rid in b]
+            ys = [b[rid] - t0.get(rid, 0.0) for t, b in samples if rid in b]
+            ax.plot(xs, ys, label=f"replica {i}")
+        ax.set_title(f"{r['label']} rate {_rate(r['rate'])}: imbalance {r['report']['load_imbalance']:.3f}",
+                     fontsize=9)
+        ax.set_xlabel("run time (s)")
+        ax.set_ylabel("busy seconds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_all(data: dict, out: Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.md").write_text(markdown(data))
+    runs = data["runs"]
+    if not runs:
+        return
+    plot_vs_rate(runs, out / "throughput_p99_vs_rate.png")
+    plot_cdf(runs, out / "latency_cdf.png")
+    plot_busy(runs, out / "replica_busy.png")
