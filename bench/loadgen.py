@@ -184,9 +184,11 @@ async def _one(client, url: str, body: dict, req: BenchRequest, t0: float, sem: 
 async def run_load(urls: Sequence[str], requests: Sequence[BenchRequest], offsets: Sequence[float], *,
                    flavor: str = "slicefleet", model: str = "slicefleet-tiny-llama", max_gen_len: int = 1024,
                    trace: bool = True, budget: str = "cap", max_concurrency: int | None = None, timeout: float = 1800.0,
-                   progress: bool = True, desc: str = "bench") -> tuple[list[RequestResult], float]:
+                   progress: bool = True, desc: str = "bench",
+                   transport=None) -> tuple[list[RequestResult], float]:
     """Send ``requests`` at ``offsets`` (seconds) to ``urls`` (round-robin over several base URLs, in
-    request order). Returns the results and the wall time from the first send to the last answer."""
+    request order). Returns the results and the wall time from the first send to the last answer.
+    ``transport``: an httpx transport (tests use a mock)."""
     import httpx
 
     if len(offsets) != len(requests):
@@ -198,7 +200,7 @@ async def run_load(urls: Sequence[str], requests: Sequence[BenchRequest], offset
         from tqdm import tqdm
 
         bar = tqdm(total=len(requests), desc=desc, unit="req")
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport) as client:
         t0 = time.perf_counter()
 
         async def launch(i: int, req: BenchRequest) -> RequestResult:

@@ -1,0 +1,76 @@
+"""``slicefleet bench`` argument parsing, the report's tables and plots (no cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from bench import cli, report
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_registered_and_help():
+    from cluster.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["bench", "--modes", "scls,sls", "--rates", "inf,0.5", "--requests", "10"])
+    assert args.modes == ["scls", "sls"] and args.rates == [None, 0.5] and args.requests == 10
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and "--modes" in out.stdout and "--vllm" in out.stdout
+
+
+def test_defaults_and_errors():
+    a = parse([])
+    assert a.modes == ["scls", "sls", "ils"] and a.rates == [None] and a.replicas == 2 and a.budget == "cap"
+    assert parse(["--placements", "maxmin,round_robin"]).placements == ["maxmin", "round_robin"]
+    for bad in (["--modes", "scls,foo"], ["--rates", "-1"], ["--rates", ","], ["--placements", "random"]):
+        with pytest.raises(SystemExit):
+            parse(bad)
+
+
+def test_overrides_validate():
+    from cluster.config import load_config
+
+    a = parse(["--placements", "round_robin", "--port", "9001", "--max-gen-len", "256"])
+    cfg = load_config(None, cli.cluster_overrides(a, "sls", "round_robin"))
+    assert cfg.scheduler.mode == "sls" and cfg.scheduler.placement == "round_robin"
+    assert cfg.api.port == 9001 and cfg.api.host == "127.0.0.1" and cfg.scheduler.max_gen_len == 256
+    assert cfg.predictor.length_model == cli.NO_LENGTH_MODEL
+
+
+def _run(label, mode, rate, tput, p99):
+    rep = {"request_throughput": tput, "output_token_throughput": tput * 100, "latency_mean": p99 / 2,
+           "latency_p99": p99, "valid_token_ratio": 0.9, "decode_valid_ratio": 0.95, "pad_tokens": 1,
+           "invalid_tokens": 2, "reprefill_tokens": 3, "mean_batch_size": 4.0, "load_imbalance": 0.1,
+           "early_return_ratio": 0.5, "slices_per_request": 2.0}
+    serving = {"completed": 10, "failed": 0, "request_throughput": tput, "output_throughput": tput * 100,
+               "e2el": {"mean": p99 / 2, "median": p99 / 2, "p99": p99}, "ttft": {"median": 1.0},
+               "tpot": {"median": 0.01}, "goodput": tput}
+    run = {"label": label, "mode": mode, "rate": rate, "serving": serving, "report": rep, "load_before": 1.0,
+           "latencies": [1.0, 2.0, p99], "busy_samples": [[0.0, {"a": 0.0, "b": 0.0}], [1.0, {"a": 1.0, "b": 0.8}]]}
+    if mode != "vllm":
+        run["sim"] = dict(rep, request_throughput=tput * 1.1)
+        run["sim_error"] = cli.sim_error(rep, run["sim"])
+    return run
+
+
+def test_report_tables_and_plots(tmp_path):
+    runs = [_run("scls", "scls", None, 2.0, 10.0), _run("sls", "sls", None, 1.0, 30.0),
+            _run("vllm", "vllm", None, 4.0, 5.0)]
+    assert runs[0]["sim_error"]["request_throughput"] == pytest.approx(0.1)
+    md = report.markdown({"args": {"requests": 10, "replicas": 2}, "machine": {}, "runs": runs})
+    assert "| sls | 2.00x | 2.00x | 3.00x |" in md.replace("| inf ", "")
+    assert "| vllm | 0.50x |" in md.replace("| inf ", "")
+    assert "+10%" in md
+    report.write_all({"args": {}, "machine": {}, "runs": runs}, tmp_path)
+    for name in ("bench.md", "throughput_p99_vs_rate.png", "latency_cdf.png", "replica_busy.png"):
+        assert (tmp_path / name).stat().st_size > 0
