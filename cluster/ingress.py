@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 16
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+SUBMIT_RETRY_SECONDS = 5.0
+"""How long a submit keeps retrying while the state store is unreachable (e.g. restarting)."""
 READY_TIMEOUT_S = 5.0
 """How long /health waits for the readiness callable (the dispatcher's ``ready``)."""
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -602,12 +604,19 @@ class IngressService:
         """Admission, prediction, then the durable write. After this returns the request is the cluster's."""
         await self.admit()
         prep.record.predicted_len = await self._predict(prep)
-        try:
-            await self.store.submit(prep.record)
-        except Exception as exc:  # noqa: BLE001
-            log.error("submit failed for %s: %s", prep.record.id, exc)
-            raise ApiError(503, "the state store is unavailable; the request was not accepted", "server_error",
-                           None, "store_unavailable") from None
+        # A Redis restart takes well under a second: ride it out before refusing the request.
+        deadline = time.monotonic() + SUBMIT_RETRY_SECONDS
+        while True:
+            try:
+                await self.store.submit(prep.record)
+                return
+            except Exception as exc:  # noqa: BLE001
+                if time.monotonic() >= deadline:
+                    log.error("submit failed for %s: %s", prep.record.id, exc)
+                    raise ApiError(503, "the state store is unavailable; the request was not accepted",
+                                   "server_error", None, "store_unavailable") from None
+                log.warning("submit of %s failed (%s); retrying", prep.record.id, exc)
+                await asyncio.sleep(0.2)
         self.metrics.prompt_tokens.observe(prep.record.prompt_len)
         if prep.record.predicted_len is not None:
             self.metrics.predicted_output.observe(prep.record.predicted_len)
