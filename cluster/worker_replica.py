@@ -66,11 +66,12 @@ def aborted(request_id: str) -> dict:
 class SliceWorker:
     """The Ray Serve deployment class (wrapped with ``serve.deployment`` in ``cluster.app``)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, replica_id: str | None = None):
+        """``replica_id``: resume as this replica (its stream and unacknowledged batches); default a new id."""
         cfg = SlicefleetConfig.model_validate(config)
         self.cfg = cfg
         self.store = StateStore(cfg.redis.url, cfg.redis.key_prefix, cfg.redis.password)
-        self.replica_id = self._make_id()
+        self.replica_id = replica_id or self._make_id()
         self.continuous = cfg.scheduler.mode == "ils"
         self.engine = self._build_engine(cfg)
         self._ils_pending: dict[str, tuple[str, int, str, int]] = {}

@@ -122,15 +122,7 @@ def test_a_batch_delivered_but_never_answered_is_run_when_the_worker_loop_starts
     store.ensure_group(store.k.work("w"), "worker")
     store.post_batch("w", {"batch_id": "e0.b7", "epoch": 0, "steps": 4, "request_ids": ["r"]})
     assert store.read_work("w", "w", block_ms=None)
-    worker = SliceWorker.__new__(SliceWorker)  # the loop alone, on the same replica id
-    worker.cfg, worker.store, worker.replica_id, worker.continuous = cfg, store, "w", False
-    worker.engine = SliceWorker._build_engine(cfg)
-    worker.busy_seconds, worker._error, worker._ils_pending = 0.0, None, {}
-    import threading
-
-    worker._stop = threading.Event()
-    thread = threading.Thread(target=worker._guarded, daemon=True)
-    thread.start()
+    worker = SliceWorker(cfg.model_dump(), replica_id="w")  # the same replica, restarted
     try:
         deadline = time.monotonic() + 30
         while store.r.xlen(store.k.results) == 0 and time.monotonic() < deadline:
