@@ -297,3 +297,13 @@ def split_by_conversation(
         u = int.from_bytes(digest[:8], "big") / 2.0**64
         (test if u < test_fraction else train).append(item)
     return train, test
+
+
+def heldout_conversations(test_fraction: float = 0.2, seed: int = 0) -> list[Conversation]:
+    """The ShareGPT records on the *test* side of the length predictor's split (same rule, same seed).
+
+    Simulations that compare the trained length predictor with the oracle should replay these
+    (``sample_requests(tok, n, conversations=heldout_conversations())``): the packaged predictor was trained
+    on the other side, so scoring it on its own training prompts would flatter it.
+    """
+    return split_by_conversation(load_conversations(), test_fraction, seed)[1]

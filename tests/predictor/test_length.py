@@ -18,6 +18,7 @@ from predictor.length import (
     format_report,
     load_length_predictor,
     median_bucket,
+    window_bucket,
     train_length_predictor,
 )
 from predictor.sharegpt import SampledRequest
@@ -41,6 +42,7 @@ def test_evaluate_on_a_hand_computed_case():
 def test_median_bucket():
     p = np.array([[0.6, 0.2, 0.1, 0.1, 0.0], [0.3, 0.1, 0.05, 0.15, 0.4], [0.0, 0.0, 0.0, 0.0, 1.0]])
     assert median_bucket(p).tolist() == [0, 3, 4]
+    assert window_bucket(p).tolist() == [1, 3, 3]
 
 
 def test_simple_predictors_satisfy_the_protocol():
@@ -136,3 +138,17 @@ def test_packaged_artefact_loads_and_predicts_sensibly():
         assert report["xgb regressor"][metric] > report["constant (train median)"][metric]
         assert report["xgb regressor"][metric] > report["linear (prompt length only)"][metric]
     assert report["xgb regressor"]["mae"] < report["constant (train median)"]["mae"]
+
+
+@pytest.mark.skipif(not DEFAULT_ARTIFACT.is_file(), reason="packaged artefact not built")
+def test_packaged_artefact_with_embedding_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLICEFLEET_CACHE", str(tmp_path))
+    plain = load_length_predictor()
+    cached = load_length_predictor(cache_embeddings=True)
+    prompts = ["How do I sort a list in Python?", "Translate 'good night' to Spanish."]
+    a = plain.predict(prompts, [10, 11])
+    b = cached.predict(prompts, [10, 11])
+    assert np.allclose(a, b, rtol=1e-2)  # cached vectors are float16
+    assert list(tmp_path.glob("embeddings/*.npz"))
+    assert plain.predict_one(prompts[0], 10) == pytest.approx(a[0])
+    assert plain.predict([], []) == []

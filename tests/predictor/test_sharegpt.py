@@ -13,6 +13,7 @@ from predictor.sharegpt import (
     Conversation,
     TokenCountCache,
     conversation_id,
+    heldout_conversations,
     load_conversations,
     passes_vllm_filter,
     sample_requests,
@@ -109,3 +110,10 @@ def test_split_by_conversation_keeps_chunks_together():
     assert {c.id for c in test_half} == {c.id for c in test if c in set(convs[:1500])}
     with pytest.raises(ValueError):
         split_by_conversation(convs, 1.5)
+
+
+def test_heldout_conversations_is_the_length_predictors_test_side():
+    held = heldout_conversations()
+    train, test = split_by_conversation(load_conversations(), 0.2, seed=0)
+    assert [c.id for c in held] == [c.id for c in test]
+    assert not {c.conversation_id for c in held} & {c.conversation_id for c in train}
