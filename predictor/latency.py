@@ -335,12 +335,31 @@ class OnlineLatencyEstimator:
         elapsed: float,
         prefill_time: float | None = None,
         decode_step_times: Sequence[float] | None = None,
+        kv_reused: bool = False,
     ) -> None:
-        """Fold in one slice: ``steps`` decode steps after a prefill of ``n`` rows at ``max_input_len``."""
+        """Fold in one slice: ``steps`` decode steps after a prefill of ``n`` rows at ``max_input_len``.
+
+        ``kv_reused``: the engine resumed every row from a kept KV cache, so its "prefill" was not one; only
+        the decode steps are informative (and are used when reported).
+        """
         if n <= 0 or elapsed <= 0:
             return
-        self._tick += 1
         zeros = np.zeros(4)
+        if kv_reused:
+            if not decode_step_times or sum(decode_step_times) <= 0:
+                return
+            self._tick += 1
+            steps = len(decode_step_times)
+            dsum = float(sum(decode_step_times))
+            whole = slice_features(n, max_input_len, steps)[0]
+            self._rows.append((np.concatenate([zeros, whole[4:]]), dsum, self._tick))
+            prior = np.asarray([getattr(self.prior, k) for k in COEFFS])
+            self._update_drift(dsum, float(whole[4:] @ prior[4:]))
+            self.reports += 1
+            if self.reports % self.refit_every == 0:
+                self.refit()
+            return
+        self._tick += 1
         if prefill_time is not None and decode_step_times and prefill_time > 0:
             steps = len(decode_step_times)
             pre = np.concatenate([prefill_features(n, max_input_len)[0], zeros])
@@ -352,16 +371,19 @@ class OnlineLatencyEstimator:
                 self._rows.append((dec, dsum, self._tick))
         else:
             self._rows.append((slice_features(n, max_input_len, steps)[0], float(elapsed), self._tick))
-        predicted = float(self.prior.batch_time(n, max_input_len, steps))
-        if predicted > 0:
-            r = math.log(elapsed / predicted)
-            self._log_ratio = (self.decay * self._ratio_weight * self._log_ratio + r) / (
-                self.decay * self._ratio_weight + 1.0
-            )
-            self._ratio_weight = self.decay * self._ratio_weight + 1.0
+        self._update_drift(elapsed, float(self.prior.batch_time(n, max_input_len, steps)))
         self.reports += 1
         if self.reports % self.refit_every == 0:
             self.refit()
+
+    def _update_drift(self, measured: float, predicted: float) -> None:
+        if predicted <= 0 or measured <= 0:
+            return
+        r = math.log(measured / predicted)
+        self._log_ratio = (self.decay * self._ratio_weight * self._log_ratio + r) / (
+            self.decay * self._ratio_weight + 1.0
+        )
+        self._ratio_weight = self.decay * self._ratio_weight + 1.0
 
     def observe_result(self, result, n: int | None = None, max_input_len: int | None = None,
                        steps: int | None = None) -> None:
@@ -370,6 +392,7 @@ class OnlineLatencyEstimator:
         self.observe(
             n, int(max_input_len or 0), int(steps if steps is not None else len(result.decode_step_times)),
             float(result.elapsed), result.prefill_time or None, result.decode_step_times or None,
+            kv_reused=bool(getattr(result, "kv_reused", False)),
         )
 
     def refit(self) -> BilinearLatencyModel:

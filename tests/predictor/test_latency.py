@@ -194,3 +194,18 @@ def test_online_estimator_takes_slice_results():
     est.observe(0, 10, 5, 1.0)  # empty batches and zero times are ignored
     est.observe(3, 10, 5, 0.0)
     assert est.reports == 120
+
+
+def test_kv_reused_slices_only_teach_decode():
+    # A slice that resumed from a kept KV cache reports a near-zero "prefill": it must not drag the
+    # prefill coefficients down, while its decode steps still count.
+    est = OnlineLatencyEstimator(TRUE)
+    for i in range(60):
+        n, L = 4 + i % 8, 200 + 5 * i
+        dec = [TRUE.decode_step_time(n, L + j) for j in range(31)]
+        est.observe(n, L, 31, 1e-4 + sum(dec), prefill_time=1e-4, decode_step_times=dec, kv_reused=True)
+    assert est.reports == 60
+    assert est.model.prefill_time(8, 300) == pytest.approx(TRUE.prefill_time(8, 300), rel=0.02)
+    assert est.drift == pytest.approx(1.0, rel=0.01)
+    est.observe(4, 100, 0, 1.0, prefill_time=0.0, decode_step_times=[], kv_reused=True)  # nothing to learn
+    assert est.reports == 60
