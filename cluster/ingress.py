@@ -609,7 +609,7 @@ class IngressService:
         while True:
             try:
                 await self.store.submit(prep.record)
-                return
+                break
             except Exception as exc:  # noqa: BLE001
                 if time.monotonic() >= deadline:
                     log.error("submit failed for %s: %s", prep.record.id, exc)
