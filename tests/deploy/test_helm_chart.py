@@ -230,7 +230,6 @@ def test_serve_config_v2(rendered, tmp_path):
         cfg = validate_slicefleet_args(args, env, tmp_path)
         assert cfg.redis.url.startswith("redis://slicefleet-redis.slicefleet.svc:6379")
         assert cfg.redis.password and len(cfg.redis.password) >= 16
-    return cfg
 
 
 def test_serve_config_follows_values(default, gpu, tmp_path):
