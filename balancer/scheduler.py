@@ -49,6 +49,7 @@ class Scheduler:
         self.pool: dict[str, Request] = {}
         self.running: dict[str, Request] = {}
         self.replicas: dict[str, ReplicaState] = {}
+        self._open: set[str] = set()  # replicas with a free slot: no scan of the whole fleet per decision
         self.stats = SchedulerStats()
         self._owner: dict[str, str] = {}  # batch id -> replica id
         self._aborted: set[str] = set()
@@ -65,12 +66,14 @@ class Scheduler:
             return
         slots = self.config.ils_max_concurrency if self.config.mode is Mode.ILS else self.config.queue_depth
         self.replicas[replica_id] = ReplicaState(replica_id, slots, expected_free_at=now)
+        self._open.add(replica_id)
 
     def remove_replica(self, replica_id: str, now: float) -> list[Request]:
         """Forget a replica (dead or drained); everything it held goes back to the pool, unchanged."""
         replica = self.replicas.pop(replica_id, None)
         if replica is None:
             return []
+        self._open.discard(replica_id)
         returned: list[Request] = []
         for batch_id in list(replica.inflight):
             returned += self._return_batch(replica.inflight.pop(batch_id), now)
@@ -87,6 +90,7 @@ class Scheduler:
             return []
         replica = self.replicas[replica_id]
         batch = replica.inflight.pop(batch_id)
+        self._open.add(replica_id)
         self._refresh_expected_free(replica, now)
         return self._return_batch(batch, now)
 
@@ -124,9 +128,9 @@ class Scheduler:
     # ---- scheduling -----------------------------------------------------------------------------------
     def schedule(self, now: float) -> list[Assignment]:
         """Place as much of the pool as the replicas' free slots take, and return the placements."""
-        open_replicas = [r for r in self.replicas.values() if r.free_slots > 0]
-        if not self.pool or not open_replicas:
+        if not self.pool or not self._open:
             return []
+        open_replicas = [self.replicas[rid] for rid in sorted(self._open)]
         free = sum(r.free_slots for r in open_replicas)
         if self.config.mode is Mode.SCLS:
             batches = self._slice_batches(now, free, open_replicas)
@@ -137,6 +141,8 @@ class Scheduler:
         assignments = self.placement.place(batches, open_replicas, now)
         for a in assignments:
             self._owner[a.batch.id] = a.replica_id
+            if self.replicas[a.replica_id].free_slots <= 0:
+                self._open.discard(a.replica_id)
             for r in a.batch.requests:
                 del self.pool[r.id]
                 self.running[r.id] = r
@@ -219,6 +225,7 @@ class Scheduler:
             return []
         replica = self.replicas[replica_id]
         batch = replica.inflight.pop(result.batch_id)
+        self._open.add(replica_id)
         replica.busy_time += result.elapsed
         self._refresh_expected_free(replica, now)
         self.stats.batches_completed += 1

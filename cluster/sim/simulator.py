@@ -20,7 +20,11 @@ from cluster.sim.replica import ContinuousReplica, SliceReplica
 from cluster.sim.report import RunReport, summarize
 from cluster.sim.workload import SimRequest
 
-_ARRIVAL, _DONE, _SEGMENT = 0, 1, 2
+_ARRIVAL, _DONE, _SEGMENT, _TICK = 0, 1, 2, 3
+
+DEFAULT_DISPATCH_INTERVAL = 0.05
+"""Seconds between scheduling rounds: the live dispatcher's loop wakes about this often (its stream read
+blocks 50 ms), taking every result that arrived since in one round."""
 
 DEFAULT_KV_CACHE_TOKENS = 40_000
 """Tokens of KV cache a simulated replica keeps between slices: the HF engine's default 512 MiB at the
@@ -36,7 +40,8 @@ class FinishedRecord:
 class Simulation:
     def __init__(self, config: SchedulerConfig, latency: BilinearLatencyModel, memory: MemoryEstimator,
                  workload: list[SimRequest], replicas: int, progress: bool = False,
-                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS):
+                 kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
+                 dispatch_interval: float = DEFAULT_DISPATCH_INTERVAL):
         if replicas < 1:
             raise ValueError("need at least one replica")
         self.config = config
@@ -54,6 +59,9 @@ class Simulation:
         for rid in self.replicas:
             self.scheduler.add_replica(rid, 0.0)
         self.progress = progress
+        self.dispatch_interval = dispatch_interval
+        self._next_round = 0.0
+        self._tick_pending = False
         self.finished: list[FinishedRecord] = []
         self.rejected: list[str] = []
         self._events: list = []
@@ -82,18 +90,29 @@ class Simulation:
                 self._handle(kind, payload, now)
                 if bar is not None:
                     bar.update(len(self.finished) - done_before)
-            for a in self.scheduler.schedule(now):
-                self._batches += 1
-                self._rows += a.batch.size
-                replica = self.replicas[a.replica_id]
-                replica.submit(a.batch)
-                self._kick(replica, now)
+            if now + 1e-12 >= self._next_round:
+                self._round(now)
+            elif not self._tick_pending:
+                self._push(self._next_round, _TICK, None)
+                self._tick_pending = True
         if bar is not None:
             bar.close()
         return self._report(wallclock.perf_counter() - started)
 
+    def _round(self, now: float) -> None:
+        """One scheduling round, like one pass of the live dispatcher's loop."""
+        self._next_round = now + self.dispatch_interval
+        for a in self.scheduler.schedule(now):
+            self._batches += 1
+            self._rows += a.batch.size
+            replica = self.replicas[a.replica_id]
+            replica.submit(a.batch)
+            self._kick(replica, now)
+
     def _handle(self, kind: int, payload, now: float) -> None:
-        if kind == _ARRIVAL:
+        if kind == _TICK:
+            self._tick_pending = False
+        elif kind == _ARRIVAL:
             r: SimRequest = payload
             req = Request(r.id, r.prompt_len, self.config.max_gen_len, r.arrival, predicted_len=r.predicted_len)
             try:
@@ -163,6 +182,7 @@ class Simulation:
 
 def simulate(config: SchedulerConfig, latency: BilinearLatencyModel, memory: MemoryEstimator,
              workload: list[SimRequest], replicas: int, progress: bool = False,
-             kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS) -> tuple[RunReport, Simulation]:
-    sim = Simulation(config, latency, memory, workload, replicas, progress, kv_cache_tokens)
+             kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
+             dispatch_interval: float = DEFAULT_DISPATCH_INTERVAL) -> tuple[RunReport, Simulation]:
+    sim = Simulation(config, latency, memory, workload, replicas, progress, kv_cache_tokens, dispatch_interval)
     return sim.run(), sim
