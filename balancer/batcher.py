@@ -14,6 +14,7 @@ NumPy operations each; ten thousand candidates take tens of milliseconds.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,15 +91,25 @@ def split_for_parallelism(groups: list[list[Request]], workers: int, cost) -> li
     """Halve the costliest splittable group until there are at least ``workers`` groups.
 
     The DP minimises total work, which can leave fewer batches than idle replicas; splitting then buys
-    parallelism at a small cost in total work. ``cost(group)`` is the group's estimated time.
+    parallelism at a small cost in total work. ``cost(group)`` is the group's estimated time; each group is
+    costed once (a heap), so a fleet of hundreds of idle replicas costs O(groups · log groups).
     """
-    groups = list(groups)
-    while len(groups) < workers:
-        splittable = [g for g in groups if len(g) > 1]
-        if not splittable:
-            break
-        biggest = max(splittable, key=cost)
-        i = groups.index(biggest)
+    if len(groups) >= workers:
+        return list(groups)
+    # (-cost, tie-breaker, group); groups of one row cannot be split and stay aside.
+    heap = [(-cost(g), i, g) for i, g in enumerate(groups) if len(g) > 1]
+    done = [g for g in groups if len(g) <= 1]
+    heapq.heapify(heap)
+    counter = len(groups)
+    while heap and len(heap) + len(done) < workers:
+        _, _, biggest = heapq.heappop(heap)
         half = len(biggest) // 2
-        groups[i:i + 1] = [biggest[:half], biggest[half:]]
-    return groups
+        for part in (biggest[:half], biggest[half:]):
+            if len(part) > 1:
+                heapq.heappush(heap, (-cost(part), counter, part))
+            else:
+                done.append(part)
+            counter += 1
+    out = done + [g for _, _, g in heap]
+    # Keep the length order of the input (shortest inputs first), as the DP's groups have.
+    return sorted(out, key=lambda g: (g[0].input_len, g[0].id))
