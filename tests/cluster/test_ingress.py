@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,7 +16,7 @@ from cluster.state import ReplicaInfo, RequestRecord
 from tests.cluster.test_ingress_support import (
     ANSWER_TEXT,
     FakeDispatcher,
-    ensure_tiny_model,
+    fake_backend,
     make_config,
     make_service,
     parse_sse,
@@ -30,17 +29,8 @@ PREDICTED = 42.0
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    model_dir = ensure_tiny_model(tmp_path_factory)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    server = EmbeddedRedis().start()
-    answer = tok(ANSWER_TEXT, add_special_tokens=False)["input_ids"]
-    fake = FakeDispatcher(server.url, PREFIX, answer, tok.eos_token_id)
-    fake.start()
-    yield SimpleNamespace(model_dir=model_dir, tok=tok, url=server.url, fake=fake, store=fake.store, answer=answer)
-    fake.stop()
-    server.stop()
+    with fake_backend(tmp_path_factory, PREFIX) as backend:
+        yield backend
 
 
 def _client(env, **api):

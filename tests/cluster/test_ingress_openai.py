@@ -14,11 +14,10 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from cluster.ingress import build_api  # noqa: E402
-from cluster.redis_server import EmbeddedRedis, free_loopback_port  # noqa: E402
+from cluster.redis_server import free_loopback_port  # noqa: E402
 from tests.cluster.test_ingress_support import (  # noqa: E402
     ANSWER_TEXT,
-    FakeDispatcher,
-    ensure_tiny_model,
+    fake_backend,
     make_config,
     make_service,
     wait_until,
@@ -29,31 +28,22 @@ PREFIX = "to"
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    model_dir = ensure_tiny_model(tmp_path_factory)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    redis_server = EmbeddedRedis().start()
-    answer = tok(ANSWER_TEXT, add_special_tokens=False)["input_ids"]
-    fake = FakeDispatcher(redis_server.url, PREFIX, answer, tok.eos_token_id)
-    fake.start()
-    cfg = make_config(redis_server.url, model_dir, PREFIX, api_keys=["sk-test"])
-    service = make_service(cfg, tok, model_dir, ready=lambda: True)
-    port = free_loopback_port()
-    server = uvicorn.Server(uvicorn.Config(build_api(service), host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    assert wait_until(lambda: server.started, 15), "uvicorn did not start"
-    base = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0, timeout=30)
-    yield SimpleNamespace(base=base, client=client, tok=tok, fake=fake, store=fake.store, answer=answer)
-    client.close()
-    server.should_exit = True
-    thread.join(10)
-    assert not thread.is_alive()
-    fake.stop()
-    redis_server.stop()
+    with fake_backend(tmp_path_factory, PREFIX) as b:
+        cfg = make_config(b.url, b.model_dir, PREFIX, api_keys=["sk-test"])
+        service = make_service(cfg, b.tok, b.model_dir, ready=lambda: True)
+        port = free_loopback_port()
+        server = uvicorn.Server(uvicorn.Config(build_api(service), host="127.0.0.1", port=port,
+                                               log_level="warning", lifespan="off"))
+        thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+        thread.start()
+        assert wait_until(lambda: server.started, 15), "uvicorn did not start"
+        base = f"http://127.0.0.1:{port}"
+        client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0, timeout=30)
+        yield SimpleNamespace(base=base, client=client, tok=b.tok, fake=b.fake, store=b.store, answer=b.answer)
+        client.close()
+        server.should_exit = True
+        thread.join(10)
+        assert not thread.is_alive()
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,13 @@ dispatcher is tested end to end elsewhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -34,6 +36,27 @@ def ensure_tiny_model(tmp_path_factory) -> Path:
     from worker.make_model import TEST_SPEC, ensure_model
 
     return ensure_model(tmp_path_factory.getbasetemp() / "ingress-tiny-llama", TEST_SPEC)
+
+
+@contextlib.contextmanager
+def fake_backend(tmp_path_factory, prefix: str):
+    """The tiny model's tokenizer, a real Redis server and a fake dispatcher answering with ANSWER_TEXT."""
+    from transformers import AutoTokenizer
+
+    from cluster.redis_server import EmbeddedRedis
+
+    model_dir = ensure_tiny_model(tmp_path_factory)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    server = EmbeddedRedis().start()
+    answer = tok(ANSWER_TEXT, add_special_tokens=False)["input_ids"]
+    fake = FakeDispatcher(server.url, prefix, answer, tok.eos_token_id)
+    fake.start()
+    try:
+        yield SimpleNamespace(model_dir=model_dir, tok=tok, url=server.url, fake=fake, store=fake.store,
+                              answer=answer)
+    finally:
+        fake.stop()
+        server.stop()
 
 
 def make_config(redis_url: str, model_dir: Path, prefix: str, **api) -> SlicefleetConfig:
