@@ -37,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model directory whose tokenizer counts tokens and whose config sizes the KV cache "
                         "(default: the small default model, built if missing)")
     p.add_argument("--kv-budget-gib", type=float, default=2.0, help="KV-cache budget per replica (default: 2)")
+    p.add_argument("--sample", choices=["auto", "all", "heldout"], default="auto",
+                   help="ShareGPT records to sample from: all, or only the conversations the packaged length "
+                        "predictor never saw (auto: heldout with --predictor trained, else all)")
+    p.add_argument("--dispatch-interval", type=float, default=0.05,
+                   help="seconds between scheduling rounds, as the live dispatcher's loop (default 0.05)")
     p.add_argument("--json", dest="json_out", default=None, help="write the reports to this JSON file")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
@@ -76,7 +81,13 @@ def run(args) -> int:
     latency = load_profile(args.profile)
     memory = memory_estimator(AutoConfig.from_pretrained(model_dir), budget_bytes=args.kv_budget_gib * 2**30)
 
-    sample = sample_requests(tokenizer, args.requests, seed=args.seed)
+    heldout = args.sample == "heldout" or (args.sample == "auto" and args.predictor == "trained")
+    if heldout:
+        from predictor.sharegpt import heldout_conversations
+
+        log.info("sampling from the length predictor's held-out conversations only")
+    sample = sample_requests(tokenizer, args.requests, seed=args.seed,
+                             conversations=heldout_conversations() if heldout else None)
     pairs = [(s.prompt_len, s.output_len) for s in sample]
     predicted = predicted_lengths(args.predictor, sample, pairs)
     workload = build_workload(pairs, arrival_times(len(pairs), args.rate, args.burstiness, args.seed),
@@ -88,8 +99,10 @@ def run(args) -> int:
             max_batch_size=args.max_batch_size, sls_batch_size=args.sls_batch_size,
             ils_max_concurrency=args.ils_concurrency, ordering=args.ordering, placement=args.placement,
         )
-        report, _ = simulate(cfg, latency, memory, workload, args.replicas, progress=args.progress)
-        report.extra.update(predictor=args.predictor, rate=args.rate, seed=args.seed)
+        report, _ = simulate(cfg, latency, memory, workload, args.replicas, progress=args.progress,
+                             dispatch_interval=args.dispatch_interval)
+        report.extra.update(predictor=args.predictor, rate=args.rate, seed=args.seed,
+                            sample="heldout" if heldout else "all")
         log.info("%s: %d requests in %.1f virtual s (%.1f s wall)", mode, report.requests, report.duration,
                  report.extra["wall_seconds"])
         reports.append(report)
