@@ -64,7 +64,7 @@ class DispatcherCore:
                          "stale_results": 0, "tokens_generated": 0, "pad_tokens": 0, "invalid_tokens": 0,
                          "reprefill_tokens": 0, "kv_reused_batches": 0, "early_returns": 0,
                          "predicted_slice_seconds_sum": 0.0, "actual_slice_seconds_sum": 0.0,
-                         "abs_pct_error_sum": 0.0, "replicas_lost": 0, "batches_timed_out": 0}
+                         "abs_pct_error_sum": 0.0, "slices_estimated": 0, "replicas_lost": 0, "batches_timed_out": 0}
         self._est: dict[str, float] = {}  # batch id -> estimated seconds, for prediction error
         self._shape: dict[str, tuple[int, int]] = {}  # batch id -> (rows, longest input)
         self._budgets: dict[str, float] = {}  # replica id -> KV bytes it reported
@@ -202,9 +202,13 @@ class DispatcherCore:
         est = self._est.pop(batch_id, None)
         n, longest = self._shape.pop(batch_id, (msg.get("n", 0), msg.get("max_input_len", 0)))
         if est is not None and result.elapsed > 0 and self.cfg.scheduler.mode != "ils":
-            c["predicted_slice_seconds_sum"] += est
-            c["actual_slice_seconds_sum"] += result.elapsed
-            c["abs_pct_error_sum"] += abs(est - result.elapsed) / result.elapsed
+            # Prediction error only where a batch's length is bounded by the slice: an SLS batch runs to its
+            # longest member, which no estimate made at dispatch knows.
+            if self.cfg.scheduler.mode == "scls":
+                c["predicted_slice_seconds_sum"] += est
+                c["actual_slice_seconds_sum"] += result.elapsed
+                c["abs_pct_error_sum"] += abs(est - result.elapsed) / result.elapsed
+                c["slices_estimated"] += 1
             if hasattr(self.latency, "observe_result") and msg.get("n"):
                 steps = len(result.decode_step_times) or max((o.new_tokens for o in result.outcomes), default=0)
                 self.latency.observe_result(result, n=int(msg["n"]), max_input_len=int(msg["max_input_len"]),
@@ -278,7 +282,7 @@ class DispatcherCore:
             "running": len(s.running),
             "backlog_seconds": self.backlog_seconds(now),
             "batch_size_mean": c["rows_run"] / batches,
-            "slice_time_mape": c["abs_pct_error_sum"] / batches if c["batches_run"] else 0.0,
+            "slice_time_mape": c["abs_pct_error_sum"] / c["slices_estimated"] if c["slices_estimated"] else 0.0,
             **c,
             "replicas": {rid: {"expected_completion_s": s.replicas[rid].outstanding(now),
                                "busy_seconds": busy.get(rid, 0.0),
