@@ -75,6 +75,7 @@ class SliceWorker:
         self.continuous = cfg.scheduler.mode == "ils"
         self.engine = self._build_engine(cfg)
         self._ils_pending: dict[str, tuple[str, int, str, int]] = {}
+        self._ils_pad_reported = 0
         self.busy_seconds = 0.0
         """Seconds spent computing (load-imbalance figures); published with each heartbeat."""
         self._stop = threading.Event()
@@ -225,6 +226,10 @@ class SliceWorker:
             self.busy_seconds += elapsed
             for out in finished:
                 batch_id, epoch, entry_id, input_len = pending.pop(out.request_id)
-                res = EngineSliceResult([out], elapsed=elapsed)
+                # Padding the engine computed since the last result, so the cluster's token accounting
+                # (valid-token ratio) sees the continuous batch's waste too.
+                pad = self.engine.stats.pad_tokens - self._ils_pad_reported
+                self._ils_pad_reported = self.engine.stats.pad_tokens
+                res = EngineSliceResult([out], elapsed=elapsed, pad_tokens=pad)
                 self.store.post_result(result_message(batch_id, epoch, self.replica_id, res, 1, input_len))
                 self.store.ack_work(self.replica_id, entry_id)
