@@ -41,7 +41,9 @@ def slice_result(msg: dict) -> SliceResult:
     return SliceResult(
         batch_id=msg["batch_id"],
         replica_id=msg["replica_id"],
-        outcomes=[RequestOutcome(o["id"], len(o["tokens"]), FinishReason(o["finish"])) for o in msg["outputs"]],
+        # "total": a continuous-batching row whose earlier tokens were already published as progress.
+        outcomes=[RequestOutcome(o["id"], int(o.get("total", len(o["tokens"]))), FinishReason(o["finish"]))
+                  for o in msg["outputs"]],
         elapsed=float(msg.get("elapsed", 0.0)),
         prefill_time=float(msg.get("prefill_time", 0.0)),
         decode_step_times=list(msg.get("decode_step_times", [])),
@@ -171,6 +173,12 @@ class DispatcherCore:
         batch_id = msg["batch_id"]
         if msg.get("epoch") != self.epoch or not self.scheduler.owns(batch_id):
             self.counters["stale_results"] += 1
+            return
+        if "progress_at" in msg:  # tokens of a request still running in a continuous batch (ILS)
+            for o in msg["outputs"]:
+                if not self.scheduler.is_aborted(o["id"]):
+                    self.store.apply_result(f"{batch_id}@{msg['progress_at']}", msg["replica_id"],
+                                            [(o["id"], o["tokens"], "")])
             return
         result = slice_result(msg)
         # Aborted rows (cancelled, or gone from Redis) only close the scheduler's bookkeeping.

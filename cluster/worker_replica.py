@@ -76,6 +76,8 @@ class SliceWorker:
         self.engine = self._build_engine(cfg)
         self._ils_pending: dict[str, tuple[str, int, str, int]] = {}
         self._ils_pad_reported = 0
+        self._ils_sent: dict[str, int] = {}  # request id -> tokens already published as progress
+        self._ils_steps = 0
         self.busy_seconds = 0.0
         """Seconds spent computing (load-imbalance figures); published with each heartbeat."""
         self._stop = threading.Event()
@@ -196,9 +198,10 @@ class SliceWorker:
     def _continuous_loop(self) -> None:
         from worker.protocol import EngineSliceResult
 
-        # request id -> (batch id, epoch, entry id, input len); kept on self because the engine's requests
-        # outlive a restart of this loop.
+        # request id -> (batch id, epoch, entry id, input len, tokens it had before this run); kept on self
+        # because the engine's requests outlive a restart of this loop.
         pending = self._ils_pending
+        every = max(self.cfg.scheduler.slice_len, 1)
         unacked = True  # as in the slice loop: first re-admit what was delivered but never answered
         while not self._stop.is_set():
             # Never wait for new work while requests are decoding: they join at the next step.
@@ -210,7 +213,8 @@ class SliceWorker:
             for entry_id, msg in entries:
                 items, gone = self._load(msg["request_ids"])
                 for item in items:
-                    pending[item.request_id] = (msg["batch_id"], msg["epoch"], entry_id, len(item.token_ids))
+                    pending[item.request_id] = (msg["batch_id"], msg["epoch"], entry_id, len(item.token_ids),
+                                                item.generated)
                     self.engine.add(item)
                 if gone:  # ILS batches hold one request each
                     self.store.post_result({"batch_id": msg["batch_id"], "epoch": msg["epoch"],
@@ -224,12 +228,36 @@ class SliceWorker:
             finished = self.engine.step()
             elapsed = time.perf_counter() - started
             self.busy_seconds += elapsed
+            self._ils_steps += 1
+            if self._ils_steps % every == 0:
+                self._post_progress(pending)
             for out in finished:
-                batch_id, epoch, entry_id, input_len = pending.pop(out.request_id)
+                batch_id, epoch, entry_id, input_len, _ = pending.pop(out.request_id)
+                sent = self._ils_sent.pop(out.request_id, 0)
                 # Padding the engine computed since the last result, so the cluster's token accounting
                 # (valid-token ratio) sees the continuous batch's waste too.
                 pad = self.engine.stats.pad_tokens - self._ils_pad_reported
                 self._ils_pad_reported = self.engine.stats.pad_tokens
                 res = EngineSliceResult([out], elapsed=elapsed, pad_tokens=pad)
-                self.store.post_result(result_message(batch_id, epoch, self.replica_id, res, 1, input_len))
+                message = result_message(batch_id, epoch, self.replica_id, res, 1, input_len)
+                row = message["outputs"][0]
+                row["total"], row["tokens"] = len(row["tokens"]), row["tokens"][sent:]  # the rest was streamed
+                self.store.post_result(message)
                 self.store.ack_work(self.replica_id, entry_id)
+
+    def _post_progress(self, pending: dict) -> None:
+        """Publish the tokens each running request produced since the last report, so ILS streams too.
+
+        ``progress_at`` is the absolute position of the first token, which makes the dispatcher's apply
+        idempotent even if this batch is run again from the stored history after a failure.
+        """
+        for row in self.engine.running:
+            rid = row.item.request_id
+            sent = self._ils_sent.get(rid, 0)
+            if row.done or rid not in pending or len(row.new) <= sent:
+                continue
+            batch_id, epoch, _, _, before = pending[rid]
+            self.store.post_result({"batch_id": batch_id, "epoch": epoch, "replica_id": self.replica_id,
+                                    "progress_at": before + sent, "elapsed": 0.0,
+                                    "outputs": [{"id": rid, "tokens": list(row.new[sent:]), "finish": "slice_end"}]})
+            self._ils_sent[rid] = len(row.new)

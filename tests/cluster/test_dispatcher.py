@@ -158,3 +158,26 @@ def test_an_overdue_batch_is_placed_again(redis_url, monkeypatch):
         assert "r" in core.scheduler.pool or "r" in core.scheduler.running
     finally:
         core.stop()
+
+
+def test_ils_streams_tokens_while_the_request_runs(redis_url, reference):
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url},
+                                           "scheduler": {"mode": "ils", "slice_len": 8}})
+    store = StateStore(redis_url)
+    core = start(cfg, store)
+    workers = [SliceWorker(cfg.model_dump())]
+    try:
+        store.submit(RequestRecord("s", [5, 6, 7], 40, time.time()))
+        wait_until_done(store)
+        events = [fields for _, fields in store.read_output("s", "0", block_ms=100)]
+        # Published every 8 steps while running, then the rest with the finish: nothing lost or doubled.
+        assert len(events) >= 4 and "finish_reason" not in events[0]
+        import json
+
+        streamed = [t for e in events for t in json.loads(e["tokens"])]
+        assert streamed == store.generated("s") == reference([5, 6, 7], 40)
+        assert core.counters["tokens_generated"] == 40
+    finally:
+        core.stop()
+        for w in workers:
+            w._stop.set()
