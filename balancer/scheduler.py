@@ -152,8 +152,11 @@ class Scheduler:
 
     def _slice_batches(self, now: float, free: int, open_replicas: list[ReplicaState]) -> list[Batch]:
         cfg = self.config
-        candidates = select(list(self.pool.values()), self.ordering, now, cfg.max_wait,
-                            limit=free * cfg.max_batch_size)
+        pool = list(self.pool.values())
+        limit = free * cfg.max_batch_size
+        # When the free slots can take the whole pool, the order cannot change who is chosen: rank lazily,
+        # only if the DP makes more batches than there are slots.
+        candidates = pool if len(pool) <= limit else select(pool, self.ordering, now, cfg.max_wait, limit=limit)
         plan = plan_batches(candidates, cfg.slice_len, self.time, self.memory, cfg.max_batch_size)
         idle = sum(1 for r in open_replicas if not r.inflight)
         groups = split_for_parallelism(
@@ -162,6 +165,8 @@ class Scheduler:
         )
         if len(groups) > free:
             # Keep the groups holding the most urgent requests; the rest wait in the pool for the next round.
+            if candidates is pool:
+                candidates = select(pool, self.ordering, now, cfg.max_wait)
             rank = {r.id: i for i, r in enumerate(candidates)}
             groups = sorted(groups, key=lambda g: min(rank[r.id] for r in g))[:free]
         batches = [self._make_batch(g, cfg.slice_len) for g in groups]
