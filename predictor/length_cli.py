@@ -28,7 +28,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N sampled requests")
     parser.add_argument("--seed", type=int, default=0, help="sampling and split seed")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of conversations")
-    parser.add_argument("--max-len", type=int, default=64, help="word pieces the sentence encoder reads")
+    parser.add_argument("--max-len", type=int, default=40, help="word pieces the sentence encoder reads")
+    parser.add_argument("--embed-dtype", default="auto", choices=("auto", "bfloat16", "float32", "int8"),
+                        help="sentence-encoder precision (auto: bfloat16 where the CPU has it natively; int8: "
+                        "dynamic quantisation, faster but batch-dependent)")
     parser.add_argument("--report", type=Path, default=None, help="also write the metrics table (Markdown) here")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
 
@@ -49,7 +52,8 @@ def run(args) -> int:
     log.info("%d ShareGPT requests (vLLM filter) in %s's tokens", len(requests), model_dir)
     command = "slicefleet train-length " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "train-length" else None
-    cfg = TrainConfig(test_fraction=args.test_fraction, seed=args.seed, max_len=args.max_len)
+    cfg = TrainConfig(test_fraction=args.test_fraction, seed=args.seed, max_len=args.max_len,
+                      embed_dtype=args.embed_dtype)
     result = train_length_predictor(requests, cfg, command=command)
     result.predictor.meta["data"]["tokenizer_model"] = Path(model_dir).name
     out = args.out or Path.home() / ".cache" / "slicefleet" / "length_xgb.zip"
@@ -59,7 +63,8 @@ def run(args) -> int:
     summary = (f"held-out: {result.report['n_test']} requests from unseen conversations "
                f"(train {result.report['n_train']}); median {result.report['median']:.0f} tokens, bucket edges "
                f"{[round(e) for e in result.report['bucket_edges']]}; prediction {timing['ms_per_request']:.2f} "
-               f"ms/request (batches of {timing['batch']}, CPU, embedding included; 1-min load average "
+               f"ms/request wall, {timing['cpu_ms_per_request']:.2f} ms/request CPU time (batches of "
+               f"{timing['batch']}, one CPU thread, embedding included; 1-min load average "
                f"{timing.get('load_avg_1min')} on {timing.get('cpus')} CPUs)")
     if args.json:
         print(json.dumps(result.report, indent=1))
