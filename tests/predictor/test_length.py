@@ -49,6 +49,8 @@ def test_simple_predictors_satisfy_the_protocol():
     const = ConstantLengthPredictor(42)
     lin = LinearLengthPredictor.fit([10, 20, 30], [110, 120, 130])
     assert lin.slope == pytest.approx(1.0) and lin.intercept == pytest.approx(100.0)
+    loglin = LinearLengthPredictor.fit([1, 10, 100], [2, 20, 200], log=True)
+    assert loglin.predict(["x"], [10])[0] == pytest.approx(20, rel=0.1)
     oracle = OracleLengthPredictor.from_requests(
         [SampledRequest("a_0", "hello there", 3, 77), SampledRequest("b_0", "bye", 2, 5)], default=9)
     for p in (const, lin, oracle):
@@ -137,6 +139,7 @@ def test_packaged_artefact_loads_and_predicts_sensibly():
     for metric in ("binary_acc", "bucket_acc", "bucket_pm1_acc", "kendall_tau"):
         assert report["xgb regressor"][metric] > report["constant (train median)"][metric]
         assert report["xgb regressor"][metric] > report["linear (prompt length only)"][metric]
+        assert report["xgb regressor"][metric] > report["log-linear (prompt length only)"][metric]
     assert report["xgb regressor"]["mae"] < report["constant (train median)"]["mae"]
 
 
