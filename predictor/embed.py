@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -114,6 +115,7 @@ class SentenceEmbedder:
         if threads is None and not str(device).startswith("cuda"):
             threads = int(os.environ.get("SLICEFLEET_TORCH_THREADS", "1"))
         self.threads = threads
+        self._lock = threading.Lock()
         path = str(model_dir())
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.dtype = _resolve_dtype(dtype, device)
@@ -170,7 +172,9 @@ class SentenceEmbedder:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="embed", unit="batch")
-        with torch.inference_mode(), _torch_threads(self.threads):
+        # One encode at a time: callers may come from several threads (the ingress predicts in a thread
+        # pool), and the thread-count switch below is process-wide.
+        with self._lock, torch.inference_mode(), _torch_threads(self.threads):
             for s in starts:
                 idx = order[s : s + self.batch_size]
                 width = max(len(ids[i]) for i in idx)

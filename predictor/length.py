@@ -171,9 +171,16 @@ class XGBLengthPredictor:
         if self._embedder is None:
             from predictor.embed import SentenceEmbedder
 
+            from predictor.embed import _resolve_dtype
+
             emb = self.meta["embedding"]
+            dtype = emb.get("dtype", "auto")
+            if dtype == "bfloat16" and _resolve_dtype("auto", "cpu") != "bfloat16":
+                # Trained with native bf16; this CPU would emulate it slowly. float32 gives the same vectors
+                # to cosine 0.9999.
+                dtype = "float32"
             self._embedder = SentenceEmbedder(max_len=int(emb["max_len"]), head_tail=bool(emb["head_tail"]),
-                                              dtype=emb.get("dtype", "auto"))
+                                              dtype=dtype)
         return self._embedder
 
     def features(self, prompts: Sequence[str], prompt_lens: Sequence[int], emb: np.ndarray | None = None
