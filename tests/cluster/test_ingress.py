@@ -267,19 +267,6 @@ COMPLETION_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("body,status,code,param", COMPLETION_ERRORS,
-                         ids=[f"{i}-{c[2]}-{c[3]}" for i, c in enumerate(COMPLETION_ERRORS)])
-def test_completion_validation_errors(client, env, body, status, code, param):
-    before = _incoming(env)
-    r = client.post("/v1/completions", json=body)
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["code"] == code and err["param"] == param and err["type"] == "invalid_request_error"
-    assert err["message"]
-    assert _incoming(env) == before  # nothing was stored
-
-
 CHAT_ERRORS = [
     ({}, 400, "missing", "messages"),
     ({"messages": []}, 400, "invalid_value", "messages"),
@@ -296,15 +283,21 @@ CHAT_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("body,status,code,param", CHAT_ERRORS,
-                         ids=[f"{i}-{c[2]}-{c[3]}" for i, c in enumerate(CHAT_ERRORS)])
-def test_chat_validation_errors(client, env, body, status, code, param):
+VALIDATION_ERRORS = ([("/v1/completions", *case) for case in COMPLETION_ERRORS]
+                     + [("/v1/chat/completions", *case) for case in CHAT_ERRORS])
+
+
+@pytest.mark.parametrize("path,body,status,code,param", VALIDATION_ERRORS,
+                         ids=[f"{c[0].rsplit('/', 1)[1]}-{i}-{c[3]}-{c[4]}" for i, c in enumerate(VALIDATION_ERRORS)])
+def test_validation_errors(client, env, path, body, status, code, param):
     before = _incoming(env)
-    r = client.post("/v1/chat/completions", json=body)
+    r = client.post(path, json=body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
-    assert err["code"] == code and err["param"] == param
-    assert _incoming(env) == before
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == code and err["param"] == param and err["type"] == "invalid_request_error"
+    assert err["message"]
+    assert _incoming(env) == before  # nothing was stored
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe"])
