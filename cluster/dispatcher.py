@@ -67,10 +67,9 @@ class DispatcherCore:
                          "reprefill_tokens": 0, "kv_reused_batches": 0, "early_returns": 0,
                          "predicted_slice_seconds_sum": 0.0, "actual_slice_seconds_sum": 0.0,
                          "abs_pct_error_sum": 0.0, "slices_estimated": 0, "replicas_lost": 0, "batches_timed_out": 0}
-        self._est: dict[str, float] = {}  # batch id -> estimated seconds, for prediction error
-        self._shape: dict[str, tuple[int, int]] = {}  # batch id -> (rows, longest input)
+        # batch id -> (estimated seconds on its replica, when to give up waiting for its result)
+        self._placed: dict[str, tuple[float, float]] = {}
         self._budgets: dict[str, float] = {}  # replica id -> KV bytes it reported
-        self._deadline: dict[str, float] = {}  # batch id -> when to give up waiting for its result
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -90,15 +89,17 @@ class DispatcherCore:
 
     def _rebuild(self) -> None:
         """Every unfinished request in Redis rejoins the pool with the tokens it already has."""
-        ids = self.store.live_ids()
-        now = time.time()
-        restored = 0
-        for rid, (rec, gen) in zip(ids, self.store.records(ids)):
-            if rec is None or rec.status == "done":
-                continue
-            self._admit(rec, len(gen), now)
-            restored += 1
+        restored = self._admit_live(self.store.live_ids(), time.time())
         log.info("dispatcher epoch %d: restored %d unfinished requests from Redis", self.epoch, restored)
+
+    def _admit_live(self, rids: list[str], now: float) -> int:
+        """Admit the requests among ``rids`` that are still unfinished in Redis; returns how many."""
+        admitted = 0
+        for rec, gen in self.store.records(rids):
+            if rec is not None and rec.status != "done":
+                self._admit(rec, len(gen), now)
+                admitted += 1
+        return admitted
 
     def _admit(self, rec: RequestRecord, generated: int, now: float) -> None:
         try:
@@ -150,10 +151,7 @@ class DispatcherCore:
             stream = stream.decode()
             ids = [eid for eid, _ in entries]
             if stream == k.incoming:
-                rids = [f[b"id"].decode() for _, f in entries]
-                for rec, gen in self.store.records(rids):
-                    if rec is not None and rec.status != "done":
-                        self._admit(rec, len(gen), now)
+                self._admit_live([f[b"id"].decode() for _, f in entries], now)
             elif stream == k.cancel:
                 for _, f in entries:
                     self._cancel(f[b"id"].decode())
@@ -207,8 +205,7 @@ class DispatcherCore:
         c["kv_reused_batches"] += int(result.kv_reused)
         if len(finished) < len(result.outcomes):
             c["early_returns"] += len(finished)
-        est = self._est.pop(batch_id, None)
-        n, longest = self._shape.pop(batch_id, (msg.get("n", 0), msg.get("max_input_len", 0)))
+        est, _ = self._placed.pop(batch_id, (None, None))
         if est is not None and result.elapsed > 0 and self.cfg.scheduler.mode != "ils":
             # Prediction error only where a batch's length is bounded by the slice: an SLS batch runs to its
             # longest member, which no estimate made at dispatch knows.
@@ -255,11 +252,11 @@ class DispatcherCore:
 
         A live replica's result that turns up later is stale and ignored, so nothing runs twice into Redis.
         """
-        for batch_id, deadline in list(self._deadline.items()):
-            if not self.scheduler.owns(batch_id):
-                del self._deadline[batch_id]
+        for batch_id, (_, deadline) in list(self._placed.items()):
+            if not self.scheduler.owns(batch_id):  # answered late, or re-placed after its replica died
+                del self._placed[batch_id]
             elif now > deadline:
-                del self._deadline[batch_id]
+                del self._placed[batch_id]
                 returned = self.scheduler.requeue(batch_id, now)
                 self.counters["batches_timed_out"] += 1
                 log.warning("batch %s overdue: %d requests back to the pool", batch_id, len(returned))
@@ -268,10 +265,8 @@ class DispatcherCore:
         for a in self.scheduler.schedule(now):
             b = a.batch
             # Generous: the estimate can be off several times over while the online fit warms up.
-            self._deadline[b.id] = a.expected_finish + BATCH_TIMEOUT_FACTOR * (a.expected_finish - now) \
-                + BATCH_TIMEOUT_SLACK
-            self._est[b.id] = a.expected_finish - a.expected_start
-            self._shape[b.id] = (b.size, b.max_input_len)
+            deadline = a.expected_finish + BATCH_TIMEOUT_FACTOR * (a.expected_finish - now) + BATCH_TIMEOUT_SLACK
+            self._placed[b.id] = (a.expected_finish - a.expected_start, deadline)
             self.store.post_batch(a.replica_id, {"batch_id": b.id, "epoch": self.epoch, "steps": b.steps,
                                                  "request_ids": b.request_ids})
 
