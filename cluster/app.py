@@ -40,7 +40,7 @@ def _with_redis(cfg: SlicefleetConfig) -> SlicefleetConfig:
         _embedded_redis = EmbeddedRedis().start()
         log.warning("no redis.url configured: started an embedded Redis at %s for this process's lifetime; "
                     "set redis.url for 'serve deploy' or a multi-node cluster", _embedded_redis.url)
-    return cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": _embedded_redis.url})})
+    return cfg.with_redis_url(_embedded_redis.url)
 
 
 def engine_env(cfg: SlicefleetConfig) -> dict[str, str]:

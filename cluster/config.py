@@ -115,6 +115,10 @@ class SlicefleetConfig(_Strict):
     api: ApiSettings = Field(default_factory=ApiSettings)
     predictor: PredictorSettings = Field(default_factory=PredictorSettings)
 
+    def with_redis_url(self, url: str) -> "SlicefleetConfig":
+        """A copy pointing at ``url`` (the embedded server once it has a port)."""
+        return self.model_copy(update={"redis": self.redis.model_copy(update={"url": url})})
+
     @model_validator(mode="after")
     def _gpu_settings_agree(self) -> "SlicefleetConfig":
         if self.engine.kernel_inject and self.engine.backend != "deepspeed":

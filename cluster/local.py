@@ -39,8 +39,7 @@ class LocalCluster:
             from cluster.redis_server import EmbeddedRedis
 
             self.redis = EmbeddedRedis(self.redis_dir).start()
-            self.cfg = self.cfg.model_copy(
-                update={"redis": self.cfg.redis.model_copy(update={"url": self.redis.url})})
+            self.cfg = self.cfg.with_redis_url(self.redis.url)
         from worker.make_model import ensure_default_model
 
         if not self.cfg.model.path:
