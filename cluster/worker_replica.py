@@ -58,9 +58,11 @@ def result_message(batch_id: str, epoch: int, replica_id: str, res, n: int, max_
     }
 
 
-def aborted(request_id: str) -> dict:
-    """The result row for a request that was gone from Redis when its batch came up."""
-    return {"id": request_id, "tokens": [], "finish": "aborted"}
+def gone_message(batch: dict, replica_id: str, gone: list[str]) -> dict:
+    """A result closing the requests of ``batch`` that were gone from Redis (cancelled, expired) when it came
+    up: nothing ran for them, and the dispatcher only needs to drop them from its bookkeeping."""
+    return {"batch_id": batch["batch_id"], "epoch": batch["epoch"], "replica_id": replica_id, "elapsed": 0.0,
+            "outputs": [{"id": rid, "tokens": [], "finish": "aborted"} for rid in gone]}
 
 
 class SliceWorker:
@@ -188,10 +190,9 @@ class SliceWorker:
                     longest = max(len(i.token_ids) for i in items)
                     message = result_message(msg["batch_id"], msg["epoch"], self.replica_id, res, len(items),
                                              longest)
+                    message["outputs"] += gone_message(msg, self.replica_id, gone)["outputs"]
                 else:
-                    message = {"batch_id": msg["batch_id"], "epoch": msg["epoch"], "replica_id": self.replica_id,
-                               "outputs": [], "elapsed": 0.0}
-                message["outputs"] += [aborted(rid) for rid in gone]
+                    message = gone_message(msg, self.replica_id, gone)
                 self.store.post_result(message)
                 self.store.ack_work(self.replica_id, entry_id)
 
@@ -217,9 +218,7 @@ class SliceWorker:
                                                 item.generated)
                     self.engine.add(item)
                 if gone:  # ILS batches hold one request each
-                    self.store.post_result({"batch_id": msg["batch_id"], "epoch": msg["epoch"],
-                                            "replica_id": self.replica_id, "elapsed": 0.0,
-                                            "outputs": [aborted(rid) for rid in gone]})
+                    self.store.post_result(gone_message(msg, self.replica_id, gone))
                 if not items:
                     self.store.ack_work(self.replica_id, entry_id)
             if not self.engine.has_work():
