@@ -41,6 +41,8 @@ class SliceReplica:
     busy_time: float = 0.0
     kv_rows: OrderedDict = field(default_factory=OrderedDict)
     """request id -> history length its kept cache covers (LRU order)."""
+    kv_held: int = 0
+    """Tokens held in ``kv_rows`` (kept as a running total: the sum is needed after every batch)."""
     kv_reused_rows: int = 0
 
     def submit(self, batch: Batch) -> None:
@@ -64,7 +66,13 @@ class SliceReplica:
         steps = max(new)  # the engine stops once every row has finished
         outcomes = [RequestOutcome(r.id, k, _finish(r, k, self.true_len[r.id]))
                     for r, k in zip(batch.requests, new)]
-        reused = {r.id for r in batch.requests if self.kv_rows.pop(r.id, None) == r.input_len}
+        reused = set()
+        for r in batch.requests:  # a row's cache is taken by this run, whether it is still usable or not
+            kept = self.kv_rows.pop(r.id, None)
+            if kept is not None:
+                self.kv_held -= kept
+                if kept == r.input_len:
+                    reused.add(r.id)
         fresh = [r for r in batch.requests if r.id not in reused]
         self.kv_reused_rows += len(reused)
         if fresh:
@@ -92,10 +100,10 @@ class SliceReplica:
         for r, k, o in zip(batch.requests, new, outcomes):
             if not o.finish_reason.is_final:
                 self.kv_rows[r.id] = r.input_len + k
-        held = sum(self.kv_rows.values())
-        while held > self.kv_cache_tokens and self.kv_rows:
+                self.kv_held += r.input_len + k
+        while self.kv_held > self.kv_cache_tokens and self.kv_rows:
             _, tokens = self.kv_rows.popitem(last=False)
-            held -= tokens
+            self.kv_held -= tokens
 
 
 @dataclass
