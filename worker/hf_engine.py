@@ -119,6 +119,7 @@ class HFEngine:
 
         logits, state = prefill(runner, live, kept)
         kept.clear()
+        live = [live[b] for b in state.order]
         result.prefill_time = state.seconds
         result.pad_tokens = state.pad_tokens
         result.reprefill_tokens = state.reprefill_tokens

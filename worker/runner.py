@@ -153,17 +153,44 @@ class Prefill:
     pad_tokens: int
     reprefill_tokens: int
     seconds: float
+    order: list[int] = field(default_factory=list)
+    """Row b of ``cache``/``mask``/logits is input row ``order[b]`` (rows are grouped by what they feed)."""
 
 
 def prefill(
     runner: ModelRunner, rows: list[RowState], kept: list[kv.RowKV | None] | None = None
 ) -> tuple[torch.Tensor, Prefill]:
-    """Feed each row's not-yet-cached tokens in one forward; return last logits and the batch state.
+    """Feed each row's not-yet-cached tokens; return last logits and the batch state.
 
-    ``kept[b]`` (optional) holds row b's cache over a prefix of its history; the rest of the history is fed
-    (left-padded to the longest rest). Without kept caches this is the classic left-padded prefill.
+    ``kept[b]`` (optional) holds row b's cache over a prefix of its history. Rows with a kept cache feed
+    one or a few tokens while fresh rows feed their whole history, so the two kinds are fed in separate
+    forwards and their caches joined afterwards: in one left-padded forward every resumed row would be
+    padded to the longest prompt, and that padding is computed like real tokens. ``Prefill.order`` says
+    how the rows were regrouped (resumed rows first).
     """
     kept = kept or [None] * len(rows)
+    resumed = [b for b, k in enumerate(kept) if k is not None]
+    fresh = [b for b, k in enumerate(kept) if k is None]
+    groups = [g for g in (resumed, fresh) if g]
+    parts = [_prefill_group(runner, [rows[b] for b in g], [kept[b] for b in g]) for g in groups]
+    logits, state = parts[0]
+    state.order = list(groups[0])
+    for (more_logits, more), group in zip(parts[1:], groups[1:]):
+        layers, state.mask = kv.concat(kv.cache_layers(state.cache), state.mask,
+                                       kv.cache_layers(more.cache), more.mask)
+        state.cache = kv.make_cache(layers, runner.config)
+        logits = torch.cat([logits, more_logits])
+        state.pad_tokens += more.pad_tokens
+        state.reprefill_tokens += more.reprefill_tokens
+        state.seconds += more.seconds
+        state.order += group
+    return logits, state
+
+
+def _prefill_group(
+    runner: ModelRunner, rows: list[RowState], kept: list[kv.RowKV | None]
+) -> tuple[torch.Tensor, Prefill]:
+    """One left-padded forward over each row's tokens after its kept cache (if any)."""
     cached = [k.length if k is not None else 0 for k in kept]
     rest = [len(r.tokens) - c for r, c in zip(rows, cached)]
     width = max(rest)
@@ -185,7 +212,8 @@ def prefill(
     logits, cache = runner.forward(input_ids, mask, pos, cache)
     runner.sync()
     seconds = time.perf_counter() - t0
-    state = Prefill(cache, mask.to(runner.device), sum(width - s for s in rest), reprefill, seconds)
+    state = Prefill(cache, mask.to(runner.device), sum(width - s for s in rest), reprefill, seconds,
+                    list(range(B)))
     return logits, state
 
 

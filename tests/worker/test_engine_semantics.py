@@ -130,6 +130,26 @@ def test_kv_reuse_only_for_matching_history(make_hf):
     assert "a" not in eng.store
 
 
+def test_resumed_rows_are_not_padded_to_fresh_prompts(make_hf, reference):
+    """A batch mixing a row with a kept cache and fresh rows feeds them apart: the resumed row feeds one
+    token, only the fresh rows pad among themselves, and every output stays exact and in input order."""
+    eng = make_hf()
+    short, long_a, long_b = [7, 8, 9], list(range(20, 60)), list(range(100, 130))
+    first = eng.run_slice([SliceItem("s", short, len(short), 12)], 4).outputs[0]
+    history = short + first.new_token_ids
+    res = eng.run_slice(
+        [SliceItem("la", long_a, len(long_a), 6), SliceItem("s", history, len(short), 8),
+         SliceItem("lb", long_b, len(long_b), 6)], 6
+    )
+    assert [o.request_id for o in res.outputs] == ["la", "s", "lb"]
+    assert res.outputs[1].kv_reused and not res.outputs[0].kv_reused
+    assert res.pad_tokens == len(long_a) - len(long_b)  # not + len(long_a) - 1 for the resumed row
+    assert res.reprefill_tokens == 0
+    assert first.new_token_ids + res.outputs[1].new_token_ids == reference(short, 10)
+    assert res.outputs[0].new_token_ids == reference(long_a, 6)
+    assert res.outputs[2].new_token_ids == reference(long_b, 6)
+
+
 def test_zero_budget_and_zero_steps_do_no_compute(make_hf):
     eng = make_hf()
     res = eng.run_slice(
