@@ -40,6 +40,17 @@ class EngineSettings(_Strict):
     )
     memory_safety: float = Field(0.8, gt=0, le=1, description="Share of free GPU memory given to KV cache.")
     kv_reuse: bool = Field(True, description="Keep a request's KV cache between slices on the same replica.")
+    kv_keep_fraction: float = Field(
+        0.5, gt=0, lt=1,
+        description="With kv_reuse: the share of the KV budget that holds unfinished requests' caches between "
+        "slices (least recently used evicted beyond it; an evicted request is re-prefilled). Batches get the "
+        "rest, so kept caches and a running batch never exceed the budget together.",
+    )
+
+    def split_kv_budget(self, budget_bytes: float) -> tuple[float, float]:
+        """(bytes for running batches, bytes for kept caches) out of a replica's KV budget."""
+        keep = budget_bytes * self.kv_keep_fraction if self.kv_reuse else 0.0
+        return budget_bytes - keep, keep
 
 
 class SchedulerSettings(_Strict):

@@ -76,6 +76,9 @@ class SliceWorker:
         self.replica_id = replica_id or self._make_id()
         self.continuous = cfg.scheduler.mode == "ils"
         self.engine = self._build_engine(cfg)
+        batch_budget, keep_budget = cfg.engine.split_kv_budget(self._kv_budget(cfg))
+        if hasattr(self.engine, "set_kv_keep_budget"):
+            self.engine.set_kv_keep_budget(keep_budget)
         self._ils_pending: dict[str, tuple[str, int, str, int]] = {}
         self._ils_pad_reported = 0
         self._ils_sent: dict[str, int] = {}  # request id -> tokens already published as progress
@@ -86,7 +89,7 @@ class SliceWorker:
         self._error: BaseException | None = None
         self.store.register_replica(
             ReplicaInfo(self.replica_id, os.getpid(), "continuous" if self.continuous else cfg.engine.backend,
-                        socket.gethostname(), time.time(), self._kv_budget(cfg)),
+                        socket.gethostname(), time.time(), batch_budget),
             HEARTBEAT_TTL,
         )
         self.store.ensure_group(self.store.k.work(self.replica_id), "worker")

@@ -89,6 +89,10 @@ class HFEngine:
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.runner.eos_token_ids
 
+    def set_kv_keep_budget(self, nbytes: float) -> None:
+        """Bytes the kept-cache store may hold (the cluster sets it from the replica's measured KV budget)."""
+        self.store.resize(int(nbytes))
+
     def drop(self, request_ids: Sequence[str]) -> None:
         for rid in request_ids:
             self.store.pop(rid)

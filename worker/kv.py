@@ -150,13 +150,21 @@ class KVStore:
         size = kv.nbytes
         if size > self.budget_bytes:
             return False
-        while self._entries and self.nbytes + size > self.budget_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.nbytes -= old.kv.nbytes
-            self.evictions += 1
+        self._evict_to(self.budget_bytes - size)
         self._entries[request_id] = KVEntry(tuple(tokens), kv)
         self.nbytes += size
         return True
+
+    def resize(self, budget_bytes: int) -> None:
+        """Change the budget, evicting least recently used entries beyond it."""
+        self.budget_bytes = int(budget_bytes)
+        self._evict_to(self.budget_bytes)
+
+    def _evict_to(self, limit: int) -> None:
+        while self._entries and self.nbytes > limit:
+            _, old = self._entries.popitem(last=False)
+            self.nbytes -= old.kv.nbytes
+            self.evictions += 1
 
     def pop(self, request_id: str) -> KVEntry | None:
         entry = self._entries.pop(request_id, None)

@@ -117,6 +117,16 @@ def test_kv_store_eviction_falls_back_to_prefill(make_hf, reference, prompts):
     assert res.kv_reused is False
 
 
+def test_kv_store_resize_evicts_least_recent_beyond_the_new_budget(make_hf):
+    eng = make_hf()
+    eng.run_slice([SliceItem(r, PROMPT, len(PROMPT), 10) for r in ("a", "b", "c")], 3)
+    sizes = {rid: e.kv.nbytes for rid, e in eng.store._entries.items()}
+    assert list(sizes) == ["a", "b", "c"]
+    eng.set_kv_keep_budget(sizes["b"] + sizes["c"])
+    assert "a" not in eng.store and "b" in eng.store and "c" in eng.store and eng.store.evictions == 1
+    assert eng.store.nbytes == sizes["b"] + sizes["c"]
+
+
 def test_kv_reuse_only_for_matching_history(make_hf):
     eng = make_hf()
     first = eng.run_slice([SliceItem("a", PROMPT, len(PROMPT), 20)], 4).outputs[0]
