@@ -214,10 +214,18 @@ class DispatcherCore:
                 c["actual_slice_seconds_sum"] += result.elapsed
                 c["abs_pct_error_sum"] += abs(est - result.elapsed) / result.elapsed
                 c["slices_estimated"] += 1
-            if hasattr(self.latency, "observe_result") and msg.get("n"):
-                steps = len(result.decode_step_times) or max((o.new_tokens for o in result.outcomes), default=0)
-                self.latency.observe_result(result, n=int(msg["n"]), max_input_len=int(msg["max_input_len"]),
-                                            steps=steps)
+            if msg.get("n"):
+                self._observe_timing(msg, result)
+
+    def _observe_timing(self, msg: dict, result: SliceResult) -> None:
+        """Refit the latency model online, and log the timing so a profile can be refit offline from it."""
+        n, max_input_len = int(msg["n"]), int(msg["max_input_len"])
+        if hasattr(self.latency, "observe_result"):
+            steps = len(result.decode_step_times) or max((o.new_tokens for o in result.outcomes), default=0)
+            self.latency.observe_result(result, n=n, max_input_len=max_input_len, steps=steps)
+        self.store.log_slice({"n": n, "max_input_len": max_input_len, "resumed_rows": int(msg.get("resumed_rows", 0)),
+                              "prefill_time": result.prefill_time, "decode_step_times": result.decode_step_times,
+                              "elapsed": result.elapsed, "replica_id": result.replica_id})
 
     def _check_replicas(self, now: float) -> None:
         alive, dead = self.store.replicas_alive()

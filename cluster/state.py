@@ -80,6 +80,10 @@ class RequestRecord:
         return cls(**{k: v for k, v in decoded.items() if k in known})
 
 
+SLICE_LOG_LENGTH = 20_000
+"""Slice timings kept in Redis (a few MB at most)."""
+
+
 class Keys:
     def __init__(self, prefix: str = "sf"):
         self.p = prefix
@@ -129,6 +133,10 @@ class Keys:
     @property
     def metrics(self) -> str:
         return f"{self.p}:metrics"
+
+    @property
+    def slice_log(self) -> str:
+        return f"{self.p}:slice_log"
 
     def applied(self, batch_id: str) -> str:
         return f"{self.p}:applied:{batch_id}"
@@ -340,6 +348,17 @@ class StateStore:
     def metrics_snapshot(self) -> dict:
         raw = self.r.get(self.k.metrics)
         return json.loads(raw) if raw else {}
+
+    def log_slice(self, timing: dict, keep: int = SLICE_LOG_LENGTH) -> None:
+        """Append one slice's measured timing (the newest ``keep`` are kept): what a profile can be refit
+        from under the cluster's real conditions (``predictor.latency.samples_from_slice_log``)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(self.k.slice_log, json.dumps(timing))
+        pipe.ltrim(self.k.slice_log, -keep, -1)
+        pipe.execute()
+
+    def slice_log(self) -> list[dict]:
+        return [json.loads(x) for x in self.r.lrange(self.k.slice_log, 0, -1)]
 
 
 def wait_for_redis(url: str, password: str | None = None, timeout: float = 30.0) -> None:

@@ -53,6 +53,7 @@ def result_message(batch_id: str, epoch: int, replica_id: str, res, n: int, max_
         "invalid_tokens": res.invalid_tokens,
         "reprefill_tokens": res.reprefill_tokens,
         "kv_reused": res.kv_reused,
+        "resumed_rows": sum(o.kv_reused for o in res.outputs),
         "n": n,
         "max_input_len": max_input_len,
     }

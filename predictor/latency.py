@@ -136,6 +136,23 @@ def fit_bilinear(
     return BilinearLatencyModel(*map(float, coefs))
 
 
+def samples_from_slice_log(rows: Iterable[dict]) -> Samples:
+    """The slice timings a cluster logged (``StateStore.slice_log``) as profile samples.
+
+    Decode steps count from every slice. A prefill counts only when no row resumed from a kept cache: the
+    engine feeds resumed rows in a forward of their own, so such a prefill is not one prefill(N, L).
+    """
+    samples = Samples()
+    for row in rows:
+        n, length = int(row["n"]), int(row["max_input_len"])
+        steps = [float(t) for t in row.get("decode_step_times") or []]
+        if int(row.get("resumed_rows", 0)) == 0 and float(row.get("prefill_time") or 0) > 0:
+            samples.prefill.append((n, length, float(row["prefill_time"])))
+        for j, t in enumerate(steps):
+            samples.decode.append((n, length + j, t))
+    return samples
+
+
 def mape(predicted, actual) -> float:
     """Mean absolute percentage error, in percent."""
     p = np.asarray(predicted, dtype=float)

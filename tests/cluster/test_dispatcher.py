@@ -76,6 +76,12 @@ def test_a_dispatcher_restart_mid_load_loses_and_doubles_nothing(redis_url, refe
             assert store.generated(rid) == reference(ids, 48), rid
             assert store.record(rid).finish_reason == "length"
         second.stop()
+        timings = store.slice_log()
+        if mode == "ils":  # continuous batches have no (N, L, S) shape to fit a profile on
+            assert timings == []
+        else:
+            assert timings and all(t["n"] >= 1 and t["max_input_len"] >= 4 for t in timings)
+            assert sum(len(t["decode_step_times"]) for t in timings) > 0
     finally:
         for w in workers:
             w._stop.set()

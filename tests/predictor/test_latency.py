@@ -17,6 +17,7 @@ from predictor.latency import (
     fit_bilinear,
     load_profile,
     read_profile,
+    samples_from_slice_log,
     slice_features,
     slice_mape,
 )
@@ -56,6 +57,23 @@ def test_fit_with_noise_predicts_heldout_slices_within_5_percent():
     assert slice_mape(fit, held) < 5.0
     # the measured total is the closed form's sum, so the true model itself has ~0 error
     assert slice_mape(TRUE, held) < 1e-6
+
+
+def test_slice_log_refits_the_model_and_skips_prefills_of_resumed_batches():
+    """Timings logged by a cluster refit the model; a prefill of a batch with resumed rows is left out (it
+    was two forwards, not prefill(N, L)), while its decode steps still count."""
+    rows = []
+    for n in (1, 2, 4, 8, 16, 32):
+        for L in (16, 64, 256, 1024):
+            rows.append({"n": n, "max_input_len": L, "resumed_rows": 0, "prefill_time": TRUE.prefill_time(n, L),
+                         "decode_step_times": [TRUE.decode_step_time(n, L + j) for j in range(8)]})
+    rows.append({"n": 8, "max_input_len": 512, "resumed_rows": 3, "prefill_time": 99.0,
+                 "decode_step_times": [TRUE.decode_step_time(8, 512 + j) for j in range(4)]})
+    samples = samples_from_slice_log(rows)
+    assert len(samples.prefill) == 24 and len(samples.decode) == 24 * 8 + 4
+    fit = fit_bilinear(samples.prefill, samples.decode)
+    for k in COEFFS:
+        assert getattr(fit, k) == pytest.approx(getattr(TRUE, k), rel=1e-4), k
 
 
 def test_slice_features_match_closed_form():
