@@ -158,27 +158,87 @@ class SnapshotSampler:
         self._thread.join(timeout=5)
 
 
-def simulate_same(args, mode: str, placement: str, requests, offsets, live_predicted_known: bool):
-    """The simulator on the very same trace: same lengths, same send offsets, same scheduler settings."""
-    from transformers import AutoConfig
-
+def simulate_same(args, mode: str, placement: str, requests, offsets, latency, predicted):
+    """The simulator on the very same trace: same lengths, send offsets, scheduler settings, KV budgets and
+    predicted lengths as the live run, timed by ``latency``."""
     from balancer.config import SchedulerConfig
     from cluster.sim.simulator import simulate
     from cluster.sim.workload import build_workload
-    from predictor.latency import load_profile
-    from predictor.memory import memory_estimator
-    from worker.make_model import ensure_default_model
 
-    model_dir = ensure_default_model()
-    memory = memory_estimator(AutoConfig.from_pretrained(model_dir), budget_bytes=2.0 * 2**30)
+    memory, kv_cache_tokens = live_memory(args)
     pairs = [(r.prompt_len, r.output_len) for r in requests]
-    predicted = [float(o) for _, o in pairs] if live_predicted_known else None
     workload = build_workload(pairs, offsets, predicted, ids=[r.id for r in requests])
     cfg = SchedulerConfig(mode=mode, slice_len=args.slice_len, max_gen_len=args.max_gen_len,
                           max_batch_size=args.max_batch_size, sls_batch_size=args.sls_batch_size,
                           ils_max_concurrency=args.ils_concurrency, ordering=args.ordering, placement=placement)
-    report, _ = simulate(cfg, load_profile(None), memory, workload, args.replicas)
+    report, _ = simulate(cfg, latency, memory, workload, args.replicas, kv_cache_tokens=kv_cache_tokens)
     return report
+
+
+def live_memory(args):
+    """The live replicas' KV memory model for batches, and the kept-cache tokens each holds between slices."""
+    from transformers import AutoConfig
+
+    from cluster.config import load_config
+    from predictor.memory import kv_budget_bytes, memory_estimator
+    from worker.make_model import ensure_default_model
+
+    engine = load_config(args.config).engine
+    batch_bytes, keep_bytes = engine.split_kv_budget(
+        kv_budget_bytes(engine.device, engine.kv_budget_bytes, engine.memory_safety))
+    memory = memory_estimator(AutoConfig.from_pretrained(ensure_default_model()), budget_bytes=batch_bytes)
+    return memory, int(keep_bytes // memory.bytes_per_token)
+
+
+def predicted_lengths(args, requests) -> list[float] | None:
+    """What the live scheduler knew of each request's length: the trace length when it is sent as the budget,
+    the packaged predictor's guess when the ingress ran it, else nothing."""
+    if args.budget == "true":
+        return [float(r.output_len) for r in requests]
+    if args.length_predictor != "packaged":
+        return None
+    from transformers import AutoTokenizer
+
+    from predictor.length import load_length_predictor
+    from worker.make_model import ensure_default_model
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
+    texts = [r.prompt if isinstance(r.prompt, str) else tokenizer.decode(r.prompt) for r in requests]
+    return [float(v) for v in load_length_predictor(None).predict(texts, [r.prompt_len for r in requests])]
+
+
+def calibrations(args, slice_log: list[dict]) -> dict:
+    """Latency models the simulator replays with: the packaged profile (taken on a quiet machine, one engine),
+    and one refit from the slices the live runs measured (this machine's load, every replica busy)."""
+    from predictor.latency import Profile, fit_bilinear, hardware_key, read_profile, samples_from_slice_log
+
+    models = {"packaged": read_profile(None).model}
+    samples = samples_from_slice_log(slice_log)
+    try:
+        fitted = fit_bilinear(samples.prefill, samples.decode)
+    except ValueError as exc:
+        log.warning("no in-situ profile from %d logged slices: %s", len(slice_log), exc)
+        return models
+    Profile(fitted, {"engine": "hf", **hardware_key("cpu")}, samples,
+            meta={"source": "slice timings logged by the live bench runs", "slices": len(slice_log)}
+            ).save(args.out / "profile_in_situ.json")
+    models["in_situ"] = fitted
+    return models
+
+
+def simulate_runs(args, runs: list, requests, schedules, slice_log: list[dict]) -> None:
+    """Replay every live Slicefleet run in the simulator, once per calibration, and record the error."""
+    models = calibrations(args, slice_log)
+    predicted = predicted_lengths(args, requests)
+    offsets_of = {rate: offsets for rate, offsets in schedules}
+    for entry in runs:
+        if entry["mode"] not in MODES:
+            continue  # the vLLM peer
+        entry["sims"] = {}
+        for name, latency in models.items():
+            sim = simulate_same(args, entry["mode"], entry["placement"], requests, offsets_of[entry["rate"]],
+                                latency, predicted).as_dict()
+            entry["sims"][name] = {"report": sim, "error": sim_error(entry["report"], sim)}
 
 
 SIM_COMPARED = ("request_throughput", "output_token_throughput", "latency_mean", "latency_p99",
@@ -191,7 +251,8 @@ def sim_error(live: dict, sim: dict) -> dict:
 
 
 # ---- runs ----------------------------------------------------------------------------------------------
-def run_live_mode(args, mode: str, placement: str, requests, schedules, slo, results_out: list) -> None:
+def run_live_mode(args, mode: str, placement: str, requests, schedules, slo, results_out: list,
+                  slice_log: list) -> None:
     import asyncio
 
     from bench.loadgen import live_report, run_load, serving_metrics, snapshot_delta, wait_for_snapshot_settle
@@ -221,15 +282,12 @@ def run_live_mode(args, mode: str, placement: str, requests, schedules, slo, res
             delta = snapshot_delta(before, after)
             entry = record(label, mode, placement, rate, requests, results, wall, delta, slo, load,
                            load_average(), startup, sampler.samples, args.replicas)
-            if not args.no_sim:
-                sim = simulate_same(args, mode, placement, requests, offsets, args.budget == "true")
-                entry["sim"] = sim.as_dict()
-                entry["sim_error"] = sim_error(entry["report"], entry["sim"])
             results_out.append(entry)
             save(args.out, args, results_out)
             log.info("%s rate=%s: %.2f req/s, %.0f tok/s, p99 %.1f s, failed %d", label, rate,
                      entry["report"]["request_throughput"], entry["report"]["output_token_throughput"],
                      entry["report"]["latency_p99"], entry["serving"]["failed"])
+        slice_log.extend(store.slice_log())
     finally:
         cluster.stop()
 
@@ -298,11 +356,14 @@ def run(args) -> int:
         from bench.vllm_peer import run_peer
 
         run_peer(args, requests, schedules, slo, runs, model_dir)
+    slice_log: list[dict] = []
     for mode in args.modes:
-        run_live_mode(args, mode, args.placements[0], requests, schedules, slo, runs)
+        run_live_mode(args, mode, args.placements[0], requests, schedules, slo, runs, slice_log)
     if "scls" in args.modes:
         for placement in args.placements[1:]:
-            run_live_mode(args, "scls", placement, requests, schedules, slo, runs)
+            run_live_mode(args, "scls", placement, requests, schedules, slo, runs, slice_log)
+    if not args.no_sim:
+        simulate_runs(args, runs, requests, schedules, slice_log)
     path = save(args.out, args, runs)
     data = json.loads(path.read_text())
     bench_report.write_all(data, args.out)

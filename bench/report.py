@@ -57,22 +57,23 @@ def ratio_table(runs: list[dict]) -> str:
 
 
 def sim_table(runs: list[dict]) -> str:
-    lines = ["| system | rate | live req/s | sim req/s | err | live tok/s | sim tok/s | err | live p99 | sim p99 | err "
-             "| live valid | sim valid | live batch | sim batch |", "|" + "---|" * 15]
+    """Live figures beside the simulator's on the same trace, one row per (run, calibration)."""
+    lines = ["| system | rate | sim profile | live req/s | sim req/s | err | live tok/s | sim tok/s | err | live p99 "
+             "| sim p99 | err | live valid | sim valid | live batch | sim batch |", "|" + "---|" * 16]
     for run in runs:
-        sim = run.get("sim")
-        if not sim:
-            continue
-        live, err = run["report"], run["sim_error"]
+        live = run["report"]
+        for profile, sim in (run.get("sims") or {}).items():
+            rep, err = sim["report"], sim["error"]
 
-        def pct(k):
-            return "–" if err.get(k) is None else f"{100 * err[k]:+.0f}%"
-        lines.append(
-            f"| {run['label']} | {_rate(run['rate'])} | {live['request_throughput']:.3f} | {sim['request_throughput']:.3f} | "
-            f"{pct('request_throughput')} | {live['output_token_throughput']:.0f} | {sim['output_token_throughput']:.0f} | "
-            f"{pct('output_token_throughput')} | {live['latency_p99']:.1f} | {sim['latency_p99']:.1f} | {pct('latency_p99')} | "
-            f"{live['valid_token_ratio']:.3f} | {sim['valid_token_ratio']:.3f} | {live['mean_batch_size']:.1f} | "
-            f"{sim['mean_batch_size']:.1f} |")
+            def pct(k):
+                return "–" if err.get(k) is None else f"{100 * err[k]:+.0f}%"
+            lines.append(
+                f"| {run['label']} | {_rate(run['rate'])} | {profile} | {live['request_throughput']:.3f} | "
+                f"{rep['request_throughput']:.3f} | {pct('request_throughput')} | "
+                f"{live['output_token_throughput']:.0f} | {rep['output_token_throughput']:.0f} | "
+                f"{pct('output_token_throughput')} | {live['latency_p99']:.1f} | {rep['latency_p99']:.1f} | "
+                f"{pct('latency_p99')} | {live['valid_token_ratio']:.3f} | {rep['valid_token_ratio']:.3f} | "
+                f"{live['mean_batch_size']:.1f} | {rep['mean_batch_size']:.1f} |")
     return "\n".join(lines)
 
 

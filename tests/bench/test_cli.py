@@ -58,19 +58,36 @@ def _run(label, mode, rate, tput, p99):
     run = {"label": label, "mode": mode, "rate": rate, "serving": serving, "report": rep, "load_before": 1.0,
            "latencies": [1.0, 2.0, p99], "busy_samples": [[0.0, {"a": 0.0, "b": 0.0}], [1.0, {"a": 1.0, "b": 0.8}]]}
     if mode != "vllm":
-        run["sim"] = dict(rep, request_throughput=tput * 1.1)
-        run["sim_error"] = cli.sim_error(rep, run["sim"])
+        sims = {"packaged": dict(rep, request_throughput=tput * 1.1), "in_situ": dict(rep, request_throughput=tput * 0.97)}
+        run["sims"] = {k: {"report": v, "error": cli.sim_error(rep, v)} for k, v in sims.items()}
     return run
+
+
+def test_in_situ_calibration_is_fitted_from_logged_slices_and_saved(tmp_path):
+    from balancer.estimators import BilinearLatencyModel
+    from predictor.latency import read_profile
+
+    true = BilinearLatencyModel(a=2e-6, b=1e-4, c=3e-6, d=5e-3, e=4e-8, f=2e-5, g=1e-7, h=3e-3)
+    log = [{"n": n, "max_input_len": L, "resumed_rows": 0, "prefill_time": true.prefill_time(n, L),
+            "decode_step_times": [true.decode_step_time(n, L + j) for j in range(4)]}
+           for n in (1, 4, 16) for L in (32, 128, 512)]
+    models = cli.calibrations(parse(["--out", str(tmp_path)]), log)
+    assert set(models) == {"packaged", "in_situ"}
+    assert models["in_situ"].batch_time(8, 256, 64) == pytest.approx(true.batch_time(8, 256, 64), rel=1e-3)
+    assert read_profile(tmp_path / "profile_in_situ.json").model == models["in_situ"]
+    # too few slices to fit: only the packaged profile
+    assert set(cli.calibrations(parse(["--out", str(tmp_path)]), log[:2])) == {"packaged"}
 
 
 def test_report_tables_and_plots(tmp_path):
     runs = [_run("scls", "scls", None, 2.0, 10.0), _run("sls", "sls", None, 1.0, 30.0),
             _run("vllm", "vllm", None, 4.0, 5.0)]
-    assert runs[0]["sim_error"]["request_throughput"] == pytest.approx(0.1)
+    assert runs[0]["sims"]["packaged"]["error"]["request_throughput"] == pytest.approx(0.1)
     md = report.markdown({"args": {"requests": 10, "replicas": 2}, "machine": {}, "runs": runs})
     assert "| sls | 2.00x | 2.00x | 3.00x |" in md.replace("| inf ", "")
     assert "| vllm | 0.50x |" in md.replace("| inf ", "")
-    assert "+10%" in md
+    assert "| scls | inf | packaged | 2.000 | 2.200 | +10% |" in md
+    assert "| scls | inf | in_situ | 2.000 | 1.940 | -3% |" in md
     report.write_all({"args": {}, "machine": {}, "runs": runs}, tmp_path)
     for name in ("bench.md", "throughput_p99_vs_rate.png", "latency_cdf.png", "replica_busy.png"):
         assert (tmp_path / name).stat().st_size > 0
