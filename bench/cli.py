@@ -95,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait-max", type=float, default=900.0, help="longest wait for --wait-load, s (default: 900)")
     p.add_argument("--out", type=Path, default=Path("runs/bench/latest"), help="output folder")
     p.add_argument("--plots-only", type=Path, default=None, help="redraw plots + table from a bench.json")
+    p.add_argument("--resimulate", type=Path, default=None,
+                   help="replay a saved bench.json's live runs in the simulator again (uses the slice_log.json "
+                        "beside it and that run's arguments), then redraw")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -215,13 +218,16 @@ def calibrations(args, slice_log: list[dict]) -> dict:
     models = {"packaged": read_profile(None).model}
     samples = samples_from_slice_log(slice_log)
     try:
-        fitted = fit_bilinear(samples.prefill, samples.decode)
+        # Plain least squares, not the profiler's relative error: under contention step times have a heavy
+        # tail (a step's mean was 1.25x its median here), and the simulator must reproduce sums of them.
+        fitted = fit_bilinear(samples.prefill, samples.decode, relative=False)
     except ValueError as exc:
         log.warning("no in-situ profile from %d logged slices: %s", len(slice_log), exc)
         return models
     Profile(fitted, {"engine": "hf", **hardware_key("cpu")}, samples,
             meta={"source": "slice timings logged by the live bench runs", "slices": len(slice_log)}
             ).save(args.out / "profile_in_situ.json")
+    (args.out / "slice_log.json").write_text(json.dumps(slice_log))
     models["in_situ"] = fitted
     return models
 
@@ -287,7 +293,10 @@ def run_live_mode(args, mode: str, placement: str, requests, schedules, slo, res
             log.info("%s rate=%s: %.2f req/s, %.0f tok/s, p99 %.1f s, failed %d", label, rate,
                      entry["report"]["request_throughput"], entry["report"]["output_token_throughput"],
                      entry["report"]["latency_p99"], entry["serving"]["failed"])
-        slice_log.extend(store.slice_log())
+        logged = store.slice_log()
+        for row in logged:
+            row["label"] = label
+        slice_log.extend(logged)
     finally:
         cluster.stop()
 
@@ -329,6 +338,38 @@ def machine_facts() -> dict:
             "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
+def workload(args):
+    """(model dir, the ShareGPT sample, one arrival schedule per rate): the same for every system in a run."""
+    from transformers import AutoTokenizer
+
+    from bench.loadgen import arrivals, sharegpt_requests
+    from worker.make_model import ensure_default_model
+
+    model_dir = ensure_default_model()
+    requests = sharegpt_requests(AutoTokenizer.from_pretrained(model_dir), args.requests, args.seed,
+                                 args.max_gen_len)
+    schedules = [(rate, arrivals(len(requests), rate, args.burstiness, args.seed)) for rate in args.rates]
+    return model_dir, requests, schedules
+
+
+def resimulate(path: Path) -> int:
+    from bench import report as bench_report
+
+    data = json.loads(path.read_text())
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    for k, v in data["args"].items():
+        setattr(args, k, Path(v) if k in ("out", "plots_only", "resimulate") and v not in (None, "None") else v)
+    args.out = path.parent
+    _, requests, schedules = workload(args)
+    simulate_runs(args, data["runs"], requests, schedules, json.loads((path.parent / "slice_log.json").read_text()))
+    path.write_text(json.dumps(data, indent=1, default=str))
+    bench_report.write_all(data, path.parent)
+    print((path.parent / "bench.md").read_text())
+    return 0
+
+
 def run(args) -> int:
     from bench import report as bench_report
 
@@ -341,15 +382,12 @@ def run(args) -> int:
         print((out / "bench.md").read_text())
         return 0
 
-    from transformers import AutoTokenizer
+    if args.resimulate:
+        return resimulate(args.resimulate)
 
-    from bench.loadgen import SLO, arrivals, sharegpt_requests
-    from worker.make_model import ensure_default_model
+    from bench.loadgen import SLO
 
-    model_dir = ensure_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    requests = sharegpt_requests(tokenizer, args.requests, args.seed, args.max_gen_len)
-    schedules = [(rate, arrivals(len(requests), rate, args.burstiness, args.seed)) for rate in args.rates]
+    model_dir, requests, schedules = workload(args)
     slo = SLO(ttft=args.slo_ttft, tpot=args.slo_tpot, e2el=args.slo_e2el)
     runs: list = []
     if args.vllm:
