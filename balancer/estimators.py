@@ -69,10 +69,12 @@ class BilinearLatencyModel:
         return self.e * n * context_len + self.f * n + self.g * context_len + self.h
 
     def batch_time(self, n, max_input_len: int, steps: int):
-        # n and max_input_len broadcast (the DP batcher passes a column of lengths and a row of sizes).
-        n = np.asarray(n, dtype=float) if not np.isscalar(n) else float(n)
-        length = np.asarray(max_input_len, dtype=float) if not np.isscalar(max_input_len) else float(max_input_len)
-        s = float(max(steps, 0))
+        # n and max_input_len broadcast (the DP batcher passes a column of lengths and a row of sizes). Every
+        # product below has a float coefficient, so ints and integer arrays need no conversion; lists do.
+        if isinstance(n, (list, tuple)):
+            n = np.asarray(n, dtype=float)
+        length = np.asarray(max_input_len, dtype=float) if isinstance(max_input_len, (list, tuple)) else max_input_len
+        s = float(steps) if steps > 0 else 0.0
         # Σ_{j<s} (L + j) = s·L + s(s-1)/2
         context_sum = s * length + s * (s - 1.0) / 2.0
         decode = self.e * n * context_sum + self.f * n * s + self.g * context_sum + self.h * s

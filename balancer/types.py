@@ -21,7 +21,10 @@ class FinishReason(str, enum.Enum):
 
     @property
     def is_final(self) -> bool:
-        return self is not FinishReason.SLICE_END
+        return self is not _SLICE_END  # a module constant: enum member lookup on the class is slow
+
+
+_SLICE_END = FinishReason.SLICE_END
 
 
 class Mode(str, enum.Enum):
@@ -101,14 +104,16 @@ class Batch:
     """Estimated peak KV-cache bytes."""
     cheaper_on: dict[str, float] = field(default_factory=dict)
     """Replicas that hold some rows' KV caches, and the batch's (lower) estimated time there."""
+    max_input_len: int = field(init=False)
+    """The longest row's input when the batch was formed (what every row is padded to)."""
+
+    def __post_init__(self) -> None:
+        # Fixed at formation: the rows' input_len grows once the slice's tokens are applied.
+        self.max_input_len = max((r.input_len for r in self.requests), default=0)
 
     @property
     def size(self) -> int:
         return len(self.requests)
-
-    @property
-    def max_input_len(self) -> int:
-        return max(r.input_len for r in self.requests)
 
     @property
     def request_ids(self) -> list[str]:
