@@ -21,7 +21,7 @@ from balancer.batcher import plan_batches, split_for_parallelism
 from balancer.config import SchedulerConfig
 from balancer.estimators import MemoryEstimator, SliceTimeEstimator
 from balancer.ordering import make_ordering, select
-from balancer.placement import ReplicaState, cost_on, make_placement
+from balancer.placement import OpenReplicas, ReplicaState, cost_on, make_placement
 from balancer.types import Assignment, Batch, FinishReason, Mode, Request, SliceResult
 
 
@@ -49,7 +49,7 @@ class Scheduler:
         self.pool: dict[str, Request] = {}
         self.running: dict[str, Request] = {}
         self.replicas: dict[str, ReplicaState] = {}
-        self._open: set[str] = set()  # replicas with a free slot: no scan of the whole fleet per decision
+        self._index = OpenReplicas()  # which replicas have a free slot, kept up to date: no fleet scan per round
         self.stats = SchedulerStats()
         self._owner: dict[str, str] = {}  # batch id -> replica id
         self._aborted: set[str] = set()
@@ -66,14 +66,14 @@ class Scheduler:
             return
         slots = self.config.ils_max_concurrency if self.config.mode is Mode.ILS else self.config.queue_depth
         self.replicas[replica_id] = ReplicaState(replica_id, slots, expected_free_at=now)
-        self._open.add(replica_id)
+        self._index.update(self.replicas[replica_id])
 
     def remove_replica(self, replica_id: str, now: float) -> list[Request]:
         """Forget a replica (dead or drained); everything it held goes back to the pool, unchanged."""
         replica = self.replicas.pop(replica_id, None)
         if replica is None:
             return []
-        self._open.discard(replica_id)
+        self._index.discard(replica_id)
         returned: list[Request] = []
         for batch_id in list(replica.inflight):
             returned += self._return_batch(replica.inflight.pop(batch_id), now)
@@ -90,7 +90,6 @@ class Scheduler:
             return []
         replica = self.replicas[replica_id]
         batch = replica.inflight.pop(batch_id)
-        self._open.add(replica_id)
         self._refresh_expected_free(replica, now)
         return self._return_batch(batch, now)
 
@@ -128,21 +127,22 @@ class Scheduler:
     # ---- scheduling -----------------------------------------------------------------------------------
     def schedule(self, now: float) -> list[Assignment]:
         """Place as much of the pool as the replicas' free slots take, and return the placements."""
-        if not self.pool or not self._open:
+        free = self._index.free_slots
+        if not self.pool or free <= 0:
             return []
-        open_replicas = [self.replicas[rid] for rid in sorted(self._open)]
-        free = sum(r.free_slots for r in open_replicas)
         if self.config.mode is Mode.SCLS:
-            batches = self._slice_batches(now, free, open_replicas)
+            batches = self._slice_batches(now, free)
         elif self.config.mode is Mode.SLS:
             batches = self._static_batches(now, free)
         else:
             batches = self._admissions(now, free)
-        assignments = self.placement.place(batches, open_replicas, now)
+        if not batches:
+            return []
+        assignments = self.placement.place(batches, self.placement.candidates(batches, self._index, now), now)
+        for replica_id in {a.replica_id for a in assignments}:
+            self._index.update(self.replicas[replica_id])
         for a in assignments:
             self._owner[a.batch.id] = a.replica_id
-            if self.replicas[a.replica_id].free_slots <= 0:
-                self._open.discard(a.replica_id)
             for r in a.batch.requests:
                 del self.pool[r.id]
                 self.running[r.id] = r
@@ -150,7 +150,7 @@ class Scheduler:
             self.stats.rows_scheduled += a.batch.size
         return assignments
 
-    def _slice_batches(self, now: float, free: int, open_replicas: list[ReplicaState]) -> list[Batch]:
+    def _slice_batches(self, now: float, free: int) -> list[Batch]:
         cfg = self.config
         pool = list(self.pool.values())
         limit = free * cfg.max_batch_size
@@ -158,9 +158,8 @@ class Scheduler:
         # only if the DP makes more batches than there are slots.
         candidates = pool if len(pool) <= limit else select(pool, self.ordering, now, cfg.max_wait, limit=limit)
         plan = plan_batches(candidates, cfg.slice_len, self.time, self.memory, cfg.max_batch_size)
-        idle = sum(1 for r in open_replicas if not r.inflight)
         groups = split_for_parallelism(
-            plan.groups, min(idle, free),
+            plan.groups, min(self._index.idle, free),
             lambda g: float(self.time.batch_time(len(g), max(r.input_len for r in g), cfg.slice_len)),
         )
         if len(groups) > free:
@@ -230,7 +229,6 @@ class Scheduler:
             return []
         replica = self.replicas[replica_id]
         batch = replica.inflight.pop(result.batch_id)
-        self._open.add(replica_id)
         replica.busy_time += result.elapsed
         self._refresh_expected_free(replica, now)
         self.stats.batches_completed += 1
@@ -306,7 +304,9 @@ class Scheduler:
         return returned
 
     def _refresh_expected_free(self, replica: ReplicaState, now: float) -> None:
+        """After a batch left the replica: re-estimate when it is free, and re-index it."""
         left = sum(cost_on(b, replica.id) for b in replica.inflight.values())
         if self.config.mode is Mode.ILS:  # requests share the continuous batch rather than queueing
             left /= max(self.config.ils_max_concurrency, 1)
         replica.expected_free_at = now + left
+        self._index.update(replica)
