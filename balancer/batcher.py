@@ -8,13 +8,14 @@ member, so mixing far-apart lengths only adds padding.
 
 best[j] = min over s in 1..cap(L_j) of best[j - s] + cost(s, L_j)
 
-The costs for every (j, s) come from one vectorised call to the estimator, so the loop over j is a few
-NumPy operations each; ten thousand candidates take tens of milliseconds.
+The costs for every (j, s) come from one vectorised call to the estimator; the recurrence is then a short
+loop per row.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,29 +63,40 @@ def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, 
 
     width = int(min(caps.max(), n))
     sizes = np.arange(1, width + 1, dtype=np.int64)
-    # cost[j, s-1]: a batch of s rows ending at sorted index j (its longest row), for every j at once.
-    cost = np.asarray(time.batch_time(sizes[None, :], lengths[:, None], steps), dtype=float)
-    cost = np.broadcast_to(cost, (n, width))
-
-    best = np.empty(n + 1)
-    best[0] = 0.0
-    take = np.zeros(n + 1, dtype=np.int64)
-    for j in range(1, n + 1):
-        cap = int(min(caps[j - 1], j, width))
-        # candidates: previous split point j - s for s = 1..cap
-        totals = best[j - cap:j][::-1] + cost[j - 1, :cap]
-        s = int(np.argmin(totals))
-        best[j] = totals[s]
-        take[j] = s + 1
+    # cost[j][s-1]: a batch of s rows ending at sorted index j (its longest row), for every j at once. The
+    # recurrence itself runs on Python lists: its windows are a few dozen wide, where NumPy's per-call
+    # overhead costs more than the arithmetic.
+    cost = np.broadcast_to(np.asarray(time.batch_time(sizes[None, :], lengths[:, None], steps), dtype=float),
+                           (n, width)).tolist()
+    best, take = _least_total_splits(cost, np.minimum(caps, width).tolist())
 
     groups: list[list[Request]] = []
     j = n
     while j > 0:
-        s = int(take[j])
+        s = take[j]
         groups.append(ordered[j - s:j])
         j -= s
     groups.reverse()
-    return BatchPlan(groups, float(best[n]), unfit)
+    return BatchPlan(groups, best[n], unfit)
+
+
+def _least_total_splits(cost: list[list[float]], caps: list[int]) -> tuple[list[float], list[int]]:
+    """best[j]: least total cost of the first j rows; take[j]: the size of the last batch in that split.
+
+    best[j] = min over s in 1..min(caps[j-1], j) of best[j - s] + cost[j-1][s-1], the smallest s on ties.
+    """
+    n = len(cost)
+    best = [0.0] * (n + 1)
+    take = [0] * (n + 1)
+    for j in range(1, n + 1):
+        row = cost[j - 1]
+        least, size = math.inf, 0
+        for s in range(1, min(caps[j - 1], j) + 1):
+            total = best[j - s] + row[s - 1]
+            if total < least:
+                least, size = total, s
+        best[j], take[j] = least, size
+    return best, take
 
 
 def split_for_parallelism(groups: list[list[Request]], workers: int, cost) -> list[list[Request]]:
