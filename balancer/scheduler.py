@@ -192,32 +192,38 @@ class Scheduler:
         chosen = select(list(self.pool.values()), self.ordering, now, self.config.max_wait, limit=free)
         return [self._make_batch([r], r.remaining) for r in chosen]
 
-    def _time_with_cache_on(self, batch: Batch, replica_id: str) -> float:
-        """Rows whose KV cache is kept on ``replica_id`` skip the re-prefill there: their prefill shrinks to
-        one token each, while the decode steps stay (every row still attends over its padded context)."""
-        fresh = [r for r in batch.requests if r.kv_replica != replica_id]
-        n, longest = batch.size, batch.max_input_len
-        full_prefill = float(self.time.batch_time(n, longest, 0))
-        if fresh:
-            prefill = float(self.time.batch_time(len(fresh), max(r.input_len for r in fresh), 0))
-        else:
-            prefill = float(self.time.batch_time(n, 1, 0))
-        return max(batch.est_time - full_prefill + prefill, 0.0)
+    def _cache_holder_costs(self, batch: Batch) -> dict[str, float]:
+        """The replicas that keep some rows' KV caches, and the batch's estimated time on each.
+
+        Rows whose cache is kept there skip the re-prefill: their prefill shrinks to one token each, while the
+        decode steps stay (every row still attends over its padded context).
+        """
+        holders = {r.kv_replica for r in batch.requests if r.kv_replica is not None}
+        if not holders:
+            return {}
+        n = batch.size
+        full_prefill = float(self.time.batch_time(n, batch.max_input_len, 0))
+        costs = {}
+        for holder in holders:
+            if holder not in self.replicas:
+                continue
+            fresh = [r.input_len for r in batch.requests if r.kv_replica != holder]
+            if fresh:
+                prefill = float(self.time.batch_time(len(fresh), max(fresh), 0))
+            else:
+                prefill = float(self.time.batch_time(n, 1, 0))
+            costs[holder] = max(batch.est_time - full_prefill + prefill, 0.0)
+        return costs
 
     def _make_batch(self, requests: list[Request], step_cap: int) -> Batch:
         steps = min(step_cap, max(r.remaining for r in requests))
         expected_steps = min(steps, max(int(math.ceil(r.predicted_remaining)) for r in requests))
-        longest = max(r.input_len for r in requests)
-        batch = Batch(
-            id=f"{self.batch_prefix}{next(self._batch_ids)}",
-            requests=list(requests),
-            steps=steps,
-            est_time=float(self.time.batch_time(len(requests), longest, expected_steps)),
-            est_bytes=float(self.memory.batch_bytes(len(requests), longest, steps)),
-        )
+        batch = Batch(id=f"{self.batch_prefix}{next(self._batch_ids)}", requests=list(requests), steps=steps)
+        n, longest = batch.size, batch.max_input_len
+        batch.est_time = float(self.time.batch_time(n, longest, expected_steps))
+        batch.est_bytes = float(self.memory.batch_bytes(n, longest, steps))
         if self.config.kv_reuse:
-            holders = {r.kv_replica for r in requests if r.kv_replica is not None}
-            batch.cheaper_on = {h: self._time_with_cache_on(batch, h) for h in holders if h in self.replicas}
+            batch.cheaper_on = self._cache_holder_costs(batch)
         return batch
 
     # ---- results --------------------------------------------------------------------------------------
