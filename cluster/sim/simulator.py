@@ -7,6 +7,7 @@ dispatcher does after each wake-up.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import time as wallclock
@@ -74,6 +75,17 @@ class Simulation:
         heapq.heappush(self._events, (t, next(self._seq), kind, payload))
 
     def run(self) -> RunReport:
+        # The run allocates millions of small acyclic objects (requests, batches, results, events): the cyclic
+        # garbage collector's passes over them cost a quarter of the run and free nothing.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _run(self) -> RunReport:
         started = wallclock.perf_counter()
         for r in self.workload:
             self._push(r.arrival, _ARRIVAL, r)
