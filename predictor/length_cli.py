@@ -73,6 +73,8 @@ def run(args) -> int:
         print(summary)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(f"# Length predictor report\n\n{table}\n\n{summary}\n\nCommand: `{command}`\n")
+        args.report.write_text(f"# Length predictor report\n\n{table}\n\n{summary}\n\nCommand: `{command}`\n\n"
+                               "The prompt-only ceiling and the fine-tuned-encoder experiment: "
+                               "`length_experiments.md`.\n")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
