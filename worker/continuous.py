@@ -22,11 +22,15 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from worker import kv
 from worker.protocol import ItemOutput, SliceItem
 from worker.runner import ModelRunner, RowState, choose, decode_inputs, prefill
+
+
+GROWTH = 64
+"""Decode steps the running batch's cache has room for before it is copied into a bigger buffer."""
 
 
 @dataclass
@@ -58,8 +62,11 @@ class ContinuousBatchingEngine:
         self.max_concurrency = max_concurrency
         self.waiting: deque[RowState] = deque()
         self.running: list[RowState] = []
-        self._cache: DynamicCache | None = None
+        self._cache: DynamicCache | StaticCache | None = None
         self._mask: torch.Tensor | None = None
+        self._used = 0
+        """Columns of ``_mask``/``_cache`` written so far; the rest is room to grow in place."""
+        self._preallocate = True
         self.stats = CBStats()
 
     @classmethod
@@ -117,8 +124,7 @@ class ContinuousBatchingEngine:
             finished += [r.output() for r in self.running if r.done]
             self.running = [self.running[b] for b in keep]
             if keep:
-                layers, self._mask = kv.select(kv.cache_layers(self._cache), self._mask, keep)
-                self._cache = kv.make_cache(layers, self.runner.config)
+                self._hold(*kv.select(*self._filled(), keep))
             else:
                 self._cache = self._mask = None
         self.stats.finished += len(finished)
@@ -132,20 +138,36 @@ class ContinuousBatchingEngine:
         self.stats.pad_tokens += state.pad_tokens
         self.stats.generated_tokens += len(rows)
         if self._cache is None:
-            self._cache, self._mask = state.cache, state.mask
+            self._hold(kv.cache_layers(state.cache), state.mask)
         else:
-            layers, self._mask = kv.concat(
-                kv.cache_layers(self._cache), self._mask, kv.cache_layers(state.cache), state.mask
-            )
-            self._cache = kv.make_cache(layers, self.runner.config)
+            self._hold(*kv.concat(*self._filled(), kv.cache_layers(state.cache), state.mask))
         self.running += rows
+
+    def _filled(self) -> tuple[kv.Layers, torch.Tensor]:
+        return kv.filled(kv.cache_layers(self._cache), self._mask, self._used)
+
+    def _hold(self, layers: kv.Layers, mask: torch.Tensor) -> None:
+        """Keep the running batch's KV with room for ``GROWTH`` decode steps written in place (a join, a leave
+        or a full buffer copies it anyway; between those, steps copy nothing)."""
+        self._used = mask.shape[1]
+        grown = kv.preallocated(layers, mask, GROWTH, self.runner.config) if self._preallocate else None
+        if grown is None:
+            self._preallocate = False  # not plain full-attention layers: grow by concatenation
+            self._cache, self._mask = kv.make_cache(layers, self.runner.config), mask
+        else:
+            self._cache, self._mask = grown
 
     def _decode(self) -> None:
         ids, pos = decode_inputs(self.running)
-        mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
+        if self._preallocate and self._used == self._mask.shape[1]:
+            self._hold(*self._filled())
+        if self._used < self._mask.shape[1]:
+            self._mask[:, self._used] = 1
+        else:
+            self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
+        self._used += 1
         t0 = time.perf_counter()
-        logits, self._cache = self.runner.forward(ids, mask, pos, self._cache)
-        self._mask = mask
+        logits, self._cache = self.runner.forward(ids, self._mask, pos, self._cache)
         choose(logits, self.running, list(range(len(self.running))))
         self.runner.sync()
         dt = time.perf_counter() - t0

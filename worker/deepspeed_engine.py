@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from worker.hf_engine import DEFAULT_KV_BUDGET_BYTES, HFEngine, load_model, resolve_dtype
+from worker.hf_engine import DEFAULT_KV_BUDGET_BYTES, PREALLOCATE_STEPS, HFEngine, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class DeepSpeedEngine(HFEngine):
             kv_reuse=kv_reuse and not kernel_inject,
             kv_budget_bytes=kv_budget_bytes,
             forward=self.ds_engine,
+            # Injected kernels keep their own KV layout; hand them only the growing transformers cache.
+            preallocate_steps=0 if kernel_inject else PREALLOCATE_STEPS,
         )
 
     @classmethod

@@ -28,6 +28,7 @@ from worker.runner import ModelRunner, RowState, choose, decode_inputs, prefill
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_BUDGET_BYTES = 512 << 20
+PREALLOCATE_STEPS = 256
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -75,10 +76,15 @@ class HFEngine:
         kv_reuse: bool = True,
         kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
         forward=None,
+        preallocate_steps: int = PREALLOCATE_STEPS,
     ):
         self.model = model
         self.runner = ModelRunner(model, forward=forward)
         self.kv_reuse = kv_reuse
+        self.preallocate_steps = preallocate_steps
+        """Runs of at most this many decode steps write into a cache allocated once (0: never). Longer runs
+        (a static batch run to its budget) grow as they go: most of a budget-sized buffer may never be used,
+        and every step would attend over all of it."""
         self.store = kv.KVStore(kv_budget_bytes)
 
     @classmethod
@@ -130,13 +136,22 @@ class HFEngine:
         result.kv_reused = all(r.kv_reused for r in live)
         choose(logits, live, list(range(len(live))))
         cache, mask = state.cache, state.mask
+        width = mask.shape[1]
+        static = None
+        if 0 < max_steps - 1 <= self.preallocate_steps:
+            static = kv.preallocated(kv.cache_layers(cache), mask, max_steps - 1, runner.config)
+        if static is not None:
+            cache, mask = static
 
-        for _ in range(max_steps - 1):
+        for step in range(max_steps - 1):
             active = [b for b, r in enumerate(live) if not r.done]
             if not active:
                 break
             ids, pos = decode_inputs(live)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            if static is not None:
+                mask[:, width + step] = 1
+            else:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             t0 = time.perf_counter()
             logits, cache = runner.forward(ids, mask, pos, cache)
             choose(logits, live, active)

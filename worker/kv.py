@@ -16,8 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import DynamicLayer, StaticLayer
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 """Per model layer, (keys, values), each [B, H, T, D]."""
@@ -52,6 +52,31 @@ def make_cache(layers: Layers, config) -> DynamicCache:
         layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v
     return cache
+
+
+def preallocated(layers: Layers, mask: torch.Tensor, extra: int, config) -> tuple[StaticCache, torch.Tensor] | None:
+    """``layers`` copied into a ``StaticCache`` with room for ``extra`` more tokens, and the mask widened with
+    zeros for them (``None`` when the model's layers are not plain full-attention ones).
+
+    A ``DynamicCache`` grows by concatenation, i.e. copies the whole KV at every decode step; a slice runs at
+    most S steps, so its cache can be allocated once. Each forward then writes the next column in place (the
+    layers count what they hold), and the caller marks that column real in the mask.
+    """
+    width = mask.shape[1]
+    static = StaticCache(config=config, max_cache_len=width + extra)
+    if len(static.layers) != len(layers) or any(type(layer) is not StaticLayer for layer in static.layers):
+        return None
+    for layer, (k, v) in zip(static.layers, layers):
+        layer.lazy_initialization(k, v)
+        layer.keys[:, :, :width].copy_(k)
+        layer.values[:, :, :width].copy_(v)
+        layer.cumulative_length.fill_(width)
+    return static, torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
+
+
+def filled(layers: Layers, mask: torch.Tensor, used: int) -> tuple[Layers, torch.Tensor]:
+    """The first ``used`` columns of a preallocated batch (views, no copy)."""
+    return [(k[:, :, :used], v[:, :, :used]) for k, v in layers], mask[:, :used]
 
 
 def pad_left(layers: Layers, mask: torch.Tensor, width: int) -> tuple[Layers, torch.Tensor]:

@@ -28,8 +28,11 @@ def _check_against_reference(reqs, reference, eos_ids):
 
 @pytest.mark.parametrize("slice_len", [1, 2, 5, None])
 @pytest.mark.parametrize("kv_reuse", [False, True])
-def test_hf_sliced_equals_generate(make_hf, reference, prompts, slice_len, kv_reuse):
-    engines = [make_hf(kv_reuse=kv_reuse), make_hf(kv_reuse=kv_reuse)]
+@pytest.mark.parametrize("preallocate_steps", [256, 0], ids=["preallocated", "grown"])
+def test_hf_sliced_equals_generate(make_hf, reference, prompts, slice_len, kv_reuse, preallocate_steps):
+    """Both ways a slice's cache can grow: written in place into a buffer allocated for the whole slice, or
+    concatenated step by step (runs longer than ``preallocate_steps``, DeepSpeed's injected kernels)."""
+    engines = [make_hf(kv_reuse=kv_reuse, preallocate_steps=preallocate_steps) for _ in range(2)]
     reqs = _reqs(prompts)
     results = run_sliced(engines, reqs, slice_len, seed=slice_len or 0)
     _check_against_reference(reqs, reference, engines[0].eos_token_ids)
@@ -62,10 +65,14 @@ def test_deepspeed_cpu_sliced_equals_generate(ds_engine, reference, prompts, sli
 
 
 @pytest.mark.parametrize("cap", [1, 3, 16])
-def test_continuous_batching_equals_generate(hf_model, reference, prompts, cap):
+@pytest.mark.parametrize("growth", [64, 2])
+def test_continuous_batching_equals_generate(hf_model, reference, prompts, cap, growth, monkeypatch):
+    """``growth`` 2: the running batch outgrows its preallocated room every other step and is moved."""
+    from worker import continuous
     from worker.continuous import ContinuousBatchingEngine
     from worker.protocol import SliceItem
 
+    monkeypatch.setattr(continuous, "GROWTH", growth)
     eng = ContinuousBatchingEngine(hf_model, max_concurrency=cap)
     rng = random.Random(cap)
     pending = list(enumerate(prompts))
