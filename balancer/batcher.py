@@ -47,8 +47,12 @@ def row_caps(lengths: np.ndarray, steps: int, memory: MemoryEstimator, max_batch
 
 
 def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, memory: MemoryEstimator,
-                 max_batch_size: int) -> BatchPlan:
-    """Split ``requests`` into batches of least total estimated time under the memory bound."""
+                 max_batch_size: int, kv_kept: bool = False) -> BatchPlan:
+    """Split ``requests`` into batches of least total estimated time under the memory bound.
+
+    ``kv_kept``: rows with a kept KV cache (``kv_replica`` set) resume by feeding one token, so only the
+    fresh rows of a batch pay a prefill padded to their longest (the engines feed the two kinds apart).
+    """
     ordered = sorted(requests, key=lambda r: (r.input_len, r.id))
     lengths = np.array([r.input_len for r in ordered], dtype=np.int64)
     caps = row_caps(lengths, steps, memory, max_batch_size)
@@ -66,8 +70,12 @@ def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, 
     # cost[j][s-1]: a batch of s rows ending at sorted index j (its longest row), for every j at once. The
     # recurrence itself runs on Python lists: its windows are a few dozen wide, where NumPy's per-call
     # overhead costs more than the arithmetic.
-    cost = np.broadcast_to(np.asarray(time.batch_time(sizes[None, :], lengths[:, None], steps), dtype=float),
-                           (n, width)).tolist()
+    if kv_kept:
+        fresh = np.array([r.kv_replica is None for r in ordered])
+        cost = _costs_with_kept_caches(time, lengths, fresh, sizes, steps).tolist()
+    else:
+        cost = np.broadcast_to(np.asarray(time.batch_time(sizes[None, :], lengths[:, None], steps), dtype=float),
+                               (n, width)).tolist()
     best, take = _least_total_splits(cost, np.minimum(caps, width).tolist())
 
     groups: list[list[Request]] = []
@@ -78,6 +86,28 @@ def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, 
         j -= s
     groups.reverse()
     return BatchPlan(groups, best[n], unfit)
+
+
+def _costs_with_kept_caches(time: SliceTimeEstimator, lengths: np.ndarray, fresh: np.ndarray, sizes: np.ndarray,
+                            steps: int) -> np.ndarray:
+    """cost[j, s-1] for the rows j-s+1..j (sorted by length) when only the fresh ones are prefilled in full.
+
+    Decode runs every row at the longest context L_j. The fresh rows' prefill is padded to the longest fresh
+    row in the window (the last one, the rows being sorted); resumed rows feed one token each.
+    """
+    n = len(lengths)
+    end = np.arange(n)[:, None]
+    start = np.maximum(end - sizes[None, :] + 1, 0)
+    cum_fresh = np.concatenate([[0], np.cumsum(fresh)])
+    n_fresh = cum_fresh[end + 1] - cum_fresh[start]
+    n_resumed = sizes[None, :] - n_fresh
+    last_fresh = np.maximum.accumulate(np.where(fresh, np.arange(n), -1))[end]
+    fresh_len = np.where(last_fresh >= start, lengths[np.maximum(last_fresh, 0)], 0)
+    longest = lengths[:, None].astype(float)
+    decode = time.batch_time(sizes[None, :], longest, steps) - time.batch_time(sizes[None, :], longest, 0)
+    prefill = (np.where(n_fresh > 0, time.batch_time(n_fresh, fresh_len, 0), 0.0)
+               + np.where(n_resumed > 0, time.batch_time(n_resumed, 1, 0), 0.0))
+    return np.asarray(decode + prefill, dtype=float)
 
 
 def _least_total_splits(cost: list[list[float]], caps: list[int]) -> tuple[list[float], list[int]]:

@@ -157,7 +157,8 @@ class Scheduler:
         # When the free slots can take the whole pool, the order cannot change who is chosen: rank lazily,
         # only if the DP makes more batches than there are slots.
         candidates = pool if len(pool) <= limit else select(pool, self.ordering, now, cfg.max_wait, limit=limit)
-        plan = plan_batches(candidates, cfg.slice_len, self.time, self.memory, cfg.max_batch_size)
+        plan = plan_batches(candidates, cfg.slice_len, self.time, self.memory, cfg.max_batch_size,
+                            kv_kept=cfg.kv_reuse)
         groups = split_for_parallelism(
             plan.groups, min(self._index.idle, free),
             lambda g: float(self.time.batch_time(len(g), max(r.input_len for r in g), cfg.slice_len)),

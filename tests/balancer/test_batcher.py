@@ -61,6 +61,44 @@ def test_dp_equals_brute_force_and_respects_memory(lengths, steps, budget, cap, 
         assert np.isclose(plan.total_time, optimum, rtol=1e-9, atol=1e-12)
 
 
+def kept_cache_cost(group, steps: int, latency) -> float:
+    """What the engines spend on a group: fresh rows prefilled padded to their longest, resumed rows one token
+    each, every row decoded at the group's longest context."""
+    fresh = [r.input_len for r in group if r.kv_replica is None]
+    resumed = len(group) - len(fresh)
+    longest = max(r.input_len for r in group)
+    decode = latency.batch_time(len(group), longest, steps) - latency.batch_time(len(group), longest, 0)
+    prefill = (latency.batch_time(len(fresh), max(fresh), 0) if fresh else 0.0) + (
+        latency.batch_time(resumed, 1, 0) if resumed else 0.0)
+    return float(decode + prefill)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.integers(1, 400), st.booleans()), min_size=1, max_size=9),
+    steps=st.integers(1, 64),
+    cap=st.integers(1, 9),
+    latency=models,
+)
+def test_dp_with_kept_caches_equals_brute_force(rows, steps, cap, latency):
+    """With kept caches the DP's cost of a batch is what the engines spend on it; the DP still finds the
+    least total over every contiguous split of the length-sorted rows."""
+    reqs = [request(i, prompt_len=n) for i, (n, _) in enumerate(rows)]
+    for r, (_, kept) in zip(reqs, rows):
+        r.kv_replica = "a" if kept else None
+    plan = plan_batches(reqs, steps, latency, memory(10**9), cap, kv_kept=True)
+    ordered = sorted(reqs, key=lambda r: (r.input_len, r.id))
+    best = float("inf")
+    for cuts in itertools.product([False, True], repeat=len(ordered) - 1):
+        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [len(ordered)]
+        groups = [ordered[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+        if all(len(g) <= cap for g in groups):
+            best = min(best, sum(kept_cache_cost(g, steps, latency) for g in groups))
+    assert np.isclose(plan.total_time, best, rtol=1e-9, atol=1e-12)
+    assert np.isclose(plan.total_time, sum(kept_cache_cost(g, steps, latency) for g in plan.groups),
+                      rtol=1e-9, atol=1e-12)
+
+
 def test_dp_groups_similar_lengths_when_padding_costs():
     # Two clusters of lengths far apart: mixing them pads the short ones to 1000 tokens.
     reqs = [request(i, prompt_len=10 + i) for i in range(4)] + [request(10 + i, prompt_len=1000 + i) for i in range(4)]
