@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,29 @@ def test_report_tables_and_plots(tmp_path):
     report.write_all({"args": {}, "machine": {}, "runs": runs}, tmp_path)
     for name in ("bench.md", "throughput_p99_vs_rate.png", "latency_cdf.png", "replica_busy.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_resimulate_replays_a_saved_bench_with_both_calibrations(tmp_path):
+    """A saved bench.json and its slice log are replayed in the simulator again, without any cluster."""
+    import json
+
+    from balancer.estimators import BilinearLatencyModel
+
+    true = BilinearLatencyModel(a=2e-6, b=1e-4, c=3e-6, d=5e-3, e=4e-8, f=2e-5, g=1e-7, h=3e-3)
+    log = [{"n": n, "max_input_len": L, "resumed_rows": 0, "prefill_time": true.prefill_time(n, L),
+            "decode_step_times": [true.decode_step_time(n, L + j) for j in range(4)]}
+           for n in (1, 4, 16) for L in (32, 128, 512)]
+    run = _run("scls", "scls", None, 2.0, 10.0)
+    run["placement"] = "maxmin"
+    del run["sims"]
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(parse(["--requests", "6"])).items()}
+    (tmp_path / "bench.json").write_text(json.dumps({"args": args, "machine": {}, "runs": [run]}))
+    (tmp_path / "slice_log.json").write_text(json.dumps(log))
+    assert cli.resimulate(tmp_path / "bench.json") == 0
+    sims = json.loads((tmp_path / "bench.json").read_text())["runs"][0]["sims"]
+    assert set(sims) == {"packaged", "in_situ"}
+    for sim in sims.values():
+        assert sim["report"]["requests"] == 6 and sim["report"]["request_throughput"] > 0
+        assert sim["error"]["request_throughput"] == pytest.approx(sim["report"]["request_throughput"] / 2.0 - 1)
+    assert "| scls | inf | in_situ |" in (tmp_path / "bench.md").read_text()
+
