@@ -161,14 +161,14 @@ class SnapshotSampler:
         self._thread.join(timeout=5)
 
 
-def simulate_same(args, mode: str, placement: str, requests, offsets, latency, predicted):
-    """The simulator on the very same trace: same lengths, send offsets, scheduler settings, KV budgets and
-    predicted lengths as the live run, timed by ``latency``."""
+def simulate_same(args, mode: str, placement: str, requests, offsets, latency, predicted, memory,
+                  kv_cache_tokens: int):
+    """The simulator on the very same trace: same lengths, send offsets, scheduler settings, KV budgets
+    (``live_memory``) and predicted lengths as the live run, timed by ``latency``."""
     from balancer.config import SchedulerConfig
     from cluster.sim.simulator import simulate
     from cluster.sim.workload import build_workload
 
-    memory, kv_cache_tokens = live_memory(args)
     pairs = [(r.prompt_len, r.output_len) for r in requests]
     workload = build_workload(pairs, offsets, predicted, ids=[r.id for r in requests])
     cfg = SchedulerConfig(mode=mode, slice_len=args.slice_len, max_gen_len=args.max_gen_len,
@@ -236,6 +236,7 @@ def simulate_runs(args, runs: list, requests, schedules, slice_log: list[dict]) 
     """Replay every live Slicefleet run in the simulator, once per calibration, and record the error."""
     models = calibrations(args, slice_log)
     predicted = predicted_lengths(args, requests)
+    memory, kv_cache_tokens = live_memory(args)
     offsets_of = {rate: offsets for rate, offsets in schedules}
     for entry in runs:
         if entry["mode"] not in MODES:
@@ -243,7 +244,7 @@ def simulate_runs(args, runs: list, requests, schedules, slice_log: list[dict]) 
         entry["sims"] = {}
         for name, latency in models.items():
             sim = simulate_same(args, entry["mode"], entry["placement"], requests, offsets_of[entry["rate"]],
-                                latency, predicted).as_dict()
+                                latency, predicted, memory, kv_cache_tokens).as_dict()
             entry["sims"][name] = {"report": sim, "error": sim_error(entry["report"], sim)}
 
 

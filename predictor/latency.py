@@ -97,6 +97,10 @@ class Samples:
     def add_slice(self, n: int, length: int, prefill_time: float, decode_step_times: Sequence[float]) -> None:
         """Record one slice: decode step j ran at context length ``length + j``."""
         self.prefill.append((int(n), int(length), float(prefill_time)))
+        self.add_decode(n, length, decode_step_times)
+
+    def add_decode(self, n: int, length: int, decode_step_times: Sequence[float]) -> None:
+        """Record a slice's decode steps only: step j ran at context length ``length + j``."""
         for j, t in enumerate(decode_step_times):
             self.decode.append((int(n), int(length) + j, float(t)))
 
@@ -144,12 +148,11 @@ def samples_from_slice_log(rows: Iterable[dict]) -> Samples:
     """
     samples = Samples()
     for row in rows:
-        n, length = int(row["n"]), int(row["max_input_len"])
-        steps = [float(t) for t in row.get("decode_step_times") or []]
+        n, length, steps = row["n"], row["max_input_len"], row.get("decode_step_times") or []
         if int(row.get("resumed_rows", 0)) == 0 and float(row.get("prefill_time") or 0) > 0:
-            samples.prefill.append((n, length, float(row["prefill_time"])))
-        for j, t in enumerate(steps):
-            samples.decode.append((n, length + j, t))
+            samples.add_slice(n, length, row["prefill_time"], steps)
+        else:
+            samples.add_decode(n, length, steps)
     return samples
 
 
