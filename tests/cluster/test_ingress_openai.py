@@ -63,6 +63,14 @@ def _last_incoming(srv) -> str:
     return fields[b"id"].decode()
 
 
+def _next_incoming(srv, seen: int) -> str:
+    """The id of the first request submitted after ``seen`` entries, waiting for it to arrive (under load the
+    ingress may submit it after the client has already given up)."""
+    assert wait_until(lambda: srv.store.r.xlen(srv.store.k.incoming) > seen, 10)
+    (_, fields), *_ = srv.store.r.xrange(srv.store.k.incoming, count=seen + 1)[seen:]
+    return fields[b"id"].decode()
+
+
 def _cancelled(srv, rid) -> bool:
     return bool(wait_until(lambda: any(f[b"id"].decode() == rid
                                        for _, f in srv.store.r.xrange(srv.store.k.cancel)), 5))
@@ -128,10 +136,11 @@ def test_openai_client_errors(srv):
 
 def test_non_streaming_client_disconnect_cancels(srv):
     srv.fake.hold = True
+    seen = srv.store.r.xlen(srv.store.k.incoming)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(srv.base + "/v1/completions", json={"prompt": "bye", "max_tokens": 50},
                    headers={"Authorization": "Bearer sk-test"}, timeout=httpx.Timeout(5, read=0.5))
-    rid = _last_incoming(srv)
+    rid = _next_incoming(srv, seen)
     assert _cancelled(srv, rid)
     assert wait_until(lambda: srv.store.record(rid).finish_reason == "cancelled")
 
