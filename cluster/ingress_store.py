@@ -66,6 +66,11 @@ class AsyncStateStore:
         """Output events after ``last_id``; waits up to ``block_ms`` (at least 1 ms: 0 would mean forever)."""
         block_ms = max(1, min(int(block_ms), 20_000))
         resp = await self.r.xread({self.k.out(rid): last_id}, block=block_ms)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # redis-py sometimes swallows a cancellation that lands inside a blocking read and returns
+            # normally (4 in 200 here); a waiter whose client left would then poll on until its deadline.
+            raise asyncio.CancelledError()
         if not resp:
             return []
         return [(eid, dict(fields)) for eid, fields in resp[0][1]]

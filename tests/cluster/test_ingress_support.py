@@ -286,3 +286,30 @@ def test_snapshot_collector_skips_missing_keys():
     assert "slicefleet_replica_expected_completion_seconds" not in text
     empty = IngressMetrics().render({}).decode()
     assert "slicefleet_dispatcher_snapshot_present 0.0" in empty and "slicefleet_pool_depth" not in empty
+
+
+def test_read_output_honours_a_cancellation_the_redis_client_swallowed():
+    """redis-py can catch a cancellation that lands inside a blocking XREAD and return normally; the store
+    re-raises it, or a request whose client left would keep polling until its deadline."""
+    entered: asyncio.Event | None = None
+
+    async def swallowing_xread(streams, block):
+        entered.set()
+        try:
+            await asyncio.sleep(block / 1000)
+        except asyncio.CancelledError:
+            return []  # what the client library does in the bad case
+        return []
+
+    async def go():
+        nonlocal entered
+        entered = asyncio.Event()
+        store = AsyncStateStore("redis://127.0.0.1:1", "swallow")  # never connects: xread is replaced
+        store.r.xread = swallowing_xread
+        task = asyncio.ensure_future(store.read_output("r1", "0", block_ms=5_000))
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(go(), 2))
