@@ -10,10 +10,12 @@ from balancer.types import Mode
 @dataclass
 class SchedulerConfig:
     mode: Mode = Mode.SCLS
-    """SCLS (slice-level), SLS (static batches to completion) or ILS (continuous batching)."""
+    """``continuous_slices`` (slices over a continuous batch per replica), ``scls`` (the paper's static slice
+    batches), ``sls`` (static batches to completion) or ``ils`` (continuous batching, no slices)."""
 
     slice_len: int = 64
-    """S: decode steps a batch runs before its unfinished requests return to the pool (SCLS only)."""
+    """S: decode steps a batch runs before its unfinished requests return to the pool (SCLS), or a request's
+    lease on its replica before the dispatcher decides again where it continues (continuous slices)."""
 
     max_gen_len: int = 1024
     """G: the largest generation budget any request gets; larger ``max_tokens`` are capped to it."""
@@ -26,6 +28,13 @@ class SchedulerConfig:
 
     ils_max_concurrency: int = 16
     """ILS: most requests a replica decodes at once in its continuous batch."""
+
+    max_running: int = 32
+    """Continuous slices: most requests one replica decodes at once; its KV budget may allow fewer."""
+
+    move_margin: float = 0.25
+    """Continuous slices: at a slice boundary a request moves only if another replica is predicted to finish
+    it this fraction sooner, its re-prefill included (hysteresis: a move costs a prefill and a round trip)."""
 
     ordering: str = "sjf"
     """Which request runs first: ``fcfs``, ``sjf`` (shortest predicted remaining first) or ``hrrn``."""
@@ -51,10 +60,12 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)
         positive = ("slice_len", "max_gen_len", "max_batch_size", "sls_batch_size",
-                    "ils_max_concurrency", "queue_depth")
+                    "ils_max_concurrency", "queue_depth", "max_running")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0.0 <= self.move_margin < 1.0:
+            raise ValueError(f"SchedulerConfig.move_margin must be in [0, 1), got {self.move_margin!r}")
         if self.max_wait <= 0:
             raise ValueError(f"SchedulerConfig.max_wait must be > 0 seconds, got {self.max_wait!r}")
 

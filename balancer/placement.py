@@ -33,6 +33,8 @@ class ReplicaState:
     inflight: dict[str, Batch] = field(default_factory=dict)
     busy_time: float = 0.0
     """Measured serving time of all batches it completed (for load-imbalance figures)."""
+    kv_tokens: int = 0
+    """Continuous slices: KV tokens its rows may fill by the end of their current slices (the memory bound)."""
 
     @property
     def free_slots(self) -> int:

@@ -17,6 +17,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+from balancer import continuous_slices as cs
 from balancer.batcher import plan_batches, split_for_parallelism
 from balancer.config import SchedulerConfig
 from balancer.estimators import MemoryEstimator, SliceTimeEstimator
@@ -53,6 +54,9 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._owner: dict[str, str] = {}  # batch id -> replica id
         self._aborted: set[str] = set()
+        self._batch_of: dict[str, str] = {}  # running request id -> its batch id
+        self._boundary: list[Batch] = []  # continuous slices: leases renewed in place, not yet announced
+        self._rr_cursor = 0
         self._batch_ids = itertools.count()
         self.batch_prefix = "b"
         """Batch ids are ``{batch_prefix}{n}``; a restarted dispatcher sets a new prefix so ids never repeat."""
@@ -64,7 +68,9 @@ class Scheduler:
     def add_replica(self, replica_id: str, now: float = 0.0) -> None:
         if replica_id in self.replicas:
             return
-        slots = self.config.ils_max_concurrency if self.config.mode is Mode.ILS else self.config.queue_depth
+        mode = self.config.mode
+        slots = (self.config.ils_max_concurrency if mode is Mode.ILS
+                 else self.config.max_running if mode is Mode.CONTINUOUS_SLICES else self.config.queue_depth)
         self.replicas[replica_id] = ReplicaState(replica_id, slots, expected_free_at=now)
         self._index.update(self.replicas[replica_id])
 
@@ -78,6 +84,7 @@ class Scheduler:
         for batch_id in list(replica.inflight):
             returned += self._return_batch(replica.inflight.pop(batch_id), now)
             self._owner.pop(batch_id, None)
+        self._boundary = [b for b in self._boundary if b.id in self._owner]
         for req in self.pool.values():  # caches held there are gone
             if req.kv_replica == replica_id:
                 req.kv_replica = None
@@ -89,7 +96,7 @@ class Scheduler:
         if replica_id is None:
             return []
         replica = self.replicas[replica_id]
-        batch = replica.inflight.pop(batch_id)
+        batch = self._take(replica, batch_id)
         self._refresh_expected_free(replica, now)
         return self._return_batch(batch, now)
 
@@ -125,8 +132,19 @@ class Scheduler:
         return float(self.time.batch_time(1, request.input_len, steps))
 
     # ---- scheduling -----------------------------------------------------------------------------------
+    def batch_of(self, request_id: str) -> str | None:
+        """The batch a running request belongs to (``None`` if it is not running)."""
+        return self._batch_of.get(request_id)
+
+    def replica_of(self, request_id: str) -> str | None:
+        """The replica running a request (``None`` if it is not running)."""
+        batch_id = self._batch_of.get(request_id)
+        return None if batch_id is None else self._owner.get(batch_id)
+
     def schedule(self, now: float) -> list[Assignment]:
         """Place as much of the pool as the replicas' free slots take, and return the placements."""
+        if self.config.mode is Mode.CONTINUOUS_SLICES:
+            return self._continuous_round(now)
         free = self._index.free_slots
         if not self.pool or free <= 0:
             return []
@@ -142,13 +160,89 @@ class Scheduler:
         for replica_id in {a.replica_id for a in assignments}:
             self._index.update(self.replicas[replica_id])
         for a in assignments:
-            self._owner[a.batch.id] = a.replica_id
-            for r in a.batch.requests:
-                del self.pool[r.id]
-                self.running[r.id] = r
-            self.stats.batches_scheduled += 1
-            self.stats.rows_scheduled += a.batch.size
+            self._record(a)
         return assignments
+
+    def _record(self, a: Assignment) -> None:
+        self._owner[a.batch.id] = a.replica_id
+        for r in a.batch.requests:
+            self.pool.pop(r.id, None)
+            self.running[r.id] = r
+            self._batch_of[r.id] = a.batch.id
+        self.stats.batches_scheduled += 1
+        self.stats.rows_scheduled += a.batch.size
+
+    # ---- continuous slices ----------------------------------------------------------------------------
+    def _continuous_round(self, now: float) -> list[Assignment]:
+        """Newcomers join first (a waiting request takes a free row before a running one may move into it);
+        then each lease renewed since the last round stays where it is, or moves where it finishes sooner."""
+        out: list[Assignment] = []
+        if self.pool and self._index.free_slots > 0:
+            chosen = select(list(self.pool.values()), self.ordering, now, self.config.max_wait,
+                            limit=self._index.free_slots)
+            batches = [self._make_batch([r], min(self.config.slice_len, r.remaining)) for r in chosen]
+            for batch in sorted(batches, key=lambda b: (-b.est_time, b.id)):
+                target = self._continuous_target(batch, now, exclude=None)
+                if target is not None:
+                    out.append(self._assign_row(batch, target, now))
+        renewed, self._boundary = self._boundary, []
+        for batch in renewed:
+            home_id = self._owner.get(batch.id)
+            if home_id is None or batch.requests[0].id in self._aborted:
+                continue  # its replica is gone or it was cancelled: the pool or the release handles it
+            out.append(self._renew_or_move(batch, self.replicas[home_id], now))
+        for a in out:
+            self._record(a)
+        return out
+
+    def _continuous_target(self, batch: Batch, now: float, exclude: str | None) -> ReplicaState | None:
+        """Where a row joins: the earliest-free replica that has a row and KV room for it (max-min), or the next
+        one in turn (round-robin)."""
+        tokens = cs.batch_tokens(batch)
+        if self.config.placement == "round_robin":
+            ids = sorted(self.replicas)
+            for _ in range(len(ids)):
+                replica = self.replicas[ids[self._rr_cursor % len(ids)]]
+                self._rr_cursor += 1
+                if replica.id != exclude and cs.fits(replica, tokens, self.memory):
+                    return replica
+            return None
+        for replica in self._index.earliest(8, now):
+            if replica.id != exclude and cs.fits(replica, tokens, self.memory):
+                return replica
+        return None
+
+    def _assign_row(self, batch: Batch, replica: ReplicaState, now: float, **kind) -> Assignment:
+        start = max(replica.expected_free_at, now)
+        replica.inflight[batch.id] = batch
+        replica.kv_tokens += cs.batch_tokens(batch)
+        self._refresh_expected_free(replica, now)
+        return Assignment(batch, replica.id, start, replica.expected_free_at, **kind)
+
+    def _renew_or_move(self, batch: Batch, home: ReplicaState, now: float) -> Assignment:
+        req = batch.requests[0]
+        if not self.pool:
+            there = self._continuous_target(batch, now, exclude=home.id)
+            if there is not None and cs.should_move(self.time, req, home, there, self.config.move_margin):
+                self._owner.pop(batch.id, None)
+                self._take(home, batch.id)
+                self._refresh_expected_free(home, now)
+                req.kv_replica = None
+                moved = self._make_batch([req], batch.steps)
+                return self._assign_row(moved, there, now, moved_from=home.id)
+        return Assignment(batch, home.id, now, now + batch.est_time, continues=True)
+
+    def _renew_in_place(self, req: Request, replica: ReplicaState, now: float) -> None:
+        """A lease ended with the request unfinished: its row keeps running there under a new lease at once;
+        the next ``schedule`` announces it (or moves it)."""
+        batch = self._make_batch([req], min(self.config.slice_len, req.remaining))
+        batch.est_time = cs.row_work(self.time, req, self.config.max_running, fresh=False)
+        replica.inflight[batch.id] = batch
+        replica.kv_tokens += cs.batch_tokens(batch)
+        self._owner[batch.id] = replica.id
+        self._batch_of[req.id] = batch.id
+        self.running[req.id] = req
+        self._boundary.append(batch)
 
     def _slice_batches(self, now: float, free: int) -> list[Batch]:
         cfg = self.config
@@ -223,7 +317,9 @@ class Scheduler:
         n, longest = batch.size, batch.max_input_len
         batch.est_time = float(self.time.batch_time(n, longest, expected_steps))
         batch.est_bytes = float(self.memory.batch_bytes(n, longest, steps))
-        if self.config.kv_reuse:
+        if self.config.mode is Mode.CONTINUOUS_SLICES:
+            batch.est_time = cs.row_work(self.time, requests[0], self.config.max_running, fresh=True)
+        elif self.config.kv_reuse:
             batch.cheaper_on = self._cache_holder_costs(batch)
         return batch
 
@@ -235,7 +331,7 @@ class Scheduler:
             self.stats.stale_results += 1
             return []
         replica = self.replicas[replica_id]
-        batch = replica.inflight.pop(result.batch_id)
+        batch = self._take(replica, result.batch_id)
         replica.busy_time += result.elapsed
         self._refresh_expected_free(replica, now)
         self.stats.batches_completed += 1
@@ -243,8 +339,10 @@ class Scheduler:
         outcomes = {o.request_id: o for o in result.outcomes}
         finished: list[Request] = []
         continuing = 0
+        renew = self.config.mode is Mode.CONTINUOUS_SLICES
         for req in batch.requests:
             self.running.pop(req.id, None)
+            self._batch_of.pop(req.id, None)
             if req.id in self._aborted:
                 self._aborted.discard(req.id)
                 continue
@@ -265,11 +363,17 @@ class Scheduler:
                 req.finish_reason = reason
                 req.finished_at = now
                 finished.append(req)
+            elif renew:
+                req.kv_replica = replica_id
+                self._renew_in_place(req, replica, now)
+                continuing += 1
             else:
                 req.pool_since = now
                 req.kv_replica = replica_id if self.config.kv_reuse else None
                 self.pool[req.id] = req
                 continuing += 1
+        if renew:
+            self._refresh_expected_free(replica, now)
         self.stats.requests_finished += len(finished)
         if continuing:
             self.stats.early_returns += len(finished)
@@ -293,15 +397,23 @@ class Scheduler:
     # ---- internals ------------------------------------------------------------------------------------
     def _worst_case_shape(self, request: Request) -> tuple[int, int]:
         """(longest input, steps) of the largest single-row batch this request can ever be part of."""
-        if self.config.mode is Mode.SCLS:
+        if self.config.mode in (Mode.SCLS, Mode.CONTINUOUS_SLICES):
             steps = min(self.config.slice_len, request.remaining)
             return request.prompt_len + request.max_tokens - steps, steps
         return request.input_len, request.remaining
+
+    def _take(self, replica: ReplicaState, batch_id: str) -> Batch:
+        """Remove a batch from a replica's books (and its KV reservation, in continuous slices)."""
+        batch = replica.inflight.pop(batch_id)
+        if self.config.mode is Mode.CONTINUOUS_SLICES:
+            replica.kv_tokens -= cs.batch_tokens(batch)
+        return batch
 
     def _return_batch(self, batch: Batch, now: float) -> list[Request]:
         returned = []
         for req in batch.requests:
             self.running.pop(req.id, None)
+            self._batch_of.pop(req.id, None)
             if req.id in self._aborted:
                 self._aborted.discard(req.id)
                 continue

@@ -36,6 +36,10 @@ class Mode(str, enum.Enum):
     """Sequence-level: FCFS, fixed-size static batches run to completion (static-batching baseline)."""
     ILS = "ils"
     """Iteration-level: continuous batching on each replica under a concurrency cap."""
+    CONTINUOUS_SLICES = "continuous_slices"
+    """Slices as the unit of dispatch, accounting and migration, over one continuous batch per replica: a
+    request placed on a replica joins its running batch at the next step, leaves the moment it finishes, and
+    at each slice boundary either keeps its row (no re-prefill, no gap) or moves where it finishes sooner."""
 
 
 @dataclass
@@ -128,6 +132,11 @@ class Assignment:
     replica_id: str
     expected_start: float
     expected_finish: float
+    continues: bool = False
+    """The replica already runs this request (its previous slice ended there): extend its lease in place,
+    nothing to prefill (continuous slices)."""
+    moved_from: str | None = None
+    """The replica that ran this request's previous slice and must now release it (continuous slices)."""
 
 
 @dataclass

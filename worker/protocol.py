@@ -139,3 +139,35 @@ class Engine(Protocol):
     def drop(self, request_ids: Sequence[str]) -> None:
         """Forget any state kept for these requests (they finished, were aborted or moved away)."""
         ...
+
+
+@runtime_checkable
+class ContinuousEngine(Protocol):
+    """The continuous contract: work joins and leaves at any step.
+
+    Implementations: ``worker.continuous.ContinuousBatchingEngine`` (HF / DeepSpeed forward) and
+    ``worker.vllm_engine.VLLMEngine`` (a vLLM engine in a child process). The worker replica drives it one
+    ``step()`` at a time and lays the dispatcher's slices (leases of S tokens) over it, so a request whose slice
+    ends and that stays on this replica simply keeps its row: no re-prefill, no gap.
+    """
+
+    def add(self, item: SliceItem) -> None:
+        """Admit a request; it joins the running batch at the next step with room. ``item.max_new_tokens`` is
+        the whole remaining budget (the slice is the worker's business, not the engine's)."""
+        ...
+
+    def step(self) -> list[ItemOutput]:
+        """One engine iteration; returns the requests that finished in it, each with *all* the tokens it
+        produced since ``add``."""
+        ...
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a waiting or running request now and free everything kept for it. True if it was there."""
+        ...
+
+    def has_work(self) -> bool:
+        ...
+
+    def produced(self) -> dict[str, list[int]]:
+        """Tokens produced so far by every admitted, unfinished request (empty until its first step)."""
+        ...

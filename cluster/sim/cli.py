@@ -7,6 +7,10 @@ import json
 import logging
 from pathlib import Path
 
+from balancer.types import Mode
+
+MODES = tuple(m.value for m in Mode)
+
 log = logging.getLogger(__name__)
 
 PREDICTORS = ("oracle", "constant", "trained")
@@ -14,7 +18,8 @@ PREDICTORS = ("oracle", "constant", "trained")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="scls",
-                   help="scls, sls or ils; a comma-separated list runs each on the same sample (default: scls)")
+                   help="continuous_slices, scls, sls or ils; a comma-separated list runs each on the same sample "
+                        "(default: scls)")
     p.add_argument("--replicas", type=int, default=8, help="simulated replicas (default: 8)")
     p.add_argument("--requests", type=int, default=2000, help="ShareGPT requests to replay (default: 2000)")
     p.add_argument("--rate", type=float, default=None,
@@ -26,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-gen-len", type=int, default=1024, help="G, largest generation budget (default: 1024)")
     p.add_argument("--max-batch-size", type=int, default=32, help="SCLS batch-size cap (default: 32)")
     p.add_argument("--sls-batch-size", type=int, default=8, help="SLS static batch size (default: 8)")
+    p.add_argument("--max-running", type=int, default=32,
+                   help="continuous slices: most requests a replica decodes at once (default: 32)")
     p.add_argument("--ils-concurrency", type=int, default=16, help="ILS requests per replica (default: 16)")
     p.add_argument("--ordering", default="sjf", choices=["fcfs", "sjf", "hrrn"], help="SCLS/ILS ordering")
     p.add_argument("--placement", default="maxmin", choices=["maxmin", "round_robin", "least_work"])
@@ -73,9 +80,9 @@ def run(args) -> int:
     from worker.make_model import ensure_default_model
 
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("scls", "sls", "ils")]
+    bad = [m for m in modes if m not in MODES]
     if bad:
-        raise SystemExit(f"unknown mode(s) {bad}: choose scls, sls, ils")
+        raise SystemExit(f"unknown mode(s) {bad}: choose from {', '.join(MODES)}")
     model_dir = Path(args.model) if args.model else ensure_default_model()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     latency = load_profile(args.profile)
@@ -97,7 +104,8 @@ def run(args) -> int:
         cfg = SchedulerConfig(
             mode=mode, slice_len=args.slice_len, max_gen_len=args.max_gen_len,
             max_batch_size=args.max_batch_size, sls_batch_size=args.sls_batch_size,
-            ils_max_concurrency=args.ils_concurrency, ordering=args.ordering, placement=args.placement,
+            ils_max_concurrency=args.ils_concurrency, max_running=args.max_running, ordering=args.ordering,
+            placement=args.placement,
         )
         report, _ = simulate(cfg, latency, memory, workload, args.replicas, progress=args.progress,
                              dispatch_interval=args.dispatch_interval)

@@ -108,20 +108,29 @@ class SliceReplica:
 
 @dataclass
 class _Active:
-    batch: Batch
     request: Request
     target: int
     """Tokens this request will produce in the continuous batch before it leaves."""
+    batch: Batch | None
+    """Its current lease (one slice of ``batch.steps`` tokens); ``None`` while the dispatcher decides where its
+    next slice runs (the row keeps decoding meanwhile, as a live replica does)."""
     produced: int = 0
+    lease_start: int = 0
+    """``produced`` when the current lease began."""
 
 
 @dataclass
 class ContinuousReplica:
-    """Iteration-level batching (ILS): requests join between iterations and leave the moment they finish.
+    """One continuous batch (ILS, and continuous slices): requests join between iterations and leave the moment
+    they finish.
 
-    Iterations are simulated in segments of at most ``max_segment`` steps, ending early at the next leave,
-    so a request assigned while a segment runs joins within ``max_segment`` iterations; when the replica is
-    full (the regime that matters for throughput) joins happen exactly at leaves and nothing is delayed.
+    Each request holds a lease of ``batch.steps`` tokens (its whole budget in ILS, one slice in continuous
+    slices). When a lease runs out the replica reports a slice end and the row keeps decoding until the
+    dispatcher renews the lease here (``submit`` of a batch for a request it runs) or moves it away
+    (``release``). Iterations are simulated in segments of at most ``max_segment`` steps, ending early at the
+    next leave or lease end, so a request assigned while a segment runs joins within ``max_segment``
+    iterations; when the replica is full (the regime that matters for throughput) joins happen exactly at
+    leaves and nothing is delayed.
     """
 
     id: str
@@ -129,23 +138,38 @@ class ContinuousReplica:
     true_len: dict[str, int]
     max_segment: int = 16
     active: dict[str, _Active] = field(default_factory=dict)
+    held: dict[str, _Active] = field(default_factory=dict)
+    """Rows that finished while their next lease was undecided: reported once it is."""
     joining: list[Batch] = field(default_factory=list)
     busy_time: float = 0.0
     segment_end: float | None = None
     pad_tokens: int = 0
+    invalid_tokens: int = 0
+    """Tokens decoded for rows that then moved away (their next lease went elsewhere)."""
     row_iterations: int = 0
     iterations: int = 0
     early_returns: int = 0
 
     def submit(self, batch: Batch) -> None:
-        self.joining.append(batch)
+        rid = batch.requests[0].id
+        row = self.active.get(rid) or self.held.get(rid)
+        if row is None:
+            self.joining.append(batch)
+        else:  # a renewed lease: the row never left
+            row.batch = batch
+
+    def release(self, request_id: str) -> None:
+        """The request's next slice runs elsewhere: drop its row and what it decoded past its last lease."""
+        row = self.active.pop(request_id, None) or self.held.pop(request_id, None)
+        if row is not None:
+            self.invalid_tokens += row.produced - row.lease_start
 
     @property
     def idle(self) -> bool:
         return self.segment_end is None
 
     def run_segment(self, now: float) -> float | None:
-        """Admit joiners (prefill), then run iterations until the next leave or the segment cap.
+        """Admit joiners (prefill), then run iterations until the next leave, lease end or the segment cap.
 
         Returns when the segment ends, or None if there is nothing to run.
         """
@@ -158,14 +182,18 @@ class ContinuousReplica:
             for b in self.joining:
                 r = b.requests[0]
                 target = min(self.true_len[r.id] - r.generated, r.remaining)
-                self.active[r.id] = _Active(b, r, target)
+                self.active[r.id] = _Active(r, target, b)
             self.joining.clear()
         if not self.active:
             self.segment_end = None
             return None
         n = len(self.active)
-        context = max(a.request.input_len + a.produced for a in self.active.values())
-        k = min(min(a.target - a.produced for a in self.active.values()), self.max_segment)
+        context = max(a.request.input_len + a.produced - a.lease_start for a in self.active.values())
+        k = self.max_segment
+        for a in self.active.values():
+            k = min(k, a.target - a.produced)
+            if a.batch is not None:
+                k = min(k, a.lease_start + a.batch.steps - a.produced)
         k = max(k, 1)
         decode = float(self.latency.batch_time(n, context, k) - self.latency.prefill_time(n, context))
         for a in self.active.values():
@@ -177,17 +205,37 @@ class ContinuousReplica:
         return self.segment_end
 
     def leave(self) -> list[SliceResult]:
-        """Results for the requests that finished at the end of the segment."""
-        done = [a for a in self.active.values() if a.produced >= a.target]
-        for a in done:
-            del self.active[a.request.id]
-        if done and self.active:
-            self.early_returns += len(done)
+        """Results due at the end of the segment."""
         self.segment_end = None
-        return [
-            SliceResult(a.batch.id, self.id,
-                        [RequestOutcome(a.request.id, a.produced,
-                                        _finish(a.request, a.produced, self.true_len[a.request.id]))],
-                        elapsed=0.0)
-            for a in done
-        ]
+        return self.due()
+
+    def due(self) -> list[SliceResult]:
+        """Results that can be reported now: finished rows and ended leases (after a segment or a renewal)."""
+        out = []
+        for a in list(self.active.values()) + list(self.held.values()):
+            rid = a.request.id
+            if a.batch is None:
+                if a.produced >= a.target and rid in self.active:
+                    self.held[rid] = self.active.pop(rid)  # finished past its lease: wait for the next one
+                continue
+            in_lease = a.produced - a.lease_start
+            if a.produced >= a.target and in_lease <= a.batch.steps:
+                self.active.pop(rid, None)
+                self.held.pop(rid, None)
+                out.append(self._result(a, in_lease))
+            elif in_lease >= a.batch.steps:
+                out.append(self._result(a, a.batch.steps))
+                a.lease_start += a.batch.steps
+                a.batch = None
+                if a.produced >= a.target:
+                    self.held[rid] = self.active.pop(rid)
+        finished = sum(1 for r in out if r.outcomes[0].finish_reason.is_final)
+        if finished and self.active:
+            self.early_returns += finished
+        return out
+
+    def _result(self, a: _Active, tokens: int) -> SliceResult:
+        return SliceResult(a.batch.id, self.id,
+                           [RequestOutcome(a.request.id, tokens,
+                                           _finish(a.request, tokens, self.true_len[a.request.id]))],
+                           elapsed=0.0)

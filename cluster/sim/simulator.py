@@ -50,7 +50,8 @@ class Simulation:
         self.workload = workload
         self.scheduler = Scheduler(config, latency, memory)
         self.true_len = {r.id: r.output_len for r in workload}
-        if config.mode is Mode.ILS:
+        self.continuous = config.mode in (Mode.ILS, Mode.CONTINUOUS_SLICES)
+        if self.continuous:
             self.replicas = {f"sim-{i}": ContinuousReplica(f"sim-{i}", latency, self.true_len)
                              for i in range(replicas)}
         else:
@@ -115,10 +116,16 @@ class Simulation:
         """One scheduling round, like one pass of the live dispatcher's loop."""
         self._next_round = now + self.dispatch_interval
         for a in self.scheduler.schedule(now):
-            self._batches += 1
-            self._rows += a.batch.size
+            if not a.continues:
+                self._batches += 1
+                self._rows += a.batch.size
+            if a.moved_from is not None:
+                self.replicas[a.moved_from].release(a.batch.requests[0].id)
             replica = self.replicas[a.replica_id]
             replica.submit(a.batch)
+            if a.continues:  # a renewed lease may be due at once (the row decoded past it meanwhile)
+                for result in replica.due():
+                    self._apply(result, now)
             self._kick(replica, now)
 
     def _handle(self, kind: int, payload, now: float) -> None:
@@ -164,8 +171,9 @@ class Simulation:
 
     def _report(self, wall: float) -> RunReport:
         reqs = [f.request for f in self.finished]
-        ils = self.config.mode is Mode.ILS
+        ils = self.continuous
         pad = sum(r.pad_tokens for r in self.replicas.values()) if ils else self._tokens["pad"]
+        invalid = sum(r.invalid_tokens for r in self.replicas.values()) if ils else self._tokens["invalid"]
         if ils:
             rows = sum(r.row_iterations for r in self.replicas.values())
             batches = sum(r.iterations for r in self.replicas.values())
@@ -180,7 +188,7 @@ class Simulation:
             first_tokens=[r.first_token_at if r.first_token_at is not None else r.finished_at for r in reqs],
             useful=sum(r.generated for r in reqs),
             pad=pad,
-            invalid=self._tokens["invalid"],
+            invalid=invalid,
             reprefill=self._tokens["reprefill"],
             rows=rows,
             batches=batches,

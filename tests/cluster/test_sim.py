@@ -13,7 +13,7 @@ from tests.balancer.helpers import LATENCY
 MEMORY = LinearKVMemory(bytes_per_token=1.0, budget_bytes=60_000)
 
 
-@pytest.mark.parametrize("mode", ["scls", "sls", "ils"])
+@pytest.mark.parametrize("mode", ["continuous_slices", "scls", "sls", "ils"])
 @pytest.mark.parametrize("rate", [None, 50.0])
 def test_every_request_finishes_once_with_its_true_length(mode, rate):
     pairs = synthetic_lengths(300, seed=3)
@@ -31,7 +31,7 @@ def test_every_request_finishes_once_with_its_true_length(mode, rate):
         assert r.finished_at >= r.arrival
     assert report.requests == 300
     assert report.useful_tokens == sum(min(o, 512) for _, o in pairs)
-    if mode == "scls":
+    if mode in ("scls", "continuous_slices"):
         assert report.slices_per_request > 1  # long requests really were cut into slices
     if mode == "sls":
         assert report.slices_per_request == 1 and report.early_return_ratio == 0
