@@ -20,7 +20,7 @@ def build_engine(
     kernel_inject: bool | None = None,
     max_model_len: int | None = None,
     vllm_python: str | Path | None = None,
-    kv_cache_gib: float | None = None,
+    kv_cache_gib: int | None = None,
     cpu_bind: str | None = None,
 ):
     """Load ``model_path`` (default: the default model, built if missing) behind the chosen backend.
@@ -32,8 +32,8 @@ def build_engine(
     - ``vllm``: :class:`worker.vllm_engine.VLLMEngine` (``add``/``step``, the same continuous contract) on a
       vLLM engine in a child process run by the vLLM venv's Python (``vllm_python``, default
       ``$SLICEFLEET_VLLM_PYTHON`` or ``runs/vllm-venv``: ``bash bench/vllm_setup.sh``). ``max_model_len``
-      (default: the model's positions, at most 2048), ``kv_cache_gib`` (default ``$VLLM_CPU_KVCACHE_SPACE`` or
-      2), ``cpu_bind`` (``VLLM_CPU_OMP_THREADS_BIND``; default ``$SLICEFLEET_VLLM_CPU_BIND``, else inherited)
+      (default: the model's positions, at most 2048), ``kv_cache_gib`` (whole GiB; default
+      ``$VLLM_CPU_KVCACHE_SPACE`` or 2), ``cpu_bind`` (``VLLM_CPU_OMP_THREADS_BIND``; default ``$SLICEFLEET_VLLM_CPU_BIND``, else inherited)
       and ``max_concurrency`` (vLLM's ``max_num_seqs``) go to it; it loads no weights in this process, and
       ``device``/``dtype`` are vLLM's (CPU, float32 here).
 
@@ -53,7 +53,7 @@ def build_engine(
 
         if device != "cpu":
             raise ValueError("the vllm backend is built for CPU here (vllm-cpu); device must be 'cpu'")
-        gib = kv_cache_gib if kv_cache_gib is not None else float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 2)
+        gib = kv_cache_gib if kv_cache_gib is not None else int(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 2)
         return VLLMEngine(
             path, python=vllm_python, max_model_len=max_model_len, max_concurrency=max_concurrency,
             kv_cache_gib=gib, cpu_bind=cpu_bind if cpu_bind is not None else os.environ.get("SLICEFLEET_VLLM_CPU_BIND"),

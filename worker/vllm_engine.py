@@ -229,7 +229,7 @@ class VLLMEngine:
         python: str | Path | None = None,
         max_model_len: int | None = None,
         max_concurrency: int = 16,
-        kv_cache_gib: float = 2.0,
+        kv_cache_gib: int = 2,
         cpu_bind: str | None = None,
         dtype: str = "float32",
         enable_prefix_caching: bool = True,
@@ -241,11 +241,14 @@ class VLLMEngine:
         log_path: str | Path | None = None,
         env: dict[str, str] | None = None,
     ):
-        """``cpu_bind``: ``VLLM_CPU_OMP_THREADS_BIND`` for the child (e.g. ``"0"`` = one thread on core 0;
-        ``None`` keeps the inherited value, vLLM's default being every core of the NUMA node). ``log_path``:
-        append the child's stderr there (its last lines are kept in memory anyway for error messages).
-        ``block_size``: vLLM's KV block (CPU default 128, multiples of 32); prefix caching reuses whole blocks
-        only, so a resumed request prefills again at most ``block_size - 1`` tokens of its history."""
+        """``kv_cache_gib``: ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB). ``cpu_bind``: ``VLLM_CPU_OMP_THREADS_BIND``
+        for the child (e.g. ``"0"`` = one thread on core 0; ``None`` keeps the inherited value, vLLM's default
+        being every core of the NUMA node). ``log_path``: append the child's stderr there (its last lines are
+        kept in memory anyway for error messages). ``block_size``: vLLM's KV block (CPU default 128, multiples
+        of 32); prefix caching reuses whole blocks only, so a resumed request prefills again at most
+        ``block_size - 1`` tokens of its history."""
+        if int(kv_cache_gib) != kv_cache_gib or kv_cache_gib < 1:
+            raise ValueError(f"kv_cache_gib must be a whole number of GiB >= 1 (vLLM CPU), got {kv_cache_gib}")
         self.model_path = Path(model_path)
         self.python = find_python(python)
         eos, max_pos = model_limits(self.model_path)
@@ -255,7 +258,7 @@ class VLLMEngine:
         self.step_timeout = step_timeout
         child_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         child_env.update(
-            VLLM_CPU_KVCACHE_SPACE=f"{kv_cache_gib:g}", VLLM_CPU_NUM_OF_RESERVED_CPU="0", HF_HUB_OFFLINE="1",
+            VLLM_CPU_KVCACHE_SPACE=str(int(kv_cache_gib)), VLLM_CPU_NUM_OF_RESERVED_CPU="0", HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
             VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1",
         )
