@@ -33,9 +33,10 @@ def build_engine(
       vLLM engine in a child process run by the vLLM venv's Python (``vllm_python``, default
       ``$SLICEFLEET_VLLM_PYTHON`` or ``runs/vllm-venv``: ``bash bench/vllm_setup.sh``). ``max_model_len``
       (default: the model's positions, at most 2048), ``kv_cache_gib`` (whole GiB; default
-      ``$VLLM_CPU_KVCACHE_SPACE`` or 2), ``cpu_bind`` (``VLLM_CPU_OMP_THREADS_BIND``; default ``$SLICEFLEET_VLLM_CPU_BIND``, else inherited)
-      and ``max_concurrency`` (vLLM's ``max_num_seqs``) go to it; it loads no weights in this process, and
-      ``device``/``dtype`` are vLLM's (CPU, float32 here).
+      ``$VLLM_CPU_KVCACHE_SPACE`` or 2), ``cpu_bind`` (``VLLM_CPU_OMP_THREADS_BIND``; default
+      ``$SLICEFLEET_VLLM_CPU_BIND``, else inherited) and ``max_concurrency`` (vLLM's ``max_num_seqs``) go
+      to it; ``kv_reuse`` is vLLM's prefix caching. It loads no weights in this process; the child runs on
+      CPU (vllm-cpu) in ``dtype``.
 
     On CPU, torch's thread count is pinned (``num_threads``, default ``$SLICEFLEET_TORCH_THREADS`` or 1):
     replicas share few cores and oversubscribed OpenMP threads slow everything down many times.
