@@ -17,3 +17,10 @@ fi
 if ! "$PY" -c 'import helm_sdkpy' 2>/dev/null; then
   "$PY" -m pip install --quiet --ignore-requires-python "helm-sdkpy==0.1.32"
 fi
+# Opt-in: SLICEFLEET_WITH_VLLM=1 also builds the separate vLLM venv (runs/vllm-venv, about 3 minutes) that the
+# "vllm" engine backend (worker/vllm_engine.py) and the vLLM peer benchmark run; skipped when it already imports.
+if [ "${SLICEFLEET_WITH_VLLM:-0}" = "1" ]; then
+  if ! VLLM_CPU_NUM_OF_RESERVED_CPU=0 runs/vllm-venv/bin/python -c 'import vllm' 2>/dev/null; then
+    bash bench/vllm_setup.sh
+  fi
+fi
