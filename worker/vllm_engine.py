@@ -128,7 +128,11 @@ class _Child:
         self._lock = threading.Lock()
         self._err_thread = threading.Thread(target=self._drain, name="vllm-child-stderr", daemon=True)
         self._err_thread.start()
-        self.hello = self._recv(startup_timeout, what="start")
+        try:
+            self.hello = self._recv(startup_timeout, what="start")
+        except BaseException:
+            self.kill()
+            raise
 
     def _drain(self) -> None:
         for raw in iter(self.proc.stderr.readline, b""):
