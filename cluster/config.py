@@ -32,7 +32,14 @@ class ModelSettings(_Strict):
 
 
 class EngineSettings(_Strict):
-    backend: Literal["hf", "deepspeed"] = Field("hf", description="HF transformers or DeepSpeed-Inference.")
+    backend: Literal["hf", "deepspeed", "vllm"] = Field(
+        "hf", description="HF transformers, DeepSpeed-Inference, or vLLM (a vLLM engine in a child process the "
+        "replica owns; continuous_slices and ils modes only; install with SLICEFLEET_WITH_VLLM=1 scripts/setup.sh)."
+    )
+    stream_every: int = Field(
+        4, ge=1, description="Tokens reach the client at most every this many engine steps (the first token at "
+        "once), in every mode: a replica publishes each running request's new tokens that often.",
+    )
     device: str = Field("cpu", description="'cpu' or 'cuda'.")
     kernel_inject: bool = Field(False, description="DeepSpeed kernel injection (GPU only).")
     kv_budget_bytes: float | None = Field(
@@ -54,12 +61,17 @@ class EngineSettings(_Strict):
 
 
 class SchedulerSettings(_Strict):
-    mode: Literal["scls", "sls", "ils"] = "scls"
-    slice_len: int = Field(64, ge=1, description="S: tokens per slice.")
+    mode: Literal["continuous_slices", "scls", "sls", "ils"] = Field(
+        "scls", description="continuous_slices: slices over one continuous batch per replica; scls: the paper's "
+        "static slice batches; sls: static batches to completion; ils: continuous batching without slices.")
+    slice_len: int = Field(64, ge=1, description="S: tokens per slice (a lease on one replica in continuous_slices).")
     max_gen_len: int = Field(1024, ge=1, description="G: largest generation budget.")
     max_batch_size: int = Field(32, ge=1)
     sls_batch_size: int = Field(8, ge=1)
     ils_max_concurrency: int = Field(16, ge=1)
+    max_running: int = Field(32, ge=1, description="continuous_slices: most requests a replica decodes at once.")
+    move_margin: float = Field(0.25, ge=0, lt=1, description="continuous_slices: move a request at a slice "
+                               "boundary only if it finishes this fraction sooner elsewhere.")
     ordering: Literal["fcfs", "sjf", "hrrn"] = "sjf"
     placement: Literal["maxmin", "round_robin", "least_work"] = "maxmin"
     max_wait: float = Field(60.0, gt=0)
@@ -132,6 +144,9 @@ class SlicefleetConfig(_Strict):
 
     @model_validator(mode="after")
     def _gpu_settings_agree(self) -> "SlicefleetConfig":
+        if self.engine.backend == "vllm" and self.scheduler.mode not in ("continuous_slices", "ils"):
+            raise ValueError(f"engine.backend: vllm runs a continuous batch: use scheduler.mode continuous_slices "
+                             f"or ils (got {self.scheduler.mode})")
         if self.engine.kernel_inject and self.engine.backend != "deepspeed":
             raise ValueError("engine.kernel_inject needs engine.backend: deepspeed")
         if self.engine.kernel_inject and not self.engine.device.startswith("cuda"):

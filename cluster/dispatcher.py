@@ -66,10 +66,13 @@ class DispatcherCore:
                          "stale_results": 0, "tokens_generated": 0, "pad_tokens": 0, "invalid_tokens": 0,
                          "reprefill_tokens": 0, "kv_reused_batches": 0, "early_returns": 0,
                          "predicted_slice_seconds_sum": 0.0, "actual_slice_seconds_sum": 0.0,
-                         "abs_pct_error_sum": 0.0, "slices_estimated": 0, "replicas_lost": 0, "batches_timed_out": 0}
+                         "abs_pct_error_sum": 0.0, "slices_estimated": 0, "replicas_lost": 0, "batches_timed_out": 0,
+                         "moves": 0}
         # batch id -> (estimated seconds on its replica, when to give up waiting for its result)
         self._placed: dict[str, tuple[float, float]] = {}
         self._budgets: dict[str, float] = {}  # replica id -> KV bytes it reported
+        self.continuous = cfg.scheduler.mode in ("continuous_slices", "ils")
+        """Replicas run one continuous batch: cancelled rows are released at once, results carry no batch shape."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -161,33 +164,54 @@ class DispatcherCore:
             self.store.r.xack(stream, GROUP, *ids)
 
     def _cancel(self, rid: str) -> None:
+        replica_id, batch_id = self.scheduler.replica_of(rid), self.scheduler.batch_of(rid)
+        holder = self.scheduler.pool[rid].kv_replica if rid in self.scheduler.pool else None
         if self.scheduler.abort(rid):
             log.info("cancelled %s", rid)
+            if replica_id is not None and self.continuous:
+                # The row stops decoding now; the replica closes its lease so the scheduler frees the row.
+                self._release(replica_id, [rid], {rid: batch_id})
+            elif (replica_id or holder) in self.scheduler.replicas:
+                self._release(replica_id or holder, [rid])  # free the KV cache kept there after its slice
         rec = self.store.record(rid)
         if rec is not None and rec.status != "done":
             self.store.finish(rid, "cancelled")
 
+    def _release(self, replica_id: str, rids: list[str], close: dict[str, str] | None = None) -> None:
+        """Tell a replica to free what it holds for ``rids`` (a running row, or a KV cache kept after a slice);
+        ``close``: request id -> the lease to report closed (a cancellation)."""
+        message = {"release": rids, "epoch": self.epoch}
+        if close:
+            message["batch_ids"] = close
+        self.store.post_batch(replica_id, message)
+
     def _apply(self, msg: dict, now: float) -> None:
+        if msg.get("progress"):  # tokens of rows still running, streamed before their slice ends
+            outcomes = [(o["id"], o["tokens"], "", o["at"]) for o in msg["outputs"]
+                        if o["epoch"] == self.epoch and self.scheduler.owns(o["batch_id"])
+                        and not self.scheduler.is_aborted(o["id"])]
+            if outcomes and self.store.apply_result(None, msg["replica_id"], outcomes, slice_end=False) == 2:
+                log.warning("progress from %s skipped: tokens before it are missing", msg["replica_id"])
+            return
         batch_id = msg["batch_id"]
         if msg.get("epoch") != self.epoch or not self.scheduler.owns(batch_id):
             self.counters["stale_results"] += 1
             return
-        if "progress_at" in msg:  # tokens of a request still running in a continuous batch (ILS)
-            for o in msg["outputs"]:
-                if not self.scheduler.is_aborted(o["id"]):
-                    self.store.apply_result(f"{batch_id}@{msg['progress_at']}", msg["replica_id"],
-                                            [(o["id"], o["tokens"], "")])
-            return
         result = slice_result(msg)
         # Aborted rows (cancelled, or gone from Redis) only close the scheduler's bookkeeping.
-        outcomes = [(o["id"], o["tokens"], "" if o["finish"] == FinishReason.SLICE_END.value else o["finish"])
+        outcomes = [(o["id"], o["tokens"], "" if o["finish"] == FinishReason.SLICE_END.value else o["finish"],
+                     o.get("at", -1))
                     for o in msg["outputs"]
                     if not self.scheduler.is_aborted(o["id"]) and o["finish"] != FinishReason.ABORTED.value]
-        if outcomes and not self.store.apply_result(batch_id, result.replica_id, outcomes):
-            # Redis already holds this batch's tokens, so our counts are behind: start its requests again
-            # from what Redis has (the worker always reads the stored history).
-            log.error("batch %s was already applied; re-queueing its requests", batch_id)
-            self.scheduler.requeue(batch_id, now)
+        status = self.store.apply_result(batch_id, result.replica_id, outcomes) if outcomes else 1
+        if status != 1:
+            # 0: Redis already holds this batch's tokens, so our counts are behind; 2: some tokens before these
+            # never arrived. Either way start its requests again from what Redis has (workers read it).
+            log.error("batch %s %s; re-queueing its requests", batch_id,
+                      "was already applied" if status == 0 else "left a gap")
+            returned = self.scheduler.requeue(batch_id, now)
+            if self.continuous and returned:
+                self._release(result.replica_id, [r.id for r in returned])
             return
         finished = self.scheduler.on_slice_done(result, now)
         self._account(batch_id, msg, result, finished)
@@ -206,7 +230,7 @@ class DispatcherCore:
         if len(finished) < len(result.outcomes):
             c["early_returns"] += len(finished)
         est, _ = self._placed.pop(batch_id, (None, None))
-        if est is not None and result.elapsed > 0 and self.cfg.scheduler.mode != "ils":
+        if est is not None and result.elapsed > 0 and not self.continuous:
             # Prediction error only where a batch's length is bounded by the slice: an SLS batch runs to its
             # longest member, which no estimate made at dispatch knows.
             if self.cfg.scheduler.mode == "scls":
@@ -275,8 +299,17 @@ class DispatcherCore:
             # Generous: the estimate can be off several times over while the online fit warms up.
             deadline = a.expected_finish + BATCH_TIMEOUT_FACTOR * (a.expected_finish - now) + BATCH_TIMEOUT_SLACK
             self._placed[b.id] = (a.expected_finish - a.expected_start, deadline)
-            self.store.post_batch(a.replica_id, {"batch_id": b.id, "epoch": self.epoch, "steps": b.steps,
-                                                 "request_ids": b.request_ids})
+            if a.moved_from is not None:
+                self.counters["moves"] += 1
+                self._release(a.moved_from, b.request_ids)
+            elif not self.continuous:  # caches kept where earlier slices ran, and no use any more
+                for holder in {r.kv_replica for r in b.requests} - {a.replica_id, None}:
+                    if holder in self.scheduler.replicas:
+                        self._release(holder, [r.id for r in b.requests if r.kv_replica == holder])
+            message = {"batch_id": b.id, "epoch": self.epoch, "steps": b.steps, "request_ids": b.request_ids}
+            if a.continues:
+                message["continues"] = True
+            self.store.post_batch(a.replica_id, message)
 
     # ---- views ---------------------------------------------------------------------------------------
     def snapshot(self, now: float) -> dict:

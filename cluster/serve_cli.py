@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
                    help="YAML config (default: the embedded default, same as configs/local.yaml: local Ray on "
                         "loopback, a private Redis, the small default model, 2 replicas)")
-    p.add_argument("--mode", choices=["scls", "sls", "ils"], default=None, help="override scheduler.mode")
+    p.add_argument("--mode", choices=["continuous_slices", "scls", "sls", "ils"], default=None,
+                   help="override scheduler.mode (default: the config's)")
     p.add_argument("--replicas", type=int, default=None, help="override replicas.num_replicas")
     p.add_argument("--port", type=int, default=None, help="override api.port (default 8000)")
     p.add_argument("--model", default=None, help="override model.path (a local Hugging Face model directory)")

@@ -142,33 +142,60 @@ class Keys:
         return f"{self.p}:applied:{batch_id}"
 
 
-# KEYS[1] = applied flag, KEYS[2] = live set, then per request: req hash, gen list, out stream (3 keys each).
-# ARGV[1] = ttl, ARGV[2] = replica id, then per request: id, json tokens, finish reason ("" = continues).
+# KEYS[1] = applied flag ("" = none: position checks alone make it idempotent), KEYS[2] = live set, then per
+# request: req hash, gen list, out stream (3 keys each).
+# ARGV[1] = ttl, ARGV[2] = replica id, then per request (5 each): id, json tokens, finish reason ("" = continues),
+# at (absolute position of the first token, -1 = append as given), slice end (1: counts as a slice run here).
+# Returns 1 = applied, 0 = this batch was applied before, 2 = a gap (tokens before `at` never arrived).
+# With `at`, tokens already stored are skipped, so every token is appended and published exactly once, in order.
 _APPLY_RESULT = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then
+if KEYS[1] ~= '' and redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) == false then
   return 0
 end
+local status = 1
 local n = (#KEYS - 2) / 3
 for i = 0, n - 1 do
   local req, gen, out = KEYS[3 + 3*i], KEYS[4 + 3*i], KEYS[5 + 3*i]
-  local rid, tokens_json, reason = ARGV[3 + 3*i], ARGV[4 + 3*i], ARGV[5 + 3*i]
-  if redis.call('EXISTS', req) == 1 then
-    for _, t in ipairs(cjson.decode(tokens_json)) do redis.call('RPUSH', gen, t) end
-    local replicas = cjson.decode(redis.call('HGET', req, 'replicas'))
-    table.insert(replicas, ARGV[2])
-    redis.call('HSET', req, 'replicas', cjson.encode(replicas),
-               'slices', tostring(tonumber(redis.call('HGET', req, 'slices')) + 1))
+  local rid, tokens_json, reason = ARGV[3 + 5*i], ARGV[4 + 5*i], ARGV[5 + 5*i]
+  local at, slice_end = tonumber(ARGV[6 + 5*i]), ARGV[7 + 5*i]
+  if redis.call('EXISTS', req) == 1 and redis.call('HGET', req, 'status') ~= '"done"' then
+    local tokens = cjson.decode(tokens_json)
+    local skip = 0
+    if at >= 0 then
+      local have = redis.call('LLEN', gen)
+      if at > have then
+        status = 2
+        tokens = {}
+        reason = ''
+        slice_end = '0'
+      else
+        skip = have - at
+      end
+    end
+    local fresh = {}
+    for j = skip + 1, #tokens do
+      redis.call('RPUSH', gen, tokens[j])
+      fresh[#fresh + 1] = tokens[j]
+    end
+    local fresh_json = '[]'
+    if #fresh > 0 then fresh_json = cjson.encode(fresh) end
+    if slice_end == '1' then
+      local replicas = cjson.decode(redis.call('HGET', req, 'replicas'))
+      table.insert(replicas, ARGV[2])
+      redis.call('HSET', req, 'replicas', cjson.encode(replicas),
+                 'slices', tostring(tonumber(redis.call('HGET', req, 'slices')) + 1))
+    end
     if reason == '' then
-      redis.call('XADD', out, '*', 'tokens', tokens_json, 'replica', ARGV[2])
+      if #fresh > 0 then redis.call('XADD', out, '*', 'tokens', fresh_json, 'replica', ARGV[2]) end
     else
       redis.call('HSET', req, 'status', '"done"', 'finish_reason', cjson.encode(reason))
       redis.call('SREM', KEYS[2], rid)
-      redis.call('XADD', out, '*', 'tokens', tokens_json, 'replica', ARGV[2], 'finish_reason', reason)
+      redis.call('XADD', out, '*', 'tokens', fresh_json, 'replica', ARGV[2], 'finish_reason', reason)
       redis.call('EXPIRE', req, ARGV[1]); redis.call('EXPIRE', gen, ARGV[1]); redis.call('EXPIRE', out, ARGV[1])
     end
   end
 end
-return 1
+return status
 """
 
 
@@ -254,18 +281,23 @@ class StateStore:
         return [(eid.decode(), {k.decode(): v.decode() for k, v in fields.items()}) for eid, fields in resp[0][1]]
 
     # ---- results (dispatcher side) -------------------------------------------------------------------
-    def apply_result(self, batch_id: str, replica_id: str, outcomes: list[tuple[str, list[int], str]]) -> bool:
-        """Atomically append each request's tokens and publish its output event, once per batch.
+    def apply_result(self, batch_id: str | None, replica_id: str, outcomes: list[tuple],
+                     slice_end: bool = True) -> int:
+        """Atomically append each request's tokens and publish its output event.
 
-        ``outcomes``: (request id, new token ids, finish reason or "" if it continues). Returns False if this
-        batch was applied before (the result is a duplicate).
+        ``outcomes``: (request id, new token ids, finish reason or "" if it continues[, at]) where ``at`` is
+        the absolute position of the first token: tokens Redis already holds are skipped, so a result or
+        progress report applied twice appends nothing twice. ``batch_id`` (None for progress) makes the whole
+        result once-only. ``slice_end``: the result ends a slice (counted in the record's slices and replicas).
+        Returns 1 when applied, 0 when this batch was applied before, 2 when some ``at`` lay past the stored
+        tokens (a report went missing: nothing of that request was applied).
         """
-        keys = [self.k.applied(batch_id), self.k.live]
+        keys = [self.k.applied(batch_id) if batch_id else "", self.k.live]
         args: list[Any] = [OUTPUT_TTL_SECONDS, replica_id]
-        for rid, tokens, reason in outcomes:
+        for rid, tokens, reason, *at in outcomes:
             keys += [self.k.req(rid), self.k.gen(rid), self.k.out(rid)]
-            args += [rid, json.dumps(list(tokens)), reason]
-        return bool(self._apply(keys=keys, args=args))
+            args += [rid, json.dumps(list(tokens)), reason, at[0] if at else -1, "1" if slice_end else "0"]
+        return int(self._apply(keys=keys, args=args))
 
     # ---- epochs, replicas ----------------------------------------------------------------------------
     def new_epoch(self) -> int:
@@ -349,11 +381,13 @@ class StateStore:
         raw = self.r.get(self.k.metrics)
         return json.loads(raw) if raw else {}
 
-    def log_slice(self, timing: dict, keep: int = SLICE_LOG_LENGTH) -> None:
-        """Append one slice's measured timing (the newest ``keep`` are kept): what a profile can be refit
-        from under the cluster's real conditions (``predictor.latency.samples_from_slice_log``)."""
+    def log_slice(self, *timings: dict, keep: int = SLICE_LOG_LENGTH) -> None:
+        """Append measured slice (or forward) timings (the newest ``keep`` are kept): what a profile can be
+        refit from under the cluster's real conditions (``predictor.latency.samples_from_slice_log``)."""
+        if not timings:
+            return
         pipe = self.r.pipeline(transaction=False)
-        pipe.rpush(self.k.slice_log, json.dumps(timing))
+        pipe.rpush(self.k.slice_log, *[json.dumps(t) for t in timings])
         pipe.ltrim(self.k.slice_log, -keep, -1)
         pipe.execute()
 

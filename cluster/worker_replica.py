@@ -15,12 +15,16 @@ import time
 import uuid
 
 from cluster.config import SlicefleetConfig
+from cluster.lease_loop import LeaseLoop
 from cluster.state import RequestRecord, ReplicaInfo, StateStore
 
 log = logging.getLogger("slicefleet.worker")
 
+CONTINUOUS_MODES = ("continuous_slices", "ils")
+
 HEARTBEAT_TTL = 4.0
 HEARTBEAT_EVERY = 1.0
+EPOCH_CHECK_EVERY = 1.0
 
 
 def slice_item(rec: RequestRecord, generated: list[int]):
@@ -75,21 +79,21 @@ class SliceWorker:
         self.cfg = cfg
         self.store = StateStore(cfg.redis.url, cfg.redis.key_prefix, cfg.redis.password)
         self.replica_id = replica_id or self._make_id()
-        self.continuous = cfg.scheduler.mode == "ils"
+        self.continuous = cfg.scheduler.mode in CONTINUOUS_MODES
         self.engine = self._build_engine(cfg)
-        batch_budget, keep_budget = cfg.engine.split_kv_budget(self._kv_budget(cfg))
-        if hasattr(self.engine, "set_kv_keep_budget"):
-            self.engine.set_kv_keep_budget(keep_budget)
-        self._ils_pending: dict[str, tuple[str, int, str, int]] = {}
-        self._ils_pad_reported = 0
-        self._ils_sent: dict[str, int] = {}  # request id -> tokens already published as progress
-        self._ils_steps = 0
+        if self.continuous:  # rows keep their KV in the running batch: nothing is kept between slices
+            batch_budget = self._kv_budget(cfg)
+        else:
+            batch_budget, keep_budget = cfg.engine.split_kv_budget(self._kv_budget(cfg))
+            if hasattr(self.engine, "set_kv_keep_budget"):
+                self.engine.set_kv_keep_budget(keep_budget)
         self.busy_seconds = 0.0
         """Seconds spent computing (load-imbalance figures); published with each heartbeat."""
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self.leases = LeaseLoop(self.store, self.engine, self.replica_id, self._load, cfg.engine.stream_every)
         self.store.register_replica(
-            ReplicaInfo(self.replica_id, os.getpid(), "continuous" if self.continuous else cfg.engine.backend,
+            ReplicaInfo(self.replica_id, os.getpid(), self._backend(cfg),
                         socket.gethostname(), time.time(), batch_budget),
             HEARTBEAT_TTL,
         )
@@ -99,7 +103,7 @@ class SliceWorker:
         for t in self._threads:
             t.start()
         log.info("replica %s ready (pid %d, %s)", self.replica_id, os.getpid(),
-                 "continuous batching" if self.continuous else f"slice engine {cfg.engine.backend}")
+                 f"{self._backend(cfg)} engine, {cfg.scheduler.mode}")
 
     @staticmethod
     def _make_id() -> str:
@@ -112,13 +116,20 @@ class SliceWorker:
         return f"{tag}-{uuid.uuid4().hex[:6]}"
 
     @staticmethod
-    def _build_engine(cfg: SlicefleetConfig):
+    def _backend(cfg: SlicefleetConfig) -> str:
+        """The engine behind this replica: a continuous batch in the continuous modes (vLLM's or ours)."""
+        if cfg.scheduler.mode in CONTINUOUS_MODES:
+            return "vllm" if cfg.engine.backend == "vllm" else "continuous"
+        return cfg.engine.backend
+
+    @classmethod
+    def _build_engine(cls, cfg: SlicefleetConfig):
         from worker.factory import build_engine
 
-        backend = "continuous" if cfg.scheduler.mode == "ils" else cfg.engine.backend
+        rows = cfg.scheduler.ils_max_concurrency if cfg.scheduler.mode == "ils" else cfg.scheduler.max_running
         return build_engine(
-            backend, cfg.model.path, device=cfg.engine.device, dtype=cfg.model.dtype, kv_reuse=cfg.engine.kv_reuse,
-            max_concurrency=cfg.scheduler.ils_max_concurrency,
+            cls._backend(cfg), cfg.model.path, device=cfg.engine.device, dtype=cfg.model.dtype,
+            kv_reuse=cfg.engine.kv_reuse, max_concurrency=rows,
             kernel_inject=cfg.engine.kernel_inject if cfg.engine.backend == "deepspeed" else None,
         )
 
@@ -187,13 +198,19 @@ class SliceWorker:
                 if msg["epoch"] < self.store.epoch():
                     self.store.ack_work(self.replica_id, entry_id)  # placed by a dispatcher that is gone
                     continue
+                if "release" in msg:  # a kept KV cache whose request finished, was cancelled or moved away
+                    self.engine.drop(msg["release"])
+                    self.store.ack_work(self.replica_id, entry_id)
+                    continue
                 items, gone = self._load(msg["request_ids"])
                 if items:
-                    res = self.engine.run_slice(items, msg["steps"])
+                    stream = SliceStreamer(self.store, msg, self.replica_id, items, self.cfg.engine.stream_every)
+                    res = self.engine.run_slice(items, msg["steps"], on_step=stream.on_step)
                     self.busy_seconds += res.elapsed
                     longest = max(len(i.token_ids) for i in items)
                     message = result_message(msg["batch_id"], msg["epoch"], self.replica_id, res, len(items),
                                              longest)
+                    stream.trim(message)
                     message["outputs"] += gone_message(msg, self.replica_id, gone)["outputs"]
                 else:
                     message = gone_message(msg, self.replica_id, gone)
@@ -201,66 +218,52 @@ class SliceWorker:
                 self.store.ack_work(self.replica_id, entry_id)
 
     def _continuous_loop(self) -> None:
-        from worker.protocol import EngineSliceResult
-
-        # request id -> (batch id, epoch, entry id, input len, tokens it had before this run); kept on self
-        # because the engine's requests outlive a restart of this loop.
-        pending = self._ils_pending
-        every = max(self.cfg.scheduler.slice_len, 1)
-        unacked = True  # as in the slice loop: first re-admit what was delivered but never answered
+        loop = self.leases
+        last_epoch_check = 0.0
         while not self._stop.is_set():
+            now = time.time()
+            if now - last_epoch_check >= EPOCH_CHECK_EVERY:
+                loop.on_epoch(self.store.epoch())
+                last_epoch_check = now
             # Never wait for new work while requests are decoding: they join at the next step.
-            block = None if self.engine.has_work() else 500
-            entries = self.store.read_work(self.replica_id, self.replica_id, block_ms=block, count=64,
-                                           pending=unacked)
-            unacked = False
-            entries = [(e, m) for e, m in entries if all(r not in pending for r in m["request_ids"])]
-            for entry_id, msg in entries:
-                items, gone = self._load(msg["request_ids"])
-                for item in items:
-                    pending[item.request_id] = (msg["batch_id"], msg["epoch"], entry_id, len(item.token_ids),
-                                                item.generated)
-                    self.engine.add(item)
-                if gone:  # ILS batches hold one request each
-                    self.store.post_result(gone_message(msg, self.replica_id, gone))
-                if not items:
-                    self.store.ack_work(self.replica_id, entry_id)
-            if not self.engine.has_work():
-                continue
-            started = time.perf_counter()
-            finished = self.engine.step()
-            elapsed = time.perf_counter() - started
-            self.busy_seconds += elapsed
-            self._ils_steps += 1
-            if self._ils_steps % every == 0:
-                self._post_progress(pending)
-            for out in finished:
-                batch_id, epoch, entry_id, input_len, _ = pending.pop(out.request_id)
-                sent = self._ils_sent.pop(out.request_id, 0)
-                # Padding the engine computed since the last result, so the cluster's token accounting
-                # (valid-token ratio) sees the continuous batch's waste too.
-                pad = self.engine.stats.pad_tokens - self._ils_pad_reported
-                self._ils_pad_reported = self.engine.stats.pad_tokens
-                res = EngineSliceResult([out], elapsed=elapsed, pad_tokens=pad)
-                message = result_message(batch_id, epoch, self.replica_id, res, 1, input_len)
-                row = message["outputs"][0]
-                row["total"], row["tokens"] = len(row["tokens"]), row["tokens"][sent:]  # the rest was streamed
-                self.store.post_result(message)
+            block = None if self.engine.has_work() else 200
+            for entry_id, msg in self.store.read_work(self.replica_id, self.replica_id, block_ms=block, count=64):
+                loop.handle(msg)
                 self.store.ack_work(self.replica_id, entry_id)
+            if self.engine.has_work():
+                loop.step()
+                self.busy_seconds = loop.busy_seconds
+            loop.flush()
 
-    def _post_progress(self, pending: dict) -> None:
-        """Publish the tokens each running request produced since the last report, so ILS streams too.
 
-        ``progress_at`` is the absolute position of the first token, which makes the dispatcher's apply
-        idempotent even if this batch is run again from the stored history after a failure.
-        """
-        for row in self.engine.running:
-            rid = row.item.request_id
-            sent = self._ils_sent.get(rid, 0)
-            if row.done or rid not in pending or len(row.new) <= sent:
-                continue
-            batch_id, epoch, _, _, before = pending[rid]
-            self.store.post_result({"batch_id": batch_id, "epoch": epoch, "replica_id": self.replica_id,
-                                    "progress_at": before + sent, "elapsed": 0.0,
-                                    "outputs": [{"id": rid, "tokens": list(row.new[sent:]), "finish": "slice_end"}]})
-            self._ils_sent[rid] = len(row.new)
+class SliceStreamer:
+    """Publishes a static slice's tokens while it runs: a row's first token at once, then every ``every`` steps.
+
+    Each report carries the tokens' absolute position, so Redis applies each exactly once; the slice's final
+    result then carries only what was not streamed (``trim``), with ``total`` for the scheduler's counts.
+    """
+
+    def __init__(self, store, msg: dict, replica_id: str, items, every: int):
+        self.store, self.msg, self.replica_id, self.every = store, msg, replica_id, max(every, 1)
+        self.before = {it.request_id: it.generated for it in items}
+        self.sent = dict.fromkeys(self.before, 0)
+        self.steps = 0
+
+    def on_step(self, tokens: dict[str, list[int]]) -> None:
+        self.steps += 1
+        due = [(rid, toks) for rid, toks in tokens.items()
+               if len(toks) > self.sent[rid] and (self.sent[rid] == 0 or self.steps % self.every == 0)]
+        if not due:
+            return
+        self.store.post_result({"progress": True, "replica_id": self.replica_id,
+                                "outputs": [{"id": rid, "batch_id": self.msg["batch_id"], "epoch": self.msg["epoch"],
+                                             "at": self.before[rid] + self.sent[rid],
+                                             "tokens": list(toks[self.sent[rid]:])} for rid, toks in due]})
+        for rid, toks in due:
+            self.sent[rid] = len(toks)
+
+    def trim(self, message: dict) -> None:
+        for o in message["outputs"]:
+            sent = self.sent.get(o["id"], 0)
+            o["total"], o["at"] = len(o["tokens"]), self.before[o["id"]] + sent
+            o["tokens"] = o["tokens"][sent:]

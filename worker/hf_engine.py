@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -103,9 +103,13 @@ class HFEngine:
         for rid in request_ids:
             self.store.pop(rid)
 
-    def run_slice(self, items: Sequence[SliceItem], max_steps: int | None = None) -> EngineSliceResult:
+    def run_slice(self, items: Sequence[SliceItem], max_steps: int | None = None,
+                  on_step: Callable[[dict[str, list[int]]], None] | None = None) -> EngineSliceResult:
         """Run ``items`` for at most ``max_steps`` new tokens each (``None``: until every row stops, as a
-        static batch in SLS does). Outputs come back in input order."""
+        static batch in SLS does). Outputs come back in input order.
+
+        ``on_step`` (optional) is called after the prefill and after every decode step with each running
+        request's tokens so far in this slice, so the caller can stream them before the slice ends."""
         t_start = time.perf_counter()
         runner = self.runner
         rows = [RowState.start(it, runner.eos_token_ids, runner.max_positions) for it in items]
@@ -135,6 +139,8 @@ class HFEngine:
         result.reprefill_tokens = state.reprefill_tokens
         result.kv_reused = all(r.kv_reused for r in live)
         choose(logits, live, list(range(len(live))))
+        if on_step is not None:
+            on_step({r.item.request_id: r.new for r in live})
         cache, mask = state.cache, state.mask
         width = mask.shape[1]
         static = None
@@ -158,6 +164,8 @@ class HFEngine:
             runner.sync()
             result.decode_step_times.append(time.perf_counter() - t0)
             result.invalid_tokens += len(live) - len(active)
+            if on_step is not None:
+                on_step({r.item.request_id: r.new for r in live})
 
         if self.kv_reuse:
             for b, r in enumerate(live):

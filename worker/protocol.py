@@ -131,9 +131,11 @@ class EngineSliceResult:
 class Engine(Protocol):
     """A slice engine. Implementations: ``worker.hf_engine.HFEngine``, ``worker.deepspeed_engine.DeepSpeedEngine``."""
 
-    def run_slice(self, items: Sequence[SliceItem], max_steps: int | None = None) -> EngineSliceResult:
+    def run_slice(self, items: Sequence[SliceItem], max_steps: int | None = None,
+                  on_step=None) -> EngineSliceResult:
         """Run ``items`` together for at most ``max_steps`` new tokens each (``None``: to completion); rows
-        stop on their own conditions."""
+        stop on their own conditions. ``on_step(tokens_so_far_by_id)``, if given, is called after every
+        forward so tokens can be streamed before the slice ends."""
         ...
 
     def drop(self, request_ids: Sequence[str]) -> None:

@@ -54,7 +54,7 @@ def wait_until_done(store: StateStore, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("mode", ["scls", "sls", "ils"])
+@pytest.mark.parametrize("mode", ["continuous_slices", "scls", "sls", "ils"])
 def test_a_dispatcher_restart_mid_load_loses_and_doubles_nothing(redis_url, reference, mode):
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url},
                                            "scheduler": {"mode": mode, "slice_len": 8}})
@@ -77,8 +77,8 @@ def test_a_dispatcher_restart_mid_load_loses_and_doubles_nothing(redis_url, refe
             assert store.record(rid).finish_reason == "length"
         second.stop()
         timings = store.slice_log()
-        if mode == "ils":  # continuous batches have no (N, L, S) shape to fit a profile on
-            assert timings == []
+        if mode in ("ils", "continuous_slices"):  # one record per forward of the continuous batch
+            assert timings and all(t["continuous"] and t["n"] >= 1 for t in timings)
         else:
             assert timings and all(t["n"] >= 1 and t["max_input_len"] >= 4 for t in timings)
             assert sum(len(t["decode_step_times"]) for t in timings) > 0
@@ -131,13 +131,20 @@ def test_a_batch_delivered_but_never_answered_is_run_when_the_worker_loop_starts
     worker = SliceWorker(cfg.model_dump(), replica_id="w")  # the same replica, restarted
     try:
         deadline = time.monotonic() + 30
-        while store.r.xlen(store.k.results) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        [(_, fields)] = store.r.xrange(store.k.results)
         import json
 
-        result = json.loads(fields[b"result"])
-        assert result["batch_id"] == "e0.b7" and result["outputs"][0]["tokens"] == reference([5, 6, 7], 4)
+        def results():
+            return [json.loads(f[b"result"]) for _, f in store.r.xrange(store.k.results)]
+
+        while not any("batch_id" in m for m in results()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # The first token was streamed at once; the slice's result carries the rest, from that position on.
+        [progress, *_] = [m for m in results() if m.get("progress")]
+        [result] = [m for m in results() if "batch_id" in m]
+        assert progress["outputs"][0]["at"] == 0 and len(progress["outputs"][0]["tokens"]) == 1
+        streamed = [t for m in results() if m.get("progress") for t in m["outputs"][0]["tokens"]]
+        assert result["batch_id"] == "e0.b7" and result["outputs"][0]["total"] == 4
+        assert streamed + result["outputs"][0]["tokens"] == reference([5, 6, 7], 4)
         assert store.r.xpending(store.k.work("w"), "worker")["pending"] == 0
     finally:
         worker._stop.set()
@@ -187,3 +194,64 @@ def test_ils_streams_tokens_while_the_request_runs(redis_url, reference):
         core.stop()
         for w in workers:
             w._stop.set()
+
+
+def test_continuous_slices_stream_renew_in_place_and_move_to_a_new_replica(redis_url, reference):
+    """Rows keep running across slice ends; a replica that joins mid-load takes rows at their slice ends; every
+    token is streamed once, in order, and equals one unsliced generate."""
+    import json
+
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "engine": {"stream_every": 2},
+                                           "scheduler": {"mode": "continuous_slices", "slice_len": 4,
+                                                         "move_margin": 0.0}})
+    store = StateStore(redis_url)
+    core = start(cfg, store)
+    workers = [SliceWorker(cfg.model_dump())]
+    prompts = {f"c{i}": [5 + i, 6, 7, 8 + i] for i in range(6)}
+    try:
+        for rid, ids in prompts.items():
+            store.submit(RequestRecord(rid, ids, 40, time.time(), ignore_eos=True))
+        deadline = time.monotonic() + 30
+        while not any(store.generated(rid) for rid in prompts) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        workers.append(SliceWorker(cfg.model_dump()))  # joins while the first one runs everything
+        wait_until_done(store)
+        assert core.counters["moves"] >= 1
+        replicas_used = set()
+        for rid, ids in prompts.items():
+            events = [f for _, f in store.read_output(rid, "0", block_ms=100)]
+            streamed = [t for e in events for t in json.loads(e["tokens"])]
+            assert streamed == store.generated(rid) == reference(ids, 40), rid
+            assert len(events) > 40 // 4  # streamed every 2 steps, not once per slice
+            rec = store.record(rid)
+            assert rec.finish_reason == "length" and rec.slices == 10
+            replicas_used |= set(rec.replicas)
+        assert len(replicas_used) == 2
+    finally:
+        core.stop()
+        for w in workers:
+            w._stop.set()
+
+
+@pytest.mark.parametrize("mode", ["continuous_slices", "ils"])
+def test_a_cancelled_row_stops_decoding_at_once(redis_url, mode):
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url},
+                                           "scheduler": {"mode": mode, "slice_len": 8}})
+    store = StateStore(redis_url)
+    core = start(cfg, store)
+    worker = SliceWorker(cfg.model_dump())
+    try:
+        store.submit(RequestRecord("long", [5, 6, 7], 1000, time.time(), ignore_eos=True))
+        deadline = time.monotonic() + 30
+        while not store.generated("long") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        store.request_cancel("long")
+        deadline = time.monotonic() + 10
+        while (worker.engine.has_work() or core.scheduler.pending) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not worker.engine.has_work() and core.scheduler.pending == 0
+        assert store.record("long").finish_reason == "cancelled"
+        assert len(store.generated("long")) < 1000
+    finally:
+        core.stop()
+        worker._stop.set()

@@ -117,3 +117,54 @@ def test_continuous_batching_finished_leave_at_once(hf_model):
         outs += eng.step()
     assert [o.request_id for o in outs] == ["long"] and len(outs[0].new_token_ids) == 10
     assert outs[0].finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("slice_len", [1, 3, 8])
+def test_continuous_slices_with_moves_equal_generate(hf_model, reference, prompts, slice_len):
+    """Continuous slices as a replica runs them: rows keep running across slice boundaries, and at some
+    boundaries a request is aborted on one engine and re-added (its history so far) on the other."""
+    from worker.continuous import ContinuousBatchingEngine
+    from worker.protocol import SliceItem
+
+    engines = [ContinuousBatchingEngine(hf_model, max_concurrency=4) for _ in range(2)]
+    rng = random.Random(slice_len)
+    where: dict[str, int] = {}
+    history: dict[str, list[int]] = {}  # tokens generated before the current engine took the request
+    got: dict[str, list[int]] = {}
+    moves = 0
+    for i, (p, b) in enumerate(prompts):
+        rid = f"r{i}"
+        where[rid], history[rid] = i % 2, []
+        engines[i % 2].add(SliceItem(rid, p, len(p), b))
+    budgets = {f"r{i}": b for i, (_, b) in enumerate(prompts)}
+    for _ in range(10_000):
+        if not any(e.has_work() for e in engines):
+            break
+        for k, eng in enumerate(engines):
+            for out in eng.step():
+                got[out.request_id] = history[out.request_id] + out.new_token_ids
+            for rid, toks in list(eng.produced().items()):
+                if toks and len(toks) % slice_len == 0 and rng.random() < 0.3:  # a boundary, and a move
+                    assert eng.abort(rid) and rid not in eng.produced()
+                    history[rid] += list(toks)
+                    i = int(rid[1:])
+                    p = prompts[i][0]
+                    where[rid] = 1 - k
+                    engines[1 - k].add(SliceItem(rid, p + history[rid], len(p), budgets[rid] - len(history[rid])))
+                    moves += 1
+    assert moves > 0
+    for i, (p, b) in enumerate(prompts):
+        assert got[f"r{i}"] == reference(p, b), f"r{i} diverged across moves"
+    assert not any(e.has_work() for e in engines)
+
+
+def test_prefill_groups_bound_padding():
+    from worker.continuous import prefill_groups
+
+    lengths = [5, 300, 7, 310, 6, 1000]
+    groups = prefill_groups(lengths, 32)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        longest = max(lengths[i] for i in g)
+        assert sum(longest - lengths[i] for i in g) <= 32
+    assert len(groups) == 3
