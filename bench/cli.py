@@ -24,7 +24,10 @@ from pathlib import Path
 
 log = logging.getLogger("slicefleet.bench")
 
-MODES = ("scls", "sls", "ils")
+MODES = ("continuous_slices", "scls", "sls", "ils")
+CONTINUOUS = ("continuous_slices", "ils")
+"""Modes whose replicas run one continuous batch (the only ones a vLLM engine can serve)."""
+ENGINES = ("hf", "vllm")
 NO_LENGTH_MODEL = "/nonexistent/slicefleet-bench-no-length-model"
 """predictor.length_model for ``--length-predictor none``: a path that does not exist, so the ingress runs
 without a length predictor (predicted length = the budget) whatever artefact is packaged."""
@@ -60,6 +63,9 @@ def _csv(choices):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="comma-separated modes (default: all)")
+    p.add_argument("--engines", type=_csv(ENGINES), default=["hf"],
+                   help="replica engines: 'hf' runs every mode; 'vllm' also runs the continuous modes on vLLM "
+                        "replicas (needs the venv of bench/vllm_setup.sh; labelled mode@vllm) (default: hf)")
     p.add_argument("--placements", type=_csv(("maxmin", "round_robin", "least_work")), default=["maxmin"],
                    help="placements to run; each mode runs with the first, SCLS also with the others "
                         "(e.g. maxmin,round_robin for the imbalance comparison; default: maxmin)")
@@ -75,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--sls-batch-size", type=int, default=8)
     p.add_argument("--ils-concurrency", type=int, default=16)
+    p.add_argument("--max-running", type=int, default=32, help="continuous_slices: rows per replica (default: 32)")
+    p.add_argument("--stream-every", type=int, default=4, help="engine steps between streamed chunks (default: 4)")
     p.add_argument("--ordering", default="sjf", choices=["fcfs", "sjf", "hrrn"])
     p.add_argument("--budget", default="cap", choices=["cap", "true"],
                    help="max_tokens sent: 'cap' = G (the scheduler does not know lengths; default) or 'true' = "
@@ -119,8 +127,10 @@ def wait_for_quiet(limit: float | None, max_wait: float = 900.0, poll: float = 3
     return load
 
 
-def cluster_overrides(args, mode: str, placement: str) -> dict:
+def cluster_overrides(args, mode: str, placement: str, engine: str = "hf") -> dict:
     return {
+        "engine.backend": engine, "engine.stream_every": args.stream_every,
+        "scheduler.max_running": args.max_running,
         "scheduler.mode": mode, "scheduler.placement": placement, "scheduler.slice_len": args.slice_len,
         "scheduler.max_gen_len": args.max_gen_len, "scheduler.max_batch_size": args.max_batch_size,
         "scheduler.sls_batch_size": args.sls_batch_size, "scheduler.ils_max_concurrency": args.ils_concurrency,
@@ -173,13 +183,15 @@ def simulate_same(args, mode: str, placement: str, requests, offsets, latency, p
     workload = build_workload(pairs, offsets, predicted, ids=[r.id for r in requests])
     cfg = SchedulerConfig(mode=mode, slice_len=args.slice_len, max_gen_len=args.max_gen_len,
                           max_batch_size=args.max_batch_size, sls_batch_size=args.sls_batch_size,
-                          ils_max_concurrency=args.ils_concurrency, ordering=args.ordering, placement=placement)
+                          ils_max_concurrency=args.ils_concurrency, max_running=args.max_running,
+                          ordering=args.ordering, placement=placement)
     report, _ = simulate(cfg, latency, memory, workload, args.replicas, kv_cache_tokens=kv_cache_tokens)
     return report
 
 
-def live_memory(args):
-    """The live replicas' KV memory model for batches, and the kept-cache tokens each holds between slices."""
+def live_memory(args, continuous: bool = False):
+    """The live replicas' KV memory model for batches, and the kept-cache tokens each holds between slices
+    (a continuous batch keeps nothing between slices: its whole budget is the batch's)."""
     from transformers import AutoConfig
 
     from cluster.config import load_config
@@ -187,8 +199,8 @@ def live_memory(args):
     from worker.make_model import ensure_default_model
 
     engine = load_config(args.config).engine
-    batch_bytes, keep_bytes = engine.split_kv_budget(
-        kv_budget_bytes(engine.device, engine.kv_budget_bytes, engine.memory_safety))
+    budget = kv_budget_bytes(engine.device, engine.kv_budget_bytes, engine.memory_safety)
+    batch_bytes, keep_bytes = (budget, 0.0) if continuous else engine.split_kv_budget(budget)
     memory = memory_estimator(AutoConfig.from_pretrained(ensure_default_model()), budget_bytes=batch_bytes)
     return memory, int(keep_bytes // memory.bytes_per_token)
 
@@ -236,11 +248,11 @@ def simulate_runs(args, runs: list, requests, schedules, slice_log: list[dict]) 
     """Replay every live Slicefleet run in the simulator, once per calibration, and record the error."""
     models = calibrations(args, slice_log)
     predicted = predicted_lengths(args, requests)
-    memory, kv_cache_tokens = live_memory(args)
     offsets_of = {rate: offsets for rate, offsets in schedules}
     for entry in runs:
-        if entry["mode"] not in MODES:
-            continue  # the vLLM peer
+        if entry["mode"] not in MODES or entry.get("engine", "hf") != "hf":
+            continue  # the vLLM peer, and vLLM replicas (the profiles are of the HF engines)
+        memory, kv_cache_tokens = live_memory(args, entry["mode"] in CONTINUOUS)
         entry["sims"] = {}
         for name, latency in models.items():
             sim = simulate_same(args, entry["mode"], entry["placement"], requests, offsets_of[entry["rate"]],
@@ -259,7 +271,7 @@ def sim_error(live: dict, sim: dict) -> dict:
 
 # ---- runs ----------------------------------------------------------------------------------------------
 def run_live_mode(args, mode: str, placement: str, requests, schedules, slo, results_out: list,
-                  slice_log: list) -> None:
+                  slice_log: list, engine: str = "hf") -> None:
     import asyncio
 
     from bench.loadgen import live_report, run_load, serving_metrics, snapshot_delta, wait_for_snapshot_settle
@@ -267,8 +279,10 @@ def run_live_mode(args, mode: str, placement: str, requests, schedules, slo, res
     from cluster.local import LocalCluster
     from cluster.state import StateStore
 
-    cfg = load_config(args.config, cluster_overrides(args, mode, placement))
+    cfg = load_config(args.config, cluster_overrides(args, mode, placement, engine))
     label = mode if placement == args.placements[0] else f"{mode}-{placement}"
+    if engine != "hf":
+        label = f"{label}@{engine}"
     t_start = time.perf_counter()
     cluster = LocalCluster(cfg).start()
     startup = time.perf_counter() - t_start
@@ -289,15 +303,17 @@ def run_live_mode(args, mode: str, placement: str, requests, schedules, slo, res
             delta = snapshot_delta(before, after)
             entry = record(label, mode, placement, rate, requests, results, wall, delta, slo, load,
                            load_average(), startup, sampler.samples, args.replicas)
+            entry["engine"] = engine
             results_out.append(entry)
             save(args.out, args, results_out)
             log.info("%s rate=%s: %.2f req/s, %.0f tok/s, p99 %.1f s, failed %d", label, rate,
                      entry["report"]["request_throughput"], entry["report"]["output_token_throughput"],
                      entry["report"]["latency_p99"], entry["serving"]["failed"])
-        logged = store.slice_log()
-        for row in logged:
-            row["label"] = label
-        slice_log.extend(logged)
+        if engine == "hf":  # the in-situ profile is of the HF engines
+            logged = store.slice_log()
+            for row in logged:
+                row["label"] = label
+            slice_log.extend(logged)
     finally:
         cluster.stop()
 
@@ -398,6 +414,9 @@ def run(args) -> int:
     slice_log: list[dict] = []
     for mode in args.modes:
         run_live_mode(args, mode, args.placements[0], requests, schedules, slo, runs, slice_log)
+    for engine in args.engines:
+        for mode in [m for m in args.modes if m in CONTINUOUS and engine != "hf"]:
+            run_live_mode(args, mode, args.placements[0], requests, schedules, slo, runs, slice_log, engine)
     if "scls" in args.modes:
         for placement in args.placements[1:]:
             run_live_mode(args, "scls", placement, requests, schedules, slo, runs, slice_log)

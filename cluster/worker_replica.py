@@ -80,7 +80,7 @@ class SliceWorker:
         self.store = StateStore(cfg.redis.url, cfg.redis.key_prefix, cfg.redis.password)
         self.replica_id = replica_id or self._make_id()
         self.continuous = cfg.scheduler.mode in CONTINUOUS_MODES
-        self.engine = self._build_engine(cfg)
+        self.engine = self._build_engine(cfg, self._cpu_bind(cfg))
         if self.continuous:  # rows keep their KV in the running batch: nothing is kept between slices
             batch_budget = self._kv_budget(cfg)
         else:
@@ -122,14 +122,25 @@ class SliceWorker:
             return "vllm" if cfg.engine.backend == "vllm" else "continuous"
         return cfg.engine.backend
 
+    def _cpu_bind(self, cfg: SlicefleetConfig) -> str | None:
+        """The core a vLLM CPU engine computes on: ``$SLICEFLEET_VLLM_CPU_BIND``, else the next core in turn
+        (a counter in Redis), so replicas on one machine do not oversubscribe its cores."""
+        if self._backend(cfg) != "vllm" or cfg.engine.device != "cpu":
+            return None
+        if os.environ.get("SLICEFLEET_VLLM_CPU_BIND"):
+            return os.environ["SLICEFLEET_VLLM_CPU_BIND"]
+        slot = (self.store.r.incr(f"{cfg.redis.key_prefix}:cpu_slot") - 1) % (os.cpu_count() or 1)
+        return str(slot)
+
     @classmethod
-    def _build_engine(cls, cfg: SlicefleetConfig):
+    def _build_engine(cls, cfg: SlicefleetConfig, cpu_bind: str | None = None):
         from worker.factory import build_engine
 
         rows = cfg.scheduler.ils_max_concurrency if cfg.scheduler.mode == "ils" else cfg.scheduler.max_running
+        extra = {"cpu_bind": cpu_bind} if cls._backend(cfg) == "vllm" else {}
         return build_engine(
             cls._backend(cfg), cfg.model.path, device=cfg.engine.device, dtype=cfg.model.dtype,
-            kv_reuse=cfg.engine.kv_reuse, max_concurrency=rows,
+            kv_reuse=cfg.engine.kv_reuse, max_concurrency=rows, **extra,
             kernel_inject=cfg.engine.kernel_inject if cfg.engine.backend == "deepspeed" else None,
         )
 

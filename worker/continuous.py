@@ -32,6 +32,14 @@ from worker.runner import ModelRunner, RowState, choose, decode_inputs, prefill
 GROWTH = 64
 """Decode steps the running batch's cache has room for before it is copied into a bigger buffer."""
 
+LANE_PAD_TOKENS = 4096
+"""A prefilled group joins a running lane only while the padding that adds (rows x columns, attended at every
+decode step) stays below this; otherwise it runs as a lane of its own. One more forward per step costs what
+about 6.5 k padded row-tokens of attention cost on the CPU profile (h / e)."""
+
+MAX_LANES = 4
+"""Most lanes (separately padded sub-batches) one engine decodes per step."""
+
 GROUP_PAD_TOKENS = 32
 """Newcomers are prefilled together only while padding them to their group's longest costs fewer tokens than
 this (about one forward's fixed cost in prefill tokens on the CPU profile: d / a ≈ 28)."""
@@ -71,25 +79,95 @@ class CBStats:
     latency profile can be refit from under real conditions."""
 
 
+class Lane:
+    """Rows decoded together in one forward: one left-padded KV cache, with room to grow in place."""
+
+    def __init__(self, runner: ModelRunner, rows: list[RowState], layers: kv.Layers, mask: torch.Tensor):
+        self.runner = runner
+        self.rows = rows
+        self._preallocate = True
+        self._hold(layers, mask)
+
+    @property
+    def width(self) -> int:
+        """Columns of its padded cache (what every row of it attends over)."""
+        return self._used
+
+    def join_cost(self, n: int, width: int) -> int:
+        """Padding (row x columns) that joining ``n`` rows of ``width`` columns would add."""
+        if width <= self._used:
+            return n * (self._used - width)
+        return len(self.rows) * (width - self._used)
+
+    def join(self, rows: list[RowState], layers: kv.Layers, mask: torch.Tensor) -> None:
+        self._hold(*kv.concat(*self._filled(), layers, mask))
+        self.rows += rows
+
+    def merge(self, other: "Lane") -> None:
+        self.join(other.rows, *other._filled())
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows (the others finished or were aborted); trims columns nobody needs any more."""
+        self.rows = [self.rows[b] for b in indices]
+        if indices:
+            self._hold(*kv.select(*self._filled(), indices))
+
+    def decode(self) -> float:
+        """One decode step of every row; returns its seconds."""
+        ids, pos = decode_inputs(self.rows)
+        if self._preallocate and self._used == self._mask.shape[1]:
+            self._hold(*self._filled())
+        if self._used < self._mask.shape[1]:
+            self._mask[:, self._used] = 1
+        else:
+            self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
+        self._used += 1
+        t0 = time.perf_counter()
+        logits, self._cache = self.runner.forward(ids, self._mask, pos, self._cache)
+        choose(logits, self.rows, list(range(len(self.rows))))
+        self.runner.sync()
+        return time.perf_counter() - t0
+
+    def _filled(self) -> tuple[kv.Layers, torch.Tensor]:
+        return kv.filled(kv.cache_layers(self._cache), self._mask, self._used)
+
+    def _hold(self, layers: kv.Layers, mask: torch.Tensor) -> None:
+        """Keep the lane's KV with room for ``GROWTH`` decode steps written in place (a join, a leave or a full
+        buffer copies it anyway; between those, steps copy nothing)."""
+        self._used = mask.shape[1]
+        grown = kv.preallocated(layers, mask, GROWTH, self.runner.config) if self._preallocate else None
+        if grown is None:
+            self._preallocate = False  # not plain full-attention layers: grow by concatenation
+            self._cache, self._mask = kv.make_cache(layers, self.runner.config), mask
+        else:
+            self._cache, self._mask = grown
+
+
 class ContinuousBatchingEngine:
-    """Continuous batching over one model, under a concurrency cap."""
+    """Continuous batching over one model, under a concurrency cap.
+
+    The running requests are kept in up to ``max_lanes`` *lanes*, each one left-padded batch decoded by one
+    forward per step. A continuous batch of mixed lengths padded as one would attend over its longest row's
+    context for every row; lanes group rows of similar context, and a new group joins the lane where it adds
+    the least padding, or opens a lane of its own when that padding would cost more than a forward.
+    """
 
     backend = "continuous"
 
-    def __init__(self, model, *, max_concurrency: int = 16, forward=None, group_pad_tokens: int = GROUP_PAD_TOKENS):
+    def __init__(self, model, *, max_concurrency: int = 16, forward=None, group_pad_tokens: int = GROUP_PAD_TOKENS,
+                 lane_pad_tokens: int = LANE_PAD_TOKENS, max_lanes: int = MAX_LANES):
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
+        if max_lanes < 1:
+            raise ValueError("max_lanes must be >= 1")
         self.model = model
         self.runner = ModelRunner(model, forward=forward)
         self.max_concurrency = max_concurrency
         self.group_pad_tokens = group_pad_tokens
+        self.lane_pad_tokens = lane_pad_tokens
+        self.max_lanes = max_lanes
         self.waiting: deque[RowState] = deque()
-        self.running: list[RowState] = []
-        self._cache: DynamicCache | StaticCache | None = None
-        self._mask: torch.Tensor | None = None
-        self._used = 0
-        """Columns of ``_mask``/``_cache`` written so far; the rest is room to grow in place."""
-        self._preallocate = True
+        self.lanes: list[Lane] = []
         self.stats = CBStats()
 
     @classmethod
@@ -102,6 +180,10 @@ class ContinuousBatchingEngine:
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.runner.eos_token_ids
 
+    @property
+    def running(self) -> list[RowState]:
+        return [r for lane in self.lanes for r in lane.rows]
+
     def reset_stats(self) -> None:
         self.stats = CBStats()
 
@@ -110,23 +192,25 @@ class ContinuousBatchingEngine:
         self.waiting.append(RowState.start(item, self.runner.eos_token_ids, self.runner.max_positions))
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.lanes)
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return sum(len(lane.rows) for lane in self.lanes)
 
     def abort(self, request_id: str) -> bool:
-        """Stop a waiting or running request now; a running row is cut out of the batch cache. True if found."""
+        """Stop a waiting or running request now; a running row is cut out of its lane. True if found."""
         for r in list(self.waiting):
             if r.item.request_id == request_id:
                 self.waiting.remove(r)
                 return True
-        keep = [b for b, r in enumerate(self.running) if r.item.request_id != request_id]
-        if len(keep) == len(self.running):
-            return False
-        self._keep_rows(keep)
-        return True
+        for lane in self.lanes:
+            keep = [b for b, r in enumerate(lane.rows) if r.item.request_id != request_id]
+            if len(keep) < len(lane.rows):
+                lane.keep(keep)
+                self.lanes = [x for x in self.lanes if x.rows]
+                return True
+        return False
 
     def drop(self, request_ids) -> None:
         """Forget these requests (finished elsewhere, cancelled or moved): the ``Engine`` protocol's name."""
@@ -139,18 +223,12 @@ class ContinuousBatchingEngine:
         out.update((r.item.request_id, []) for r in self.waiting)
         return out
 
-    def _keep_rows(self, keep: list[int]) -> None:
-        self.running = [self.running[b] for b in keep]
-        if keep:
-            self._hold(*kv.select(*self._filled(), keep))
-        else:
-            self._cache = self._mask = None
-
     def step(self) -> list[ItemOutput]:
         """One iteration; returns the requests that finished in it."""
         finished: list[ItemOutput] = []
         newcomers: list[RowState] = []
-        while self.waiting and len(self.running) + len(newcomers) < self.max_concurrency:
+        running = self.num_running
+        while self.waiting and running + len(newcomers) < self.max_concurrency:
             row = self.waiting.popleft()
             if row.done:  # nothing to generate (exhausted budget): leaves without compute
                 finished.append(row.output())
@@ -158,16 +236,19 @@ class ContinuousBatchingEngine:
                 newcomers.append(row)
         if newcomers:
             self._prefill(newcomers)
-        elif self.running:
+        elif self.lanes:
             self._decode()
         else:
             return finished
         self.stats.steps += 1
-        self.stats.max_running = max(self.stats.max_running, len(self.running))
-        keep = [b for b, r in enumerate(self.running) if not r.done]
-        if len(keep) < len(self.running):
-            finished += [r.output() for r in self.running if r.done]
-            self._keep_rows(keep)
+        self.stats.max_running = max(self.stats.max_running, self.num_running)
+        for lane in self.lanes:
+            keep = [b for b, r in enumerate(lane.rows) if not r.done]
+            if len(keep) < len(lane.rows):
+                finished += [r.output() for r in lane.rows if r.done]
+                lane.keep(keep)
+        self.lanes = [lane for lane in self.lanes if lane.rows]
+        self._merge_close_lanes()
         self.stats.finished += len(finished)
         return finished
 
@@ -183,45 +264,38 @@ class ContinuousBatchingEngine:
             self.stats.forwards.append((len(members), state.mask.shape[1], state.seconds, True))
             self.stats.pad_tokens += state.pad_tokens
             self.stats.generated_tokens += len(members)
-            if self._cache is None:
-                self._hold(kv.cache_layers(state.cache), state.mask)
-            else:
-                self._hold(*kv.concat(*self._filled(), kv.cache_layers(state.cache), state.mask))
-            self.running += members
+            self._place(members, kv.cache_layers(state.cache), state.mask)
 
-    def _filled(self) -> tuple[kv.Layers, torch.Tensor]:
-        return kv.filled(kv.cache_layers(self._cache), self._mask, self._used)
-
-    def _hold(self, layers: kv.Layers, mask: torch.Tensor) -> None:
-        """Keep the running batch's KV with room for ``GROWTH`` decode steps written in place (a join, a leave
-        or a full buffer copies it anyway; between those, steps copy nothing)."""
-        self._used = mask.shape[1]
-        grown = kv.preallocated(layers, mask, GROWTH, self.runner.config) if self._preallocate else None
-        if grown is None:
-            self._preallocate = False  # not plain full-attention layers: grow by concatenation
-            self._cache, self._mask = kv.make_cache(layers, self.runner.config), mask
+    def _place(self, rows: list[RowState], layers: kv.Layers, mask: torch.Tensor) -> None:
+        """Join the lane where the group adds the least padding, or open a lane when that costs more."""
+        width = mask.shape[1]
+        best = min(self.lanes, key=lambda lane: lane.join_cost(len(rows), width), default=None)
+        if best is not None and (best.join_cost(len(rows), width) <= self.lane_pad_tokens
+                                 or len(self.lanes) >= self.max_lanes):
+            best.join(rows, layers, mask)
         else:
-            self._cache, self._mask = grown
+            self.lanes.append(Lane(self.runner, rows, layers, mask))
+
+    def _merge_close_lanes(self) -> None:
+        """Lanes whose widths came close (rows left, trimming one) run as one again."""
+        if len(self.lanes) < 2:
+            return
+        self.lanes.sort(key=lambda lane: lane.width)
+        for a, b in zip(self.lanes, self.lanes[1:]):
+            if b.join_cost(len(a.rows), a.width) <= self.lane_pad_tokens // 2:
+                b.merge(a)
+                a.rows = []
+                break
+        self.lanes = [lane for lane in self.lanes if lane.rows]
 
     def _decode(self) -> None:
-        ids, pos = decode_inputs(self.running)
-        if self._preallocate and self._used == self._mask.shape[1]:
-            self._hold(*self._filled())
-        if self._used < self._mask.shape[1]:
-            self._mask[:, self._used] = 1
-        else:
-            self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
-        self._used += 1
-        t0 = time.perf_counter()
-        logits, self._cache = self.runner.forward(ids, self._mask, pos, self._cache)
-        choose(logits, self.running, list(range(len(self.running))))
-        self.runner.sync()
-        dt = time.perf_counter() - t0
-        self.stats.decode_steps += 1
-        self.stats.decode_time += dt
-        self.stats.forwards.append((len(self.running), self._used, dt, False))
-        self.stats.decode_step_times.append(dt)
-        self.stats.generated_tokens += len(self.running)
+        for lane in self.lanes:
+            dt = lane.decode()
+            self.stats.decode_steps += 1
+            self.stats.decode_time += dt
+            self.stats.forwards.append((len(lane.rows), lane.width, dt, False))
+            self.stats.decode_step_times.append(dt)
+            self.stats.generated_tokens += len(lane.rows)
 
     def run(self, items: Iterable[SliceItem]) -> list[ItemOutput]:
         """Convenience: serve ``items`` (all arriving now) to completion; outputs in input order."""

@@ -66,14 +66,18 @@ def test_deepspeed_cpu_sliced_equals_generate(ds_engine, reference, prompts, sli
 
 @pytest.mark.parametrize("cap", [1, 3, 16])
 @pytest.mark.parametrize("growth", [64, 2])
-def test_continuous_batching_equals_generate(hf_model, reference, prompts, cap, growth, monkeypatch):
-    """``growth`` 2: the running batch outgrows its preallocated room every other step and is moved."""
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_continuous_batching_equals_generate(hf_model, reference, prompts, cap, growth, lanes, monkeypatch):
+    """``growth`` 2: the running batch outgrows its preallocated room every other step and is moved.
+    ``lanes`` 3 with no padding allowed: every group of a different length decodes in a lane of its own, up to 3."""
     from worker import continuous
     from worker.continuous import ContinuousBatchingEngine
     from worker.protocol import SliceItem
 
     monkeypatch.setattr(continuous, "GROWTH", growth)
-    eng = ContinuousBatchingEngine(hf_model, max_concurrency=cap)
+    eng = ContinuousBatchingEngine(hf_model, max_concurrency=cap, max_lanes=lanes,
+                                   lane_pad_tokens=0 if lanes > 1 else continuous.LANE_PAD_TOKENS)
+    most_lanes = 0
     rng = random.Random(cap)
     pending = list(enumerate(prompts))
     got = {}
@@ -87,7 +91,8 @@ def test_continuous_batching_equals_generate(hf_model, reference, prompts, cap, 
         for out in eng.step():
             assert out.finish_reason.is_final
             got[out.request_id] = out
-        assert eng.num_running <= cap
+        most_lanes = max(most_lanes, len(eng.lanes))
+        assert eng.num_running <= cap and len(eng.lanes) <= lanes
         steps += 1
         assert steps < 10_000
     assert len(got) == len(prompts)
@@ -98,6 +103,8 @@ def test_continuous_batching_equals_generate(hf_model, reference, prompts, cap, 
         assert eng.stats.max_running > 1  # requests really shared iterations
     assert eng.stats.generated_tokens == sum(len(o.new_token_ids) for o in got.values())
     assert eng.stats.prefill_steps >= 1 and eng.stats.decode_steps >= 1
+    if lanes > 1 and cap > 1:
+        assert most_lanes > 1  # rows of different lengths really decoded in separate lanes
 
 
 def test_continuous_batching_finished_leave_at_once(hf_model):
