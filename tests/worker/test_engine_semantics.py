@@ -222,4 +222,4 @@ def test_build_engine_backends(model_dir):
     cb = build_engine("continuous", model_dir, max_concurrency=5)
     assert isinstance(cb, ContinuousBatchingEngine) and cb.max_concurrency == 5
     with pytest.raises(ValueError):
-        build_engine("vllm", model_dir)
+        build_engine("no-such-backend", model_dir)
