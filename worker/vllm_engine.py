@@ -55,12 +55,18 @@ DEFAULT_MAX_MODEL_LEN = 2048
 
 
 def find_python(python: str | Path | None = None) -> Path:
-    """The vLLM venv's interpreter: ``python``, else ``$SLICEFLEET_VLLM_PYTHON``, else ``runs/vllm-venv``."""
+    """The vLLM venv's interpreter: ``python``, else ``$SLICEFLEET_VLLM_PYTHON``, else ``runs/vllm-venv``, else
+    this interpreter when it can import vllm (``pip install slicefleet[vllm]`` on a GPU fleet)."""
     if python is None:
         python = os.environ.get(ENV_PYTHON) or None
     if python is None:
         if DEFAULT_VENV_PYTHON.exists():
             return DEFAULT_VENV_PYTHON
+        import importlib.util
+        import sys
+
+        if importlib.util.find_spec("vllm") is not None:
+            return Path(sys.executable)
         raise FileNotFoundError(
             f"no vLLM Python: {DEFAULT_VENV_PYTHON} does not exist and ${ENV_PYTHON} is not set. Build the "
             f"venv with `bash bench/vllm_setup.sh` (about 3 minutes; or SLICEFLEET_WITH_VLLM=1 scripts/setup.sh), "
