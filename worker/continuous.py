@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from worker import kv
+from worker.lanes import GROUP_PAD_TOKENS, SPLIT_SAVING, best_cut, prefill_groups
 from worker.protocol import ItemOutput, SliceItem
 from worker.runner import ModelRunner, RowState, choose, decode_inputs, prefill
 
@@ -44,24 +45,6 @@ are dead; until then newcomers take the dead rows' slots over in place."""
 MAX_LANES = 4
 """Most lanes (separately padded sub-batches) one engine decodes per step."""
 
-GROUP_PAD_TOKENS = 32
-"""Newcomers are prefilled together only while padding them to their group's longest costs fewer tokens than
-this (about one forward's fixed cost in prefill tokens on the CPU profile: d / a ≈ 28)."""
-
-
-def prefill_groups(lengths: list[int], max_pad: int) -> list[list[int]]:
-    """Indices of ``lengths`` cut into groups of similar length, each padding at most ``max_pad`` tokens in all."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            group = groups[-1]
-            pad = sum(lengths[i] - lengths[j] for j in group)  # the group padded to its new longest, lengths[i]
-            if pad <= max_pad:
-                group.append(i)
-                continue
-        groups.append([i])
-    return groups
 
 
 @dataclass
@@ -77,6 +60,8 @@ class CBStats:
     pad_tokens: int = 0
     invalid_tokens: int = 0
     """Positions decoded for rows that had already left (kept until their lane is compacted)."""
+    lane_splits: int = 0
+    """Lanes cut in two by context length (their padding cost more than another forward)."""
     slot_fills: int = 0
     """Newcomers written into the slot of a row that had left (joins that copied no other row's cache)."""
     generated_tokens: int = 0
@@ -164,6 +149,14 @@ class Lane:
     def merge(self, other: "Lane") -> None:
         self.join(other.rows, *other._filled())
 
+    def split(self, moved: list[int]) -> "Lane":
+        """Move rows ``moved`` (live ones) into a lane of their own; this lane keeps its other live rows."""
+        layers, mask = self._filled()
+        other = Lane(self.runner, [self.rows[b] for b in moved], *kv.select(layers, mask, moved))
+        self.dead.update(moved)
+        self.compact()
+        return other
+
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows (the others finished or were aborted); trims columns nobody needs any more."""
         self.rows = [self.rows[b] for b in indices]
@@ -213,7 +206,8 @@ class ContinuousBatchingEngine:
     backend = "continuous"
 
     def __init__(self, model, *, max_concurrency: int = 16, forward=None, group_pad_tokens: int = GROUP_PAD_TOKENS,
-                 lane_pad_tokens: int = LANE_PAD_TOKENS, max_lanes: int = MAX_LANES):
+                 lane_pad_tokens: int = LANE_PAD_TOKENS, max_lanes: int = MAX_LANES,
+                 split_saving: int = SPLIT_SAVING):
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         if max_lanes < 1:
@@ -224,6 +218,7 @@ class ContinuousBatchingEngine:
         self.group_pad_tokens = group_pad_tokens
         self.lane_pad_tokens = lane_pad_tokens
         self.max_lanes = max_lanes
+        self.split_saving = split_saving
         self.waiting: deque[RowState] = deque()
         self.lanes: list[Lane] = []
         self.stats = CBStats()
@@ -307,6 +302,7 @@ class ContinuousBatchingEngine:
                 lane.retire(left)
         self.lanes = [lane for lane in self.lanes if lane.rows]
         self._merge_close_lanes()
+        self._split_wide_lanes()
         self.stats.finished += len(finished)
         return finished
 
@@ -358,6 +354,21 @@ class ContinuousBatchingEngine:
                 a.rows = []
                 break
         self.lanes = [lane for lane in self.lanes if lane.rows]
+
+    def _split_wide_lanes(self) -> None:
+        """Cut a lane in two by context length where that saves more padding than a forward costs."""
+        for lane in list(self.lanes):
+            if len(self.lanes) >= self.max_lanes:
+                return
+            live = [b for b in range(len(lane.rows)) if b not in lane.dead]
+            if len(live) < 2:
+                continue
+            lengths = [len(lane.rows[b].tokens) - 1 for b in live]
+            k, saving = best_cut(lengths)
+            if k and saving >= self.split_saving:
+                order = sorted(range(len(live)), key=lambda i: lengths[i])
+                self.lanes.append(lane.split(sorted(live[i] for i in order[k:])))
+                self.stats.lane_splits += 1
 
     def _decode(self) -> None:
         for lane in self.lanes:

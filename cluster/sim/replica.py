@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from balancer.estimators import BilinearLatencyModel
 from balancer.types import Batch, FinishReason, Request, RequestOutcome, SliceResult
+from worker.lanes import GROUP_PAD_TOKENS, plan_lanes, prefill_groups
 
 
 def _finish(req: Request, new_tokens: int, true_len: int) -> FinishReason:
@@ -137,6 +138,8 @@ class ContinuousReplica:
     latency: BilinearLatencyModel
     true_len: dict[str, int]
     max_segment: int = 16
+    max_lanes: int = 1
+    """Lanes the engine decodes the batch in (``worker.lanes``): 1 models one padded batch."""
     active: dict[str, _Active] = field(default_factory=dict)
     held: dict[str, _Active] = field(default_factory=dict)
     """Rows that finished while their next lease was undecided: reported once it is."""
@@ -176,9 +179,11 @@ class ContinuousReplica:
         prefill = 0.0
         if self.joining:
             rows = [b.requests[0] for b in self.joining]
-            longest = max(r.input_len for r in rows)
-            prefill = float(self.latency.prefill_time(len(rows), longest))
-            self.pad_tokens += sum(longest - r.input_len for r in rows)
+            # as the engine does: joiners prefilled in groups of similar length
+            for group in prefill_groups([r.input_len for r in rows], GROUP_PAD_TOKENS):
+                longest = max(rows[i].input_len for i in group)
+                prefill += float(self.latency.prefill_time(len(group), longest))
+                self.pad_tokens += sum(longest - rows[i].input_len for i in group)
             for b in self.joining:
                 r = b.requests[0]
                 target = min(self.true_len[r.id] - r.generated, r.remaining)
@@ -188,14 +193,17 @@ class ContinuousReplica:
             self.segment_end = None
             return None
         n = len(self.active)
-        context = max(a.request.input_len + a.produced - a.lease_start for a in self.active.values())
+        contexts = [a.request.input_len + a.produced - a.lease_start for a in self.active.values()]
         k = self.max_segment
         for a in self.active.values():
             k = min(k, a.target - a.produced)
             if a.batch is not None:
                 k = min(k, a.lease_start + a.batch.steps - a.produced)
         k = max(k, 1)
-        decode = float(self.latency.batch_time(n, context, k) - self.latency.prefill_time(n, context))
+        decode = 0.0
+        for lane in plan_lanes(contexts, self.max_lanes):  # as the engine does: lanes of similar context
+            width = max(contexts[i] for i in lane)
+            decode += float(self.latency.batch_time(len(lane), width, k) - self.latency.prefill_time(len(lane), width))
         for a in self.active.values():
             a.produced += k
         self.row_iterations += n * k

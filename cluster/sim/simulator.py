@@ -21,6 +21,9 @@ from cluster.sim.replica import ContinuousReplica, SliceReplica
 from cluster.sim.report import RunReport, summarize
 from cluster.sim.workload import SimRequest
 
+MAX_LANES = 4
+"""The continuous engine's lanes (``worker.continuous.MAX_LANES``; not imported: that module needs torch)."""
+
 _ARRIVAL, _DONE, _SEGMENT, _TICK = 0, 1, 2, 3
 
 DEFAULT_DISPATCH_INTERVAL = 0.05
@@ -52,7 +55,8 @@ class Simulation:
         self.true_len = {r.id: r.output_len for r in workload}
         self.continuous = config.mode in (Mode.ILS, Mode.CONTINUOUS_SLICES)
         if self.continuous:
-            self.replicas = {f"sim-{i}": ContinuousReplica(f"sim-{i}", latency, self.true_len)
+            self.replicas = {f"sim-{i}": ContinuousReplica(f"sim-{i}", latency, self.true_len,
+                                                           max_lanes=MAX_LANES)
                              for i in range(replicas)}
         else:
             keep = kv_cache_tokens if config.kv_reuse and config.mode is Mode.SCLS else 0

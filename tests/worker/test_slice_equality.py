@@ -166,14 +166,3 @@ def test_continuous_slices_with_moves_equal_generate(hf_model, reference, prompt
         assert got[f"r{i}"] == reference(p, b), f"r{i} diverged across moves"
     assert not any(e.has_work() for e in engines)
 
-
-def test_prefill_groups_bound_padding():
-    from worker.continuous import prefill_groups
-
-    lengths = [5, 300, 7, 310, 6, 1000]
-    groups = prefill_groups(lengths, 32)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for g in groups:
-        longest = max(lengths[i] for i in g)
-        assert sum(longest - lengths[i] for i in g) <= 32
-    assert len(groups) == 3
