@@ -29,7 +29,7 @@ class SchedulerConfig:
     ils_max_concurrency: int = 16
     """ILS: most requests a replica decodes at once in its continuous batch."""
 
-    max_running: int = 32
+    max_running: int = 64
     """Continuous slices: most requests one replica decodes at once; its KV budget may allow fewer."""
 
     move_margin: float = 0.25

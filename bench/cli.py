@@ -81,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--sls-batch-size", type=int, default=8)
     p.add_argument("--ils-concurrency", type=int, default=16)
-    p.add_argument("--max-running", type=int, default=32, help="continuous_slices: rows per replica (default: 32)")
+    p.add_argument("--max-running", type=int, default=64, help="continuous_slices: rows per replica (default: 64)")
     p.add_argument("--stream-every", type=int, default=4, help="engine steps between streamed chunks (default: 4)")
     p.add_argument("--ordering", default="sjf", choices=["fcfs", "sjf", "hrrn"])
     p.add_argument("--budget", default="cap", choices=["cap", "true"],
@@ -96,6 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot", type=float, default=0.5, help="goodput SLO on TPOT, seconds (default: 0.5)")
     p.add_argument("--slo-e2el", type=float, default=None, help="goodput SLO on E2E latency, seconds")
     p.add_argument("--vllm", action="store_true", help="also run the vLLM peer (bench/vllm_peer.py, its venv)")
+    p.add_argument("--vllm-eager", action="store_true",
+                   help="run Slicefleet's vLLM replicas eagerly (default: compiled, as the vLLM peer servers run)")
     p.add_argument("--vllm-venv", default="runs/vllm-venv", help="venv built by bench/vllm_setup.sh")
     p.add_argument("--no-sim", action="store_true", help="skip the simulated replay of each live run")
     p.add_argument("--wait-load", type=float, default=None,
@@ -130,6 +132,7 @@ def wait_for_quiet(limit: float | None, max_wait: float = 900.0, poll: float = 3
 def cluster_overrides(args, mode: str, placement: str, engine: str = "hf") -> dict:
     return {
         "engine.backend": engine, "engine.stream_every": args.stream_every,
+        "engine.vllm_enforce_eager": args.vllm_eager,
         "scheduler.max_running": args.max_running,
         "scheduler.mode": mode, "scheduler.placement": placement, "scheduler.slice_len": args.slice_len,
         "scheduler.max_gen_len": args.max_gen_len, "scheduler.max_batch_size": args.max_batch_size,
@@ -420,6 +423,8 @@ def run(args) -> int:
     if "scls" in args.modes:
         for placement in args.placements[1:]:
             run_live_mode(args, "scls", placement, requests, schedules, slo, runs, slice_log)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "slice_log.json").write_text(json.dumps(slice_log))
     if not args.no_sim:
         simulate_runs(args, runs, requests, schedules, slice_log)
     path = save(args.out, args, runs)

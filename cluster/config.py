@@ -36,6 +36,10 @@ class EngineSettings(_Strict):
         "hf", description="HF transformers, DeepSpeed-Inference, or vLLM (a vLLM engine in a child process the "
         "replica owns; continuous_slices and ils modes only; install with SLICEFLEET_WITH_VLLM=1 scripts/setup.sh)."
     )
+    vllm_enforce_eager: bool = Field(
+        True, description="backend vllm: run the model eagerly (starts in ~20 s on CPU); false compiles it as a "
+        "default vLLM server does (50-90 s to start, faster steps).",
+    )
     stream_every: int = Field(
         4, ge=1, description="Tokens reach the client at most every this many engine steps (the first token at "
         "once), in every mode: a replica publishes each running request's new tokens that often.",
@@ -69,7 +73,7 @@ class SchedulerSettings(_Strict):
     max_batch_size: int = Field(32, ge=1)
     sls_batch_size: int = Field(8, ge=1)
     ils_max_concurrency: int = Field(16, ge=1)
-    max_running: int = Field(32, ge=1, description="continuous_slices: most requests a replica decodes at once.")
+    max_running: int = Field(64, ge=1, description="continuous_slices: most requests a replica decodes at once.")
     move_margin: float = Field(0.25, ge=0, lt=1, description="continuous_slices: move a request at a slice "
                                "boundary only if it finishes this fraction sooner elsewhere.")
     ordering: Literal["fcfs", "sjf", "hrrn"] = "sjf"

@@ -145,9 +145,12 @@ class LeaseLoop:
                 row.final = out
 
     def flush(self, now: float | None = None) -> None:
-        """Post what is due: finished requests, used-up leases, and progress every ``stream_every`` steps."""
+        """Post what is due: finished requests, used-up leases, and progress every ``stream_every`` steps.
+
+        Everything due is posted in one round trip; the bookkeeping moves on only once it is posted."""
         now = time.time() if now is None else now
         produced = self.engine.produced()
+        messages, after = [], []
         progress = []
         for rid, row in list(self.rows.items()):
             tokens = row.final.new_token_ids if row.final is not None else produced.get(rid, [])
@@ -157,18 +160,30 @@ class LeaseLoop:
                     self._drop(rid)
                 continue
             if row.final is not None and len(tokens) <= row.lease_end:
-                self._post_report(rid, row, tokens, row.final.finish_reason.value)
-                del self.rows[rid]
+                messages.append(self._report(rid, row, tokens, row.final.finish_reason.value))
+                after.append(lambda rid=rid: self.rows.pop(rid, None))
             elif len(tokens) >= row.lease_end:
-                self._post_report(rid, row, tokens[:row.lease_end], FinishReason.SLICE_END.value)
-                row.published, row.batch_id, row.waiting_since = row.lease_end, None, now
+                messages.append(self._report(rid, row, tokens[:row.lease_end], FinishReason.SLICE_END.value))
+                after.append(lambda row=row: self._lease_used_up(row, now))
             elif len(tokens) > row.published and (row.published == 0 or self.steps % self.stream_every == 0):
                 progress.append({"id": rid, "batch_id": row.batch_id, "epoch": row.epoch,
                                  "at": row.before + row.published, "tokens": list(tokens[row.published:])})
         if progress:
-            self.store.post_result({"progress": True, "replica_id": self.replica_id, "outputs": progress})
-            for o in progress:
-                self.rows[o["id"]].published += len(o["tokens"])
+            messages.append({"progress": True, "replica_id": self.replica_id, "outputs": progress})
+        if not messages:
+            return
+        self.store.post_results(messages)
+        for apply in after:
+            apply()
+        for o in progress:
+            self.rows[o["id"]].published += len(o["tokens"])
+        stats = getattr(self.engine, "stats", None)
+        self._pad_reported = getattr(stats, "pad_tokens", 0)
+        self._invalid_reported, self._invalid = getattr(stats, "invalid_tokens", 0), 0
+
+    @staticmethod
+    def _lease_used_up(row: Row, now: float) -> None:
+        row.published, row.batch_id, row.waiting_since = row.lease_end, None, now
 
     def _log_forwards(self) -> None:
         """Each forward's timing into the cluster's slice log, as one-step slices (a prefill: a slice of 0 steps)."""
@@ -187,18 +202,20 @@ class LeaseLoop:
             return row.final.new_token_ids
         return self.engine.produced().get(rid, [])
 
-    def _post_report(self, rid: str, row: Row, tokens: list[int], finish: str) -> None:
+    def _report(self, rid: str, row: Row, tokens: list[int], finish: str) -> dict:
+        """A lease's closing report: its last tokens, its finish, and the engine's waste not yet reported (so the
+        cluster's valid-token ratio sees it; counted once per flush, on the first report)."""
         stats = getattr(self.engine, "stats", None)
         pad, invalid = getattr(stats, "pad_tokens", 0), getattr(stats, "invalid_tokens", 0)
-        self.store.post_result({
+        message = {
             "batch_id": row.batch_id, "epoch": row.epoch, "replica_id": self.replica_id, "elapsed": 0.0,
             "outputs": [{"id": rid, "tokens": list(tokens[row.published:]), "finish": finish,
                          "total": len(tokens) - row.lease_start, "at": row.before + row.published}],
-            # the engine's waste since the last report, so the cluster's valid-token ratio sees it
             "pad_tokens": pad - self._pad_reported,
             "invalid_tokens": self._invalid + invalid - self._invalid_reported,
-        })
+        }
         self._pad_reported, self._invalid_reported, self._invalid = pad, invalid, 0
+        return message
 
     def _post_closed(self, batch_id: str, epoch: int, rids: list[str]) -> None:
         self.store.post_result({"batch_id": batch_id, "epoch": epoch, "replica_id": self.replica_id,

@@ -374,6 +374,13 @@ class StateStore:
     def post_result(self, message: dict) -> None:
         self.r.xadd(self.k.results, {"result": json.dumps(message)})
 
+    def post_results(self, messages: list[dict]) -> None:
+        """Several results in one round trip, in order."""
+        pipe = self.r.pipeline(transaction=False)
+        for message in messages:
+            pipe.xadd(self.k.results, {"result": json.dumps(message)})
+        pipe.execute()
+
     def publish_metrics(self, snapshot: dict) -> None:
         self.r.set(self.k.metrics, json.dumps(snapshot), ex=60)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -98,8 +99,11 @@ class SliceWorker:
             HEARTBEAT_TTL,
         )
         self.store.ensure_group(self.store.k.work(self.replica_id), "worker")
+        self._inbox: queue.Queue[dict] = queue.Queue()
         self._threads = [threading.Thread(target=self._beat, name="heartbeat", daemon=True),
                          threading.Thread(target=self._guarded, name="work", daemon=True)]
+        if self.continuous:
+            self._threads.append(threading.Thread(target=self._read_forever, name="work-reader", daemon=True))
         for t in self._threads:
             t.start()
         log.info("replica %s ready (pid %d, %s)", self.replica_id, os.getpid(),
@@ -137,7 +141,8 @@ class SliceWorker:
         from worker.factory import build_engine
 
         rows = cfg.scheduler.ils_max_concurrency if cfg.scheduler.mode == "ils" else cfg.scheduler.max_running
-        extra = {"cpu_bind": cpu_bind} if cls._backend(cfg) == "vllm" else {}
+        extra = ({"cpu_bind": cpu_bind, "enforce_eager": cfg.engine.vllm_enforce_eager}
+                 if cls._backend(cfg) == "vllm" else {})
         return build_engine(
             cls._backend(cfg), cfg.model.path, device=cfg.engine.device, dtype=cfg.model.dtype,
             kv_reuse=cfg.engine.kv_reuse, max_concurrency=rows, **extra,
@@ -236,15 +241,39 @@ class SliceWorker:
             if now - last_epoch_check >= EPOCH_CHECK_EVERY:
                 loop.on_epoch(self.store.epoch())
                 last_epoch_check = now
-            # Never wait for new work while requests are decoding: they join at the next step.
-            block = None if self.engine.has_work() else 200
-            for entry_id, msg in self.store.read_work(self.replica_id, self.replica_id, block_ms=block, count=64):
+            # Messages come from the reader thread, so a decode step never waits on Redis; with nothing to
+            # decode, wait for the next message instead.
+            try:
+                first = [self._inbox.get(timeout=0.2)] if not self.engine.has_work() else []
+            except queue.Empty:
+                first = []
+            for msg in first + self._drain():
                 loop.handle(msg)
-                self.store.ack_work(self.replica_id, entry_id)
             if self.engine.has_work():
                 loop.step()
                 self.busy_seconds = loop.busy_seconds
             loop.flush()
+
+    def _drain(self) -> list[dict]:
+        out = []
+        while True:
+            try:
+                out.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _read_forever(self) -> None:
+        """Continuous modes: read this replica's work stream into ``_inbox`` (acknowledged once queued: the
+        rows' state lives in this process, and a replica that dies loses its rows to the pool anyway)."""
+        while not self._stop.is_set():
+            try:
+                for entry_id, msg in self.store.read_work(self.replica_id, self.replica_id, block_ms=200,
+                                                          count=256):
+                    self._inbox.put(msg)
+                    self.store.ack_work(self.replica_id, entry_id)
+            except Exception as exc:  # Redis restarting: the work loop reports it too; keep trying
+                log.warning("work stream read failed: %s", exc)
+                time.sleep(0.5)
 
 
 class SliceStreamer:

@@ -22,6 +22,7 @@ def build_engine(
     vllm_python: str | Path | None = None,
     kv_cache_gib: int | None = None,
     cpu_bind: str | None = None,
+    enforce_eager: bool = True,
 ):
     """Load ``model_path`` (default: the default model, built if missing) behind the chosen backend.
 
@@ -58,7 +59,7 @@ def build_engine(
         return VLLMEngine(
             path, python=vllm_python, max_model_len=max_model_len, max_concurrency=max_concurrency,
             kv_cache_gib=gib, cpu_bind=cpu_bind if cpu_bind is not None else os.environ.get("SLICEFLEET_VLLM_CPU_BIND"),
-            dtype=dtype, enable_prefix_caching=kv_reuse,
+            dtype=dtype, enable_prefix_caching=kv_reuse, enforce_eager=enforce_eager,
         )
     if device == "cpu":
         set_cpu_threads(num_threads)

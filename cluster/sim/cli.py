@@ -31,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-gen-len", type=int, default=1024, help="G, largest generation budget (default: 1024)")
     p.add_argument("--max-batch-size", type=int, default=32, help="SCLS batch-size cap (default: 32)")
     p.add_argument("--sls-batch-size", type=int, default=8, help="SLS static batch size (default: 8)")
-    p.add_argument("--max-running", type=int, default=32,
-                   help="continuous slices: most requests a replica decodes at once (default: 32)")
+    p.add_argument("--max-running", type=int, default=64,
+                   help="continuous slices: most requests a replica decodes at once (default: 64)")
     p.add_argument("--ils-concurrency", type=int, default=16, help="ILS requests per replica (default: 16)")
     p.add_argument("--ordering", default="sjf", choices=["fcfs", "sjf", "hrrn"], help="SCLS/ILS ordering")
     p.add_argument("--placement", default="maxmin", choices=["maxmin", "round_robin", "least_work"])

@@ -210,7 +210,7 @@ def test_continuous_slices_stream_renew_in_place_and_move_to_a_new_replica(redis
     prompts = {f"c{i}": [5 + i, 6, 7, 8 + i] for i in range(6)}
     try:
         for rid, ids in prompts.items():
-            store.submit(RequestRecord(rid, ids, 40, time.time(), ignore_eos=True))
+            store.submit(RequestRecord(rid, ids, 300, time.time(), ignore_eos=True))
         deadline = time.monotonic() + 30
         while not any(store.generated(rid) for rid in prompts) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -221,10 +221,10 @@ def test_continuous_slices_stream_renew_in_place_and_move_to_a_new_replica(redis
         for rid, ids in prompts.items():
             events = [f for _, f in store.read_output(rid, "0", block_ms=100)]
             streamed = [t for e in events for t in json.loads(e["tokens"])]
-            assert streamed == store.generated(rid) == reference(ids, 40), rid
-            assert len(events) > 40 // 4  # streamed every 2 steps, not once per slice
+            assert streamed == store.generated(rid) == reference(ids, 300), rid
+            assert len(events) > 300 // 4  # streamed every 2 steps, not once per slice
             rec = store.record(rid)
-            assert rec.finish_reason == "length" and rec.slices == 10
+            assert rec.finish_reason == "length" and rec.slices == 300 // 4
             replicas_used |= set(rec.replicas)
         assert len(replicas_used) == 2
     finally:
