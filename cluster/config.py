@@ -40,6 +40,11 @@ class EngineSettings(_Strict):
         True, description="backend vllm: run the model eagerly (starts in ~20 s on CPU); false compiles it as a "
         "default vLLM server does (50-90 s to start, faster steps).",
     )
+    nice: int = Field(
+        5, ge=0, le=19, description="CPU engines run at this POSIX niceness (the vLLM child inherits it), so that "
+        "where the engines saturate every core the ingress, dispatcher and Redis still answer at once (first "
+        "tokens, admissions). 0 leaves priorities alone; GPU engines are not reniced.",
+    )
     stream_every: int = Field(
         4, ge=1, description="Tokens reach the client at most every this many engine steps (the first token at "
         "once), in every mode: a replica publishes each running request's new tokens that often.",

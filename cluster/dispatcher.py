@@ -71,6 +71,7 @@ class DispatcherCore:
         # batch id -> (estimated seconds on its replica, when to give up waiting for its result)
         self._placed: dict[str, tuple[float, float]] = {}
         self._budgets: dict[str, float] = {}  # replica id -> KV bytes it reported
+        self._posts: list[tuple[str, dict]] | None = None  # work-stream posts of the round being planned
         self.continuous = cfg.scheduler.mode in ("continuous_slices", "ils")
         """Replicas run one continuous batch: cancelled rows are released at once, results carry no batch shape."""
         self._stop = threading.Event()
@@ -183,7 +184,14 @@ class DispatcherCore:
         message = {"release": rids, "epoch": self.epoch}
         if close:
             message["batch_ids"] = close
-        self.store.post_batch(replica_id, message)
+        self._post(replica_id, message)
+
+    def _post(self, replica_id: str, message: dict) -> None:
+        """Post to a replica's work stream: batched with the round's other posts while a round is planned."""
+        if self._posts is not None:
+            self._posts.append((replica_id, message))
+        else:
+            self.store.post_batch(replica_id, message)
 
     def _apply(self, msg: dict, now: float) -> None:
         if msg.get("progress"):  # tokens of rows still running, streamed before their slice ends
@@ -294,6 +302,15 @@ class DispatcherCore:
                 log.warning("batch %s overdue: %d requests back to the pool", batch_id, len(returned))
 
     def _dispatch(self, now: float) -> None:
+        self._posts: list[tuple[str, dict]] = []
+        try:
+            self._plan(now)
+        finally:
+            if self._posts:  # every placement of the round in one round trip
+                self.store.post_batches(self._posts)
+            self._posts = None
+
+    def _plan(self, now: float) -> None:
         for a in self.scheduler.schedule(now):
             b = a.batch
             # Generous: the estimate can be off several times over while the online fit warms up.
@@ -309,7 +326,7 @@ class DispatcherCore:
             message = {"batch_id": b.id, "epoch": self.epoch, "steps": b.steps, "request_ids": b.request_ids}
             if a.continues:
                 message["continues"] = True
-            self.store.post_batch(a.replica_id, message)
+            self._post(a.replica_id, message)
 
     # ---- views ---------------------------------------------------------------------------------------
     def snapshot(self, now: float) -> dict:

@@ -62,6 +62,8 @@ class LeaseLoop:
         self.stream_every = max(stream_every, 1)
         self.grace = grace
         self.rows: dict[str, Row] = {}
+        self._loaded: dict[str, object] = {}
+        """Slice items read ahead by ``handle_all`` (None: gone from Redis)."""
         self.steps = 0
         self.busy_seconds = 0.0
         self.epoch = 0
@@ -71,6 +73,19 @@ class LeaseLoop:
         """Tokens decoded for rows that then moved away, not yet reported."""
 
     # ---- messages from the dispatcher ------------------------------------------------------------------
+    def handle_all(self, msgs: list[dict]) -> None:
+        """Handle messages in order, reading the records of every admission among them in one round trip."""
+        wanted = [rid for m in msgs if "request_ids" in m and (not m.get("continues") or m["request_ids"][0]
+                                                                 not in self.rows) for rid in m["request_ids"]]
+        if wanted:
+            items, gone = self.load(wanted)
+            self._loaded = {it.request_id: it for it in items} | {rid: None for rid in gone}
+        try:
+            for msg in msgs:
+                self.handle(msg)
+        finally:
+            self._loaded = {}
+
     def handle(self, msg: dict) -> None:
         if msg.get("epoch", 0) < self.epoch:
             return  # from a dispatcher that is gone: the current one placed (or will place) these again
@@ -85,7 +100,12 @@ class LeaseLoop:
         for rid in msg["request_ids"]:
             if rid in self.rows:  # placed again (a restarted dispatcher): start over from what Redis holds
                 self._drop(rid)
-        items, gone = self.load(msg["request_ids"])
+        ids = msg["request_ids"]
+        if all(rid in self._loaded for rid in ids):
+            items = [self._loaded[rid] for rid in ids if self._loaded[rid] is not None]
+            gone = [rid for rid in ids if self._loaded[rid] is None]
+        else:
+            items, gone = self.load(ids)
         for item in items:
             self.engine.add(item)
             self.rows[item.request_id] = Row(before=item.generated, batch_id=msg["batch_id"], epoch=msg["epoch"],

@@ -354,6 +354,13 @@ class StateStore:
     def post_batch(self, replica_id: str, message: dict) -> None:
         self.r.xadd(self.k.work(replica_id), {"batch": json.dumps(message)})
 
+    def post_batches(self, posts: list[tuple[str, dict]]) -> None:
+        """(replica id, message) pairs in one round trip, in order."""
+        pipe = self.r.pipeline(transaction=False)
+        for replica_id, message in posts:
+            pipe.xadd(self.k.work(replica_id), {"batch": json.dumps(message)})
+        pipe.execute()
+
     def read_work(self, replica_id: str, consumer: str, block_ms: int | None, count: int = 1,
                   pending: bool = False) -> list[tuple[str, dict]]:
         """Next batches for a replica; ``block_ms`` None returns at once (0 would block forever).

@@ -80,6 +80,8 @@ class SliceWorker:
         self.cfg = cfg
         self.store = StateStore(cfg.redis.url, cfg.redis.key_prefix, cfg.redis.password)
         self.replica_id = replica_id or self._make_id()
+        if cfg.engine.device == "cpu" and cfg.engine.nice and os.nice(0) < cfg.engine.nice:
+            os.nice(cfg.engine.nice - os.nice(0))  # the control plane answers first when engines saturate the CPU
         self.continuous = cfg.scheduler.mode in CONTINUOUS_MODES
         self.engine = self._build_engine(cfg, self._cpu_bind(cfg))
         if self.continuous:  # rows keep their KV in the running batch: nothing is kept between slices
@@ -247,8 +249,7 @@ class SliceWorker:
                 first = [self._inbox.get(timeout=0.2)] if not self.engine.has_work() else []
             except queue.Empty:
                 first = []
-            for msg in first + self._drain():
-                loop.handle(msg)
+            loop.handle_all(first + self._drain())
             if self.engine.has_work():
                 loop.step()
                 self.busy_seconds = loop.busy_seconds
