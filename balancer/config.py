@@ -9,7 +9,7 @@ from balancer.types import Mode
 
 @dataclass
 class SchedulerConfig:
-    mode: Mode = Mode.SCLS
+    mode: Mode = Mode.CONTINUOUS_SLICES
     """``continuous_slices`` (slices over a continuous batch per replica), ``scls`` (the paper's static slice
     batches), ``sls`` (static batches to completion) or ``ils`` (continuous batching, no slices)."""
 

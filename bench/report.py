@@ -37,22 +37,22 @@ def comparison_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def ratio_table(runs: list[dict]) -> str:
-    """SCLS against each other system at each rate: request throughput, useful tok/s and p99 ratios."""
-    lines = ["| rate | SCLS vs | req/s ratio | tok/s ratio | p99 ratio (other / SCLS) |", "|---|---|---|---|---|"]
+def ratio_table(runs: list[dict], base_label: str = "scls") -> str:
+    """Every other system against ``base_label`` at each rate (other / base): request throughput, useful tok/s,
+    TTFT p50 and E2E p99."""
+    lines = [f"| rate | system | req/s (x {base_label}) | tok/s (x {base_label}) | TTFT p50 (x {base_label}) "
+             f"| E2E p99 (x {base_label}) |", "|---|---|---|---|---|---|"]
     by = {(r["label"], r["rate"]): r for r in runs}
     for (label, rate), run in by.items():
-        if label == "scls":
-            continue
-        base = by.get(("scls", rate))
-        if base is None:
+        base = by.get((base_label, rate))
+        if label == base_label or base is None:
             continue
         a, b = base["serving"], run["serving"]
-        if not b.get("request_throughput"):
+        if not a.get("request_throughput") or not b.get("request_throughput"):
             continue
-        lines.append(f"| {_rate(rate)} | {label} | {a['request_throughput'] / b['request_throughput']:.2f}x | "
-                     f"{a['output_throughput'] / b['output_throughput']:.2f}x | "
-                     f"{b['e2el']['p99'] / a['e2el']['p99']:.2f}x |")
+        lines.append(f"| {_rate(rate)} | {label} | {b['request_throughput'] / a['request_throughput']:.2f} | "
+                     f"{b['output_throughput'] / a['output_throughput']:.2f} | "
+                     f"{b['ttft']['median'] / a['ttft']['median']:.2f} | {b['e2el']['p99'] / a['e2el']['p99']:.2f} |")
     return "\n".join(lines)
 
 
@@ -85,7 +85,10 @@ def markdown(data: dict) -> str:
              "", f"machine: {data.get('machine')}", "",
              f"SLOs for goodput: TTFT <= {a.get('slo_ttft')} s, TPOT <= {a.get('slo_tpot')} s"
              + (f", E2E <= {a.get('slo_e2el')} s" if a.get("slo_e2el") else ""), "",
-             "## Comparison", "", comparison_table(runs), "", "## SCLS ratios (same rate)", "", ratio_table(runs)]
+             "## Comparison", "", comparison_table(runs)]
+    for base in ("vllm", "scls", "ils"):
+        if any(r["label"] == base for r in runs):
+            parts += ["", f"## Against {base} (same rate; other / {base})", "", ratio_table(runs, base)]
     st = sim_table(runs)
     if st.count("\n") > 1:
         parts += ["", "## Simulator (packaged CPU profile) vs live, same trace", "", st]
@@ -102,32 +105,43 @@ def _plt():
     return plt
 
 
-def plot_vs_rate(runs: list[dict], path: Path) -> None:
+def caption(data: dict) -> str:
+    """Which machine, model and sample a plot comes from (every plot says it)."""
+    m, a = data.get("machine") or {}, data.get("args") or {}
+    model = a.get("model_label") or "default model (random-weight Llama, 10.5 M params, float32)"
+    return (f"{m.get('cpus', '?')} CPU cores {m.get('machine', '')}, no GPU; {model}; {a.get('replicas')} replicas; "
+            f"{a.get('requests')} ShareGPT requests, seed {a.get('seed')}")
+
+
+def plot_vs_rate(runs: list[dict], path: Path, title: str = "") -> None:
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     labels = sorted({r["label"] for r in runs}, key=lambda x: (x != "scls", x))
+    # Rates are categories: "all at once" is not a rate, so it gets its own tick at the right.
+    rates = sorted({r["rate"] for r in runs}, key=lambda x: x if x is not None else float("inf"))
+    ticks = [_rate(x) if x is not None else "all at once" for x in rates]
     for label in labels:
-        rs = sorted((r for r in runs if r["label"] == label), key=lambda r: r["rate"] or 1e9)
+        rs = sorted((r for r in runs if r["label"] == label), key=lambda r: rates.index(r["rate"]))
         if not rs:
             continue
-        finite = [r for r in rs if r["rate"] is not None]
-        # All-at-once is drawn at the right edge, at the offered rate of the whole sample in zero time.
-        top = max([r["rate"] for r in finite] + [0.0]) * 1.5 or 1.0
-        xs = [r["rate"] if r["rate"] is not None else top for r in rs]
+        xs = [rates.index(r["rate"]) for r in rs]
         axes[0].plot(xs, [r["serving"].get("request_throughput", 0) for r in rs], "o-", label=label)
         axes[1].plot(xs, [r["serving"].get("output_throughput", 0) for r in rs], "o-", label=label)
         axes[2].plot(xs, [r["serving"].get("e2el", {}).get("p99", 0) for r in rs], "o-", label=label)
-    for ax, title in zip(axes, ["request throughput (req/s)", "useful output tok/s", "E2E p99 (s)"]):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("request rate (req/s; rightmost = all at once)")
+    for ax, name in zip(axes, ["request throughput (req/s)", "useful output tok/s", "E2E p99 (s)"]):
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(range(len(rates)), ticks)
+        ax.set_xlabel("offered load (Poisson req/s, or all at once)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def plot_cdf(runs: list[dict], path: Path) -> None:
+def plot_cdf(runs: list[dict], path: Path, title: str = "") -> None:
     plt = _plt()
     rates = sorted({r["rate"] for r in runs}, key=lambda x: x or 1e9)
     fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 3.6), squeeze=False)
@@ -141,13 +155,16 @@ def plot_cdf(runs: list[dict], path: Path) -> None:
         ax.set_xlabel("seconds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def plot_busy(runs: list[dict], path: Path) -> None:
-    """Per-replica cumulative busy seconds over each run (the first rate of each system)."""
+def plot_busy(runs: list[dict], path: Path, title: str = "") -> None:
+    """Per-replica cumulative busy seconds over each run (the first rate of each system). Imbalance = standard
+    deviation / mean of the replicas' busy seconds over the run."""
     plt = _plt()
     chosen = []
     seen = set()
@@ -172,6 +189,7 @@ def plot_busy(runs: list[dict], path: Path) -> None:
         ax.set_ylabel("busy seconds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.suptitle((title + "\n" if title else "") + "imbalance = std / mean of per-replica busy seconds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -184,6 +202,7 @@ def write_all(data: dict, out: Path) -> None:
     runs = data["runs"]
     if not runs:
         return
-    plot_vs_rate(runs, out / "throughput_p99_vs_rate.png")
-    plot_cdf(runs, out / "latency_cdf.png")
-    plot_busy(runs, out / "replica_busy.png")
+    title = caption(data)
+    plot_vs_rate(runs, out / "throughput_p99_vs_rate.png", title)
+    plot_cdf(runs, out / "latency_cdf.png", title)
+    plot_busy(runs, out / "replica_busy.png", title)

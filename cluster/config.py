@@ -71,7 +71,7 @@ class EngineSettings(_Strict):
 
 class SchedulerSettings(_Strict):
     mode: Literal["continuous_slices", "scls", "sls", "ils"] = Field(
-        "scls", description="continuous_slices: slices over one continuous batch per replica; scls: the paper's "
+        "continuous_slices", description="continuous_slices: slices over one continuous batch per replica; scls: the paper's "
         "static slice batches; sls: static batches to completion; ils: continuous batching without slices.")
     slice_len: int = Field(64, ge=1, description="S: tokens per slice (a lease on one replica in continuous_slices).")
     max_gen_len: int = Field(1024, ge=1, description="G: largest generation budget.")

@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-from transformers import DynamicCache, StaticCache
 
 from worker import kv
 from worker.lanes import GROUP_PAD_TOKENS, SPLIT_SAVING, best_cut, prefill_groups
-from worker.protocol import ItemOutput, SliceItem
+from worker.protocol import ItemOutput, SliceItem, run_to_completion
 from worker.runner import ModelRunner, RowState, choose, decode_inputs, prefill
 
 
@@ -382,12 +381,4 @@ class ContinuousBatchingEngine:
 
     def run(self, items: Iterable[SliceItem]) -> list[ItemOutput]:
         """Convenience: serve ``items`` (all arriving now) to completion; outputs in input order."""
-        order = []
-        for it in items:
-            order.append(it.request_id)
-            self.add(it)
-        done: dict[str, ItemOutput] = {}
-        while self.has_work():
-            for out in self.step():
-                done[out.request_id] = out
-        return [done[rid] for rid in order]
+        return run_to_completion(self, items)

@@ -173,3 +173,16 @@ class ContinuousEngine(Protocol):
     def produced(self) -> dict[str, list[int]]:
         """Tokens produced so far by every admitted, unfinished request (empty until its first step)."""
         ...
+
+
+def run_to_completion(engine: ContinuousEngine, items) -> list[ItemOutput]:
+    """Serve ``items`` (all arriving now) on a continuous engine until each finishes; outputs in input order."""
+    order = []
+    for it in items:
+        order.append(it.request_id)
+        engine.add(it)
+    done: dict[str, ItemOutput] = {}
+    while engine.has_work():
+        for out in engine.step():
+            done[out.request_id] = out
+    return [done[rid] for rid in order]

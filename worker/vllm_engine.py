@@ -42,7 +42,7 @@ from typing import Iterable
 
 from balancer.types import FinishReason
 from worker.continuous import CBStats
-from worker.protocol import ItemOutput, SliceItem
+from worker.protocol import ItemOutput, SliceItem, run_to_completion
 from worker.runner import RowState
 
 log = logging.getLogger(__name__)
@@ -436,15 +436,7 @@ class VLLMEngine:
 
     def run(self, items: Iterable[SliceItem]) -> list[ItemOutput]:
         """Convenience: serve ``items`` (all arriving now) to completion; outputs in input order."""
-        order = []
-        for it in items:
-            order.append(it.request_id)
-            self.add(it)
-        done: dict[str, ItemOutput] = {}
-        while self.has_work():
-            for out in self.step():
-                done[out.request_id] = out
-        return [done[rid] for rid in order]
+        return run_to_completion(self, items)
 
     # ---- lifetime ----------------------------------------------------------------------------------------
     @property

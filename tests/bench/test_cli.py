@@ -31,9 +31,9 @@ def test_registered_and_help():
 
 def test_defaults_and_errors():
     a = parse([])
-    assert a.modes == ["scls", "sls", "ils"] and a.rates == [None] and a.replicas == 2 and a.budget == "cap"
+    assert a.modes == ["continuous_slices", "scls", "sls", "ils"] and a.engines == ["hf"] and a.rates == [None] and a.replicas == 2 and a.budget == "cap"
     assert parse(["--placements", "maxmin,round_robin"]).placements == ["maxmin", "round_robin"]
-    for bad in (["--modes", "scls,foo"], ["--rates", "-1"], ["--rates", ","], ["--placements", "random"]):
+    for bad in (["--modes", "scls,foo"], ["--engines", "tgi"], ["--rates", "-1"], ["--rates", ","], ["--placements", "random"]):
         with pytest.raises(SystemExit):
             parse(bad)
 
@@ -85,8 +85,12 @@ def test_report_tables_and_plots(tmp_path):
             _run("vllm", "vllm", None, 4.0, 5.0)]
     assert runs[0]["sims"]["packaged"]["error"]["request_throughput"] == pytest.approx(0.1)
     md = report.markdown({"args": {"requests": 10, "replicas": 2}, "machine": {}, "runs": runs})
-    assert "| sls | 2.00x | 2.00x | 3.00x |" in md.replace("| inf ", "")
-    assert "| vllm | 0.50x |" in md.replace("| inf ", "")
+    # Each table: the other system over the base, same rate (req/s, tok/s, TTFT p50, E2E p99).
+    scls_table = md.split("## Against scls")[1].split("##")[0]
+    vllm_table = md.split("## Against vllm")[1].split("##")[0]
+    assert "| inf | sls | 0.50 | 0.50 |" in scls_table and scls_table.split("| inf | sls |")[1].split("\n")[0].endswith(
+        "| 3.00 |")
+    assert "| inf | scls | 0.50 |" in vllm_table
     assert "| scls | inf | packaged | 2.000 | 2.200 | +10% |" in md
     assert "| scls | inf | in_situ | 2.000 | 1.940 | -3% |" in md
     report.write_all({"args": {}, "machine": {}, "runs": runs}, tmp_path)

@@ -88,7 +88,7 @@ def test_a_dispatcher_restart_mid_load_loses_and_doubles_nothing(redis_url, refe
 
 
 def test_cancelled_while_queued_is_closed_not_run(redis_url):
-    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"slice_len": 4}})
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": "scls", "slice_len": 4}})
     store = StateStore(redis_url)
     core = start(cfg, store)
     try:
@@ -121,7 +121,7 @@ def test_results_of_an_earlier_epoch_are_ignored(redis_url):
 
 
 def test_a_batch_delivered_but_never_answered_is_run_when_the_worker_loop_starts(redis_url, reference):
-    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"slice_len": 4}})
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": "scls", "slice_len": 4}})
     store = StateStore(redis_url)
     store.submit(RequestRecord("r", [5, 6, 7], 4, time.time()))
     # A worker that read its batch and died before answering: the entry is delivered, never acknowledged.
@@ -155,7 +155,7 @@ def test_an_overdue_batch_is_placed_again(redis_url, monkeypatch):
 
     monkeypatch.setattr(dispatcher_module, "BATCH_TIMEOUT_FACTOR", 0.0)
     monkeypatch.setattr(dispatcher_module, "BATCH_TIMEOUT_SLACK", 0.5)
-    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"slice_len": 4}})
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": "scls", "slice_len": 4}})
     store = StateStore(redis_url)
     # A registered replica that beats but never answers (hung engine).
     from cluster.state import ReplicaInfo

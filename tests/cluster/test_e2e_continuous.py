@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from tests.cluster.test_e2e import (MODEL, PROMPTS, check_output, complete, prompt_ids, reference, run_load_and,  # noqa: F401
-                                    serve_actor)
+from tests.cluster.test_e2e import (MODEL, PROMPTS, check_output, complete, kill_a_worker_mid_slice,  # noqa: F401
+                                    kill_the_dispatcher_mid_load, prompt_ids, reference)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -89,21 +89,8 @@ def test_tokens_stream_every_few_steps_not_per_slice(cluster, reference):
 
 
 def test_killing_a_worker_mid_slice_loses_nothing(cluster, store, reference):
-    import ray
-
-    before = store.metrics_snapshot().get("replicas_lost", 0)
-    run_load_and(cluster, store, reference, lambda: ray.kill(serve_actor("SliceWorker"), no_restart=True))
-    deadline = time.monotonic() + 30
-    while store.metrics_snapshot().get("replicas_lost", 0) <= before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert store.metrics_snapshot()["replicas_lost"] > before
-    cluster.wait_healthy(300)
+    kill_a_worker_mid_slice(cluster, store, reference)
 
 
 def test_killing_the_dispatcher_mid_load_loses_nothing(cluster, store, reference):
-    import ray
-
-    epoch = store.epoch()
-    run_load_and(cluster, store, reference, lambda: ray.kill(serve_actor("Dispatcher"), no_restart=True))
-    assert store.epoch() > epoch
-    cluster.wait_healthy(300)
+    kill_the_dispatcher_mid_load(cluster, store, reference)

@@ -15,17 +15,9 @@ import pytest
 
 from tests.cluster.test_e2e import PROMPTS, complete, serve_actor
 from tests.cluster.test_e2e_continuous import start_cluster
+from tests.worker.helpers import vllm_python_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def _vllm_python():
-    from worker.vllm_engine import find_python
-
-    try:
-        return find_python()
-    except FileNotFoundError as e:
-        pytest.skip(f"vLLM venv missing: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def vllm_reference():
     from worker.protocol import SliceItem
     from worker.vllm_engine import VLLMEngine
 
-    python = _vllm_python()
+    python = vllm_python_or_skip()
     path = ensure_default_model()
     eng = VLLMEngine(path, python=python, max_model_len=2048, max_concurrency=8, kv_cache_gib=1, cpu_bind="0")
     tok = AutoTokenizer.from_pretrained(path)

@@ -68,3 +68,15 @@ def run_sliced(engines, reqs: list[Req], slice_len: int | None, seed: int = 0) -
                     r.reason = out.finish_reason
                 assert len(r.generated) <= r.budget
     raise AssertionError("requests never finished")
+
+
+def vllm_python_or_skip():
+    """The vLLM venv's Python, or skip the test with the reason (the venv is an opt-in install)."""
+    import pytest
+
+    from worker.vllm_engine import find_python
+
+    try:
+        return find_python()
+    except FileNotFoundError as e:
+        pytest.skip(f"vLLM venv missing: {e}")

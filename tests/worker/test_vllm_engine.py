@@ -12,25 +12,17 @@ import random
 import pytest
 
 from balancer.types import FinishReason
+from tests.worker.helpers import vllm_python_or_skip
 from worker.protocol import ContinuousEngine, SliceItem
 
 pytestmark = pytest.mark.slow
-
-
-def _vllm_python():
-    from worker.vllm_engine import find_python
-
-    try:
-        return find_python()
-    except FileNotFoundError as e:
-        pytest.skip(f"vLLM venv missing: {e}")
 
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
     from worker.vllm_engine import VLLMEngine
 
-    python = _vllm_python()
+    python = vllm_python_or_skip()
     eng = VLLMEngine(model_dir, python=python, max_model_len=512, max_concurrency=8, kv_cache_gib=1,
                      cpu_bind="0", block_size=32)
     yield eng
