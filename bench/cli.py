@@ -64,8 +64,9 @@ def _csv(choices):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="comma-separated modes (default: all)")
     p.add_argument("--engines", type=_csv(ENGINES), default=["hf"],
-                   help="replica engines: 'hf' runs every mode; 'vllm' also runs the continuous modes on vLLM "
-                        "replicas (needs the venv of bench/vllm_setup.sh; labelled mode@vllm) (default: hf)")
+                   help="replica engines: 'hf' runs every mode; 'vllm' also runs continuous_slices on vLLM "
+                        "replicas (needs the venv of bench/vllm_setup.sh; labelled continuous_slices@vllm) "
+                        "(default: hf)")
     p.add_argument("--placements", type=_csv(("maxmin", "round_robin", "least_work")), default=["maxmin"],
                    help="placements to run; each mode runs with the first, SCLS also with the others "
                         "(e.g. maxmin,round_robin for the imbalance comparison; default: maxmin)")
@@ -417,8 +418,8 @@ def run(args) -> int:
     slice_log: list[dict] = []
     for mode in args.modes:
         run_live_mode(args, mode, args.placements[0], requests, schedules, slo, runs, slice_log)
-    for engine in args.engines:
-        for mode in [m for m in args.modes if m in CONTINUOUS and engine != "hf"]:
+    for engine in args.engines:  # other engines serve the new mode (ILS on them would be the engine alone)
+        for mode in [m for m in args.modes if m == "continuous_slices" and engine != "hf"]:
             run_live_mode(args, mode, args.placements[0], requests, schedules, slo, runs, slice_log, engine)
     if "scls" in args.modes:
         for placement in args.placements[1:]:
