@@ -157,10 +157,15 @@ def test_chat_and_streaming(cluster, reference):
     assert len([b for b in bodies if b["choices"] and b["choices"][0]["text"]]) >= 2  # sent as slices finished
 
 
+def send_mixed(cluster, n):
+    """``n`` concurrent completions of mixed prompts and lengths: (jobs, responses)."""
+    jobs = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 8 + (i * 7) % 80) for i in range(n)]
+    with cf.ThreadPoolExecutor(n) as pool:
+        return jobs, list(pool.map(lambda j: complete(cluster, *j), jobs))
+
+
 def test_twenty_concurrent_requests_of_mixed_lengths(cluster, store, reference):
-    jobs = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 8 + (i * 7) % 80) for i in range(20)]
-    with cf.ThreadPoolExecutor(20) as pool:
-        responses = list(pool.map(lambda j: complete(cluster, *j), jobs))
+    jobs, responses = send_mixed(cluster, 20)
     served = set()
     for (prompt, max_tokens), resp in zip(jobs, responses):
         rid = check_output(store, reference, resp, prompt_ids(reference, prompt), max_tokens)

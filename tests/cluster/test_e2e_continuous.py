@@ -8,15 +8,14 @@ engine, including after a worker is killed mid-slice.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import time
 
 import httpx
 import pytest
 
-from tests.cluster.test_e2e import (MODEL, PROMPTS, check_output, complete, kill_a_worker_mid_slice,  # noqa: F401
-                                    kill_the_dispatcher_mid_load, prompt_ids, reference)
+from tests.cluster.test_e2e import (MODEL, PROMPTS, check_output, kill_a_worker_mid_slice,  # noqa: F401
+                                    kill_the_dispatcher_mid_load, prompt_ids, reference, send_mixed)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -59,9 +58,7 @@ def store(cluster):
 
 
 def test_concurrent_requests_match_generate_and_keep_their_rows(cluster, store, reference):
-    jobs = [(PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), 8 + (i * 7) % 80) for i in range(16)]
-    with cf.ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(lambda j: complete(cluster, *j), jobs))
+    jobs, responses = send_mixed(cluster, 16)
     served = set()
     for (prompt, max_tokens), resp in zip(jobs, responses):
         rid = check_output(store, reference, resp, prompt_ids(reference, prompt), max_tokens)
