@@ -197,9 +197,6 @@ class LeaseLoop:
             apply()
         for o in progress:
             self.rows[o["id"]].published += len(o["tokens"])
-        stats = getattr(self.engine, "stats", None)
-        self._pad_reported = getattr(stats, "pad_tokens", 0)
-        self._invalid_reported, self._invalid = getattr(stats, "invalid_tokens", 0), 0
 
     @staticmethod
     def _lease_used_up(row: Row, now: float) -> None:
