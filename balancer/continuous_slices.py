@@ -40,11 +40,6 @@ def finish_on(time: SliceTimeEstimator, request: Request, rows: int, fresh: bool
     return prefill + request.predicted_remaining * step_time(time, rows, context)
 
 
-def lease_tokens(request: Request, steps: int) -> int:
-    """KV tokens a row may hold by the end of a lease of ``steps`` tokens."""
-    return request.input_len + steps
-
-
 def fits(replica: ReplicaState, tokens: int, memory: MemoryEstimator) -> bool:
     """A row of ``tokens`` KV tokens joins ``replica`` within its row cap and its KV budget."""
     return replica.free_slots > 0 and memory.max_batch_size(replica.kv_tokens + tokens, 0) >= 1

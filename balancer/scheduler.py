@@ -214,10 +214,15 @@ class Scheduler:
 
     def _assign_row(self, batch: Batch, replica: ReplicaState, now: float, **kind) -> Assignment:
         start = max(replica.expected_free_at, now)
-        replica.inflight[batch.id] = batch
-        replica.kv_tokens += cs.batch_tokens(batch)
+        self._hold_row(batch, replica)
         self._refresh_expected_free(replica, now)
         return Assignment(batch, replica.id, start, replica.expected_free_at, **kind)
+
+    @staticmethod
+    def _hold_row(batch: Batch, replica: ReplicaState) -> None:
+        """Book a one-row lease on a replica: its row and its KV reservation (``_take`` undoes it)."""
+        replica.inflight[batch.id] = batch
+        replica.kv_tokens += cs.batch_tokens(batch)
 
     def _renew_or_move(self, batch: Batch, home: ReplicaState, now: float) -> Assignment:
         req = batch.requests[0]
@@ -235,10 +240,8 @@ class Scheduler:
     def _renew_in_place(self, req: Request, replica: ReplicaState, now: float) -> None:
         """A lease ended with the request unfinished: its row keeps running there under a new lease at once;
         the next ``schedule`` announces it (or moves it)."""
-        batch = self._make_batch([req], min(self.config.slice_len, req.remaining))
-        batch.est_time = cs.row_work(self.time, req, self.config.max_running, fresh=False)
-        replica.inflight[batch.id] = batch
-        replica.kv_tokens += cs.batch_tokens(batch)
+        batch = self._make_batch([req], min(self.config.slice_len, req.remaining), fresh=False)
+        self._hold_row(batch, replica)
         self._owner[batch.id] = replica.id
         self._batch_of[req.id] = batch.id
         self.running[req.id] = req
@@ -310,16 +313,19 @@ class Scheduler:
             costs[holder] = max(batch.est_time - full_prefill + prefill, 0.0)
         return costs
 
-    def _make_batch(self, requests: list[Request], step_cap: int) -> Batch:
+    def _make_batch(self, requests: list[Request], step_cap: int, fresh: bool = True) -> Batch:
+        """``fresh``: (continuous slices) the row must be prefilled where it runs; False for a lease renewed on
+        the replica that already holds the row."""
         steps = min(step_cap, max(r.remaining for r in requests))
-        expected_steps = min(steps, max(int(math.ceil(r.predicted_remaining)) for r in requests))
         batch = Batch(id=f"{self.batch_prefix}{next(self._batch_ids)}", requests=list(requests), steps=steps)
         n, longest = batch.size, batch.max_input_len
-        batch.est_time = float(self.time.batch_time(n, longest, expected_steps))
         batch.est_bytes = float(self.memory.batch_bytes(n, longest, steps))
         if self.config.mode is Mode.CONTINUOUS_SLICES:
-            batch.est_time = cs.row_work(self.time, requests[0], self.config.max_running, fresh=True)
-        elif self.config.kv_reuse:
+            batch.est_time = cs.row_work(self.time, requests[0], self.config.max_running, fresh=fresh)
+            return batch
+        expected_steps = min(steps, max(int(math.ceil(r.predicted_remaining)) for r in requests))
+        batch.est_time = float(self.time.batch_time(n, longest, expected_steps))
+        if self.config.kv_reuse:
             batch.cheaper_on = self._cache_holder_costs(batch)
         return batch
 
