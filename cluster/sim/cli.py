@@ -21,9 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continuous_slices, scls, sls or ils; a comma-separated list runs each on the same sample "
                         "(default: scls)")
     p.add_argument("--replicas", type=int, default=8, help="simulated replicas (default: 8)")
-    p.add_argument("--requests", type=int, default=2000, help="ShareGPT requests to replay (default: 2000)")
+    p.add_argument("--requests", type=int, default=2000,
+                   help="ShareGPT requests to replay, exactly: above the requests that pass vLLM's filter "
+                        "(15,578 of ShareGPT with the default tokenizer, fewer with --sample heldout) the rest are "
+                        "drawn again with replacement, as vLLM's benchmark oversamples (default: 2000)")
+    p.add_argument("--no-oversample", action="store_true",
+                   help="refuse --requests above what passes the filter instead of oversampling (default: off)")
     p.add_argument("--rate", type=float, default=None,
-                   help="arrivals per second; omit for all requests at t = 0")
+                   help="arrivals per second (default: all requests at t = 0)")
     p.add_argument("--burstiness", type=float, default=1.0,
                    help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling and arrival seed (default: 0)")
@@ -35,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continuous slices: most requests a replica decodes at once (default: 64)")
     p.add_argument("--ils-concurrency", type=int, default=16, help="ILS requests per replica (default: 16)")
     p.add_argument("--ordering", default="sjf", choices=["fcfs", "sjf", "hrrn"], help="SCLS/ILS ordering")
-    p.add_argument("--placement", default="maxmin", choices=["maxmin", "round_robin", "least_work"])
+    p.add_argument("--placement", default="maxmin", choices=["maxmin", "round_robin", "least_work"],
+                   help="which replica a batch goes to")
     p.add_argument("--predictor", default="oracle", choices=PREDICTORS,
                    help="length predictor: the true lengths, the sample median, or the trained model")
     p.add_argument("--profile", default=None,
@@ -49,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "predictor never saw (auto: heldout with --predictor trained, else all)")
     p.add_argument("--dispatch-interval", type=float, default=0.05,
                    help="seconds between scheduling rounds, as the live dispatcher's loop (default 0.05)")
-    p.add_argument("--json", dest="json_out", default=None, help="write the reports to this JSON file")
+    p.add_argument("--json", dest="json_out", default=None,
+                   help="write the reports to this JSON file (default: print the table only)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
@@ -73,10 +80,9 @@ def run(args) -> int:
     from balancer.config import SchedulerConfig
     from cluster.sim.report import format_table
     from cluster.sim.simulator import simulate
-    from cluster.sim.workload import arrival_times, build_workload
+    from cluster.sim.workload import arrival_times, build_workload, sharegpt_sample
     from predictor.latency import load_profile
     from predictor.memory import memory_estimator
-    from predictor.sharegpt import sample_requests
     from worker.make_model import ensure_default_model
 
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
@@ -93,8 +99,9 @@ def run(args) -> int:
         from predictor.sharegpt import heldout_conversations
 
         log.info("sampling from the length predictor's held-out conversations only")
-    sample = sample_requests(tokenizer, args.requests, seed=args.seed,
-                             conversations=heldout_conversations() if heldout else None)
+    sample, drawn_again = sharegpt_sample(tokenizer, args.requests, args.seed,
+                                          heldout_conversations() if heldout else None,
+                                          allow_oversample=not args.no_oversample)
     pairs = [(s.prompt_len, s.output_len) for s in sample]
     predicted = predicted_lengths(args.predictor, sample, pairs)
     workload = build_workload(pairs, arrival_times(len(pairs), args.rate, args.burstiness, args.seed),
@@ -110,7 +117,8 @@ def run(args) -> int:
         report, _ = simulate(cfg, latency, memory, workload, args.replicas, progress=args.progress,
                              dispatch_interval=args.dispatch_interval)
         report.extra.update(predictor=args.predictor, rate=args.rate, seed=args.seed,
-                            sample="heldout" if heldout else "all")
+                            sample="heldout" if heldout else "all",
+                            oversampled=drawn_again)
         log.info("%s: %d requests in %.1f virtual s (%.1f s wall)", mode, report.requests, report.duration,
                  report.extra["wall_seconds"])
         reports.append(report)

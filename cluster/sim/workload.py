@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import random
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,44 @@ def synthetic_lengths(n: int, seed: int = 0) -> list[tuple[int, int]]:
     prompts = np.clip(rng.lognormal(4.6, 1.0, n), 4, 1024).astype(int)
     outputs = np.clip(rng.lognormal(5.2, 0.9, n), 4, 2048 - prompts).astype(int)
     return list(zip(prompts.tolist(), outputs.tolist()))
+
+
+T = TypeVar("T")
+
+
+def oversample(items: Sequence[T], n: int, seed: int = 0) -> list[T]:
+    """``n`` requests out of ``items``: all of them, then ``n - len(items)`` more drawn with replacement, as
+    vLLM's benchmark datasets oversample. A drawn copy gets the id ``<id>#<k>`` so ids stay unique (the
+    simulator and the load generator key requests by id). ``items`` must be dataclasses with an ``id``.
+
+    Fewer than ``n`` come back only when ``items`` is empty. ``n`` at most ``len(items)``: the first ``n``.
+    """
+    out = list(items[:n])
+    if len(out) >= n or not out:
+        return out
+    rng = random.Random(seed)
+    for k in range(1, n - len(items) + 1):
+        item = rng.choice(items)
+        out.append(replace(item, id=f"{item.id}#{k}"))
+    return out
+
+
+def sharegpt_sample(tokenizer, n: int, seed: int, conversations=None, allow_oversample: bool = True) -> tuple[list, int]:
+    """Exactly ``n`` ShareGPT requests (vLLM's filter and order), oversampled beyond what passes the filter,
+    and how many of them are drawn again; a SystemExit saying how many pass when oversampling is not allowed."""
+    from predictor.sharegpt import sample_requests
+
+    if n < 1:  # an empty run would print a table of zeros as if it had measured something
+        raise SystemExit(f"the request count must be at least 1, got {n}")
+    sample = sample_requests(tokenizer, n, seed=seed, conversations=conversations)
+    if len(sample) >= n:
+        return sample, 0
+    if not allow_oversample or not sample:
+        raise SystemExit(f"only {len(sample)} ShareGPT requests pass the filter, {n} were asked for: ask for at most "
+                         f"{len(sample)}, or drop --no-oversample to draw the rest again with replacement")
+    log.warning("only %d ShareGPT requests pass the filter: drawing %d of them again (with replacement, seeded) "
+                "to make %d", len(sample), n - len(sample), n)
+    return oversample(sample, n, seed), n - len(sample)
 
 
 Predictor = Callable[[Sequence[tuple[int, int]]], Sequence[float]]
