@@ -22,9 +22,11 @@ Chat prompts without a chat template (fallback): ``BOS + "".join(f"{role}: {cont
 Defaults: ``model`` may be omitted (the served model); ``max_tokens`` defaults to 16 for completions (as
 OpenAI) and to ``min(scheduler.max_gen_len, context - prompt)`` for chat; a default is shrunk to fit the
 context, an explicit value that does not fit is a 400. ``temperature`` defaults to the model's generation
-config (0, greedy, when it says ``do_sample: false``; else its temperature or 1). ``min_tokens`` is taken as
-``target_len`` (exact-length trace mode; the engines have no "at least" mode) when ``target_len`` is absent,
-and with no ``max_tokens`` the budget becomes the target. Error codes: see :mod:`cluster.openai_schema`.
+config (0, greedy, when it says ``do_sample: false``; else its temperature or 1). ``min_tokens`` means what
+it means in vLLM: no EOS, stop token or stop string before that many tokens. ``max_completion_tokens`` wins
+over ``max_tokens`` on chat, as in OpenAI. The trace-mode extension ``target_len`` generates exactly that
+many tokens; with no ``max_tokens`` the budget becomes the target. Parameters this server cannot honour are
+refused with a 400 that names them, never ignored. Error codes: see :mod:`cluster.openai_schema`.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ from cluster.openai_schema import (
     completion_chunk,
     completion_response,
     error_body,
+    model_card,
     models_response,
     parse_request,
+    usage,
     usage_chunk,
 )
 from cluster.state import RequestRecord
@@ -94,17 +98,23 @@ class TextAssembler:
     U+FFFD (an incomplete UTF-8 sequence that the next tokens will complete) and (b) a tail that could be
     the start of a stop string. When a stop string appears the text is cut before it, ``stopped`` turns
     True and ``completion_tokens`` counts the tokens up to the one that completed the stop string.
+
+    With ``min_tokens`` (vLLM's rule) a stop string counts only once it ends in the text of a token after
+    the first ``min_tokens``.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stops: list[str] | None = None):
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str] | None = None, min_tokens: int = 0):
         self.decode = decode
         self.stops = [s for s in (stops or []) if s]
         self.max_stop = max((len(s) for s in self.stops), default=0)
+        self.min_tokens = min_tokens
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
         self.stopped = False
         self._used_tokens: int | None = None
+        self._floor: int | None = None if min_tokens > 0 else 0
+        """Characters a stop string must end after: the text of the first ``min_tokens`` tokens."""
 
     @property
     def sent_text(self) -> str:
@@ -120,9 +130,11 @@ class TextAssembler:
         before = len(self.ids)
         self.ids.extend(int(t) for t in new_ids)
         text = self.decode(self.ids)
-        if self.stops:
-            search_from = max(0, self.sent - self.max_stop + 1)
-            hits = [(pos, s) for s in self.stops if (pos := text.find(s, search_from)) >= 0]
+        if self.stops and self._floor is None and len(self.ids) > self.min_tokens:
+            self._floor = len(self.decode(self.ids[: self.min_tokens]))
+        if self.stops and self._floor is not None:
+            edge = max(self.sent, self._floor)
+            hits = [(pos, s) for s in self.stops if (pos := text.find(s, max(0, edge - len(s) + 1))) >= 0]
             if hits:
                 pos, stop = min(hits)
                 end = max(pos, self.sent)  # never retract text already sent
@@ -260,6 +272,8 @@ class Prepared:
     stream: bool
     include_usage: bool
     prompt_text: str
+    continuous_usage: bool = False
+    """vLLM's ``stream_options.continuous_usage_stats`` (with ``include_usage``): usage in every chunk."""
     t0: float = field(default_factory=time.monotonic)
     done: bool = False
     """The response has been fully produced (a stream that closes before this cancels the request)."""
@@ -293,7 +307,7 @@ class IngressService:
         self.default_temperature = float(default_temperature)
         self.snapshot_ttl = snapshot_ttl
         self.poll_seconds = poll_seconds
-        self.metrics = IngressMetrics()
+        self.metrics = IngressMetrics(config.model.name, self.context_len)
         self.model_name = config.model.name
         self.created = int(time.time())
         self._api_keys = [k.encode() for k in config.api.api_keys]
@@ -398,6 +412,12 @@ class IngressService:
     def models(self) -> dict:
         return models_response(self.model_name, self.created, self.context_len)
 
+    def model(self, model_id: str) -> dict:
+        if model_id != self.model_name:
+            raise ApiError(404, f"The model `{model_id}` does not exist (this server serves `{self.model_name}`)",
+                           "invalid_request_error", "model", "model_not_found")
+        return model_card(self.model_name, self.created, self.context_len)
+
     async def metrics_text(self) -> bytes:
         try:
             snap = await self.store.metrics_snapshot()
@@ -413,9 +433,10 @@ class IngressService:
                            f"`{self.model_name}`)", "invalid_request_error", "model", "model_not_found")
         if req.n != 1:
             raise bad_request("n must be 1 (one completion per request)", "n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, name):
-                raise bad_request(f"{name} is not supported", name, "unsupported_parameter")
+        if kind != "chat" and req.max_completion_tokens is not None:
+            raise bad_request("max_completion_tokens is a chat parameter; /v1/completions takes max_tokens",
+                              "max_completion_tokens", "unsupported_parameter")
+        sampling = self._sampling_extras(req)
         if req.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias", "unsupported_parameter")
         temperature = self.default_temperature if req.temperature is None else req.temperature
@@ -438,22 +459,45 @@ class IngressService:
             raise bad_request("seed out of range", "seed")
         gmax = self.config.scheduler.max_gen_len
         target = req.target_len
-        target_param = "target_len"
-        if target is None and req.min_tokens is not None:
-            target, target_param = req.min_tokens, "min_tokens"
         if target is not None and not (1 <= target <= gmax):
-            raise bad_request(f"{target_param} must be between 1 and {gmax}", target_param)
-        max_tokens = req.max_tokens
-        param = "max_tokens"
-        if kind == "chat" and max_tokens is None and req.max_completion_tokens is not None:
+            raise bad_request(f"target_len must be between 1 and {gmax}", "target_len")
+        max_tokens, param = req.max_tokens, "max_tokens"
+        if req.max_completion_tokens is not None:  # OpenAI and vLLM: it wins when both are sent
             max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
         if max_tokens is not None and not (1 <= max_tokens <= gmax):
             raise bad_request(f"{param} must be between 1 and {gmax} (scheduler.max_gen_len), got {max_tokens}",
                               param)
-        if target is not None and max_tokens is not None and target > max_tokens:
-            raise bad_request(f"{target_param} ({target}) must not exceed {param} ({max_tokens})", target_param)
+        for name, value in (("target_len", target), ("min_tokens", sampling["min_tokens"] or None)):
+            if value is not None and max_tokens is not None and value > max_tokens:
+                raise bad_request(f"{name} ({value}) must not exceed {param} ({max_tokens})", name)
         return {"temperature": float(temperature), "top_p": float(top_p), "stops": stops, "stop_ids": stop_ids,
-                "target": target, "max_tokens": max_tokens, "max_tokens_param": param}
+                "target": target, "max_tokens": max_tokens, "max_tokens_param": param, "sampling": sampling}
+
+    def _sampling_extras(self, req) -> dict:
+        """vLLM's sampling knobs, checked with vLLM's ranges; absent ones take their neutral value."""
+        def number(name: str, neutral: float, ok: Callable[[float], bool], rule: str) -> float:
+            value = getattr(req, name)
+            if value is None:
+                return neutral
+            if not math.isfinite(value) or not ok(value):
+                raise bad_request(f"{name} must be {rule}, got {value}", name)
+            return float(value)
+
+        top_k = 0 if req.top_k is None else req.top_k
+        if top_k < -1:
+            raise bad_request(f"top_k must be 0 or -1 (disabled) or at least 1, got {top_k}", "top_k")
+        min_tokens = 0 if req.min_tokens is None else req.min_tokens
+        if not 0 <= min_tokens <= self.config.scheduler.max_gen_len:
+            raise bad_request(f"min_tokens must be between 0 and {self.config.scheduler.max_gen_len}, got "
+                              f"{min_tokens}", "min_tokens")
+        return {
+            "top_k": max(top_k, 0),
+            "min_p": number("min_p", 0.0, lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+            "repetition_penalty": number("repetition_penalty", 1.0, lambda v: v > 0.0, "greater than 0"),
+            "presence_penalty": number("presence_penalty", 0.0, lambda v: -2.0 <= v <= 2.0, "in [-2, 2]"),
+            "frequency_penalty": number("frequency_penalty", 0.0, lambda v: -2.0 <= v <= 2.0, "in [-2, 2]"),
+            "min_tokens": min_tokens,
+        }
 
     def _token_ids(self, value, param: str) -> list[int]:
         if not value:
@@ -489,6 +533,11 @@ class IngressService:
             raise bad_request("logprobs are not supported", "logprobs", "unsupported_parameter")
         if req.tools:
             raise bad_request("tools are not supported", "tools", "unsupported_parameter")
+        # Tool and reasoning controls mean nothing without tools or a reasoning model: refuse them by name.
+        for name in ("tool_choice", "parallel_tool_calls", "functions", "function_call", "reasoning_effort"):
+            if getattr(req, name) is not None:
+                raise bad_request(f"{name} is not supported (this server has no tools and no reasoning model)",
+                                  name, "unsupported_parameter")
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise bad_request("only response_format {type: text} is supported", "response_format",
                               "unsupported_parameter")
@@ -496,6 +545,9 @@ class IngressService:
         for i, m in enumerate(req.messages):
             if m.role not in CHAT_ROLES:
                 raise bad_request(f"messages.{i}.role: unknown role {m.role!r}", f"messages.{i}.role")
+            if m.name is not None:
+                raise bad_request(f"messages.{i}.name is not supported: the chat template has no place for it",
+                                  f"messages.{i}.name", "unsupported_parameter")
             content = m.content
             if isinstance(content, list):
                 parts = []
@@ -565,11 +617,13 @@ class IngressService:
             id=rid, prompt_ids=ids, max_tokens=int(max_tokens), arrival=time.time(), model=self.model_name,
             kind=kind, temperature=c["temperature"], top_p=c["top_p"], seed=req.seed,
             stop_token_ids=c["stop_ids"], stop=c["stops"], ignore_eos=bool(req.ignore_eos),
-            target_len=c["target"], priority=int(req.priority))
+            target_len=c["target"], priority=int(req.priority), **c["sampling"])
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = include_usage and req.stream_options.continuous_usage_stats
         return Prepared(record=record, kind=kind, response_id=prefix + rid, created=int(time.time()),
-                        model=self.model_name, stream=req.stream, include_usage=include_usage, prompt_text=text)
+                        model=self.model_name, stream=req.stream, include_usage=include_usage, prompt_text=text,
+                        continuous_usage=continuous)
 
     async def admit(self) -> None:
         """Admission control: 429 when the dispatcher's predicted backlog exceeds the bound."""
@@ -617,9 +671,8 @@ class IngressService:
                                    "server_error", None, "store_unavailable") from None
                 log.warning("submit of %s failed (%s); retrying", prep.record.id, exc)
                 await asyncio.sleep(0.2)
-        self.metrics.prompt_tokens.observe(prep.record.prompt_len)
-        if prep.record.predicted_len is not None:
-            self.metrics.predicted_output.observe(prep.record.predicted_len)
+        self.metrics.accepted(prep.record.id, prep.record.prompt_len, prep.record.max_tokens, prep.t0,
+                              prep.record.predicted_len)
 
     # ---- output --------------------------------------------------------------------------------------------
     async def events(self, rid: str, deadline: float) -> AsyncIterator[tuple[list[int], str | None]]:
@@ -649,18 +702,13 @@ class IngressService:
 
     def _finished(self, prep: Prepared, outcome: str, completion_tokens: int | None) -> None:
         self.metrics.finished.labels(prep.endpoint, outcome).inc()
-        self.metrics.latency.labels(prep.endpoint).observe(time.monotonic() - prep.t0)
-        if completion_tokens is not None:
-            self.metrics.actual_output.observe(completion_tokens)
+        self.metrics.ended(prep.record.id, outcome, completion_tokens)
 
     async def _consume(self, prep: Prepared, asm: TextAssembler) -> str:
         rid = prep.record.id
         deadline = prep.t0 + self.config.api.request_timeout
-        first = True
         async for tokens, reason in self.events(rid, deadline):
-            if first:
-                self.metrics.ttft.labels(prep.endpoint).observe(time.monotonic() - prep.t0)
-                first = False
+            self.metrics.output(rid, len(tokens))
             asm.feed(tokens)
             if asm.stopped and reason is None:
                 await self._cancel(rid)
@@ -671,7 +719,7 @@ class IngressService:
 
     async def complete(self, prep: Prepared, request: Request | None) -> JSONResponse:
         """Non-streaming: wait for the finish (watching for a client disconnect), then answer."""
-        asm = TextAssembler(self._decoder(), prep.record.stop)
+        asm = TextAssembler(self._decoder(), prep.record.stop, prep.record.min_tokens)
         rid = prep.record.id
         try:
             reason = await _until_done_or_disconnect(self._consume(prep, asm), request)
@@ -715,32 +763,31 @@ class IngressService:
 
     async def stream(self, prep: Prepared) -> AsyncIterator[bytes]:
         """SSE chunks as slices complete; ends with ``data: [DONE]``. Sets ``prep.done`` when finished."""
-        asm = TextAssembler(self._decoder(), prep.record.stop)
+        asm = TextAssembler(self._decoder(), prep.record.stop, prep.record.min_tokens)
         rid, chat = prep.record.id, prep.kind == "chat"
         with_usage = prep.include_usage
 
         def chunk(text: str | None, finish: str | None = None, role: bool = False) -> bytes:
+            so_far = usage(prep.record.prompt_len, asm.completion_tokens) if prep.continuous_usage else None
             if chat:
                 delta: dict = {}
                 if role:
                     delta["role"] = "assistant"
                 if text is not None:
                     delta["content"] = text
-                body = chat_chunk(prep.response_id, prep.created, prep.model, delta, finish, with_usage)
+                body = chat_chunk(prep.response_id, prep.created, prep.model, delta, finish, with_usage, so_far)
             else:
-                body = completion_chunk(prep.response_id, prep.created, prep.model, text or "", finish, with_usage)
+                body = completion_chunk(prep.response_id, prep.created, prep.model, text or "", finish, with_usage,
+                                        so_far)
             return sse(body)
 
         deadline = prep.t0 + self.config.api.request_timeout
         if chat:
             yield chunk("", role=True)
         reason = None
-        first = True
         try:
             async for tokens, reason in self.events(rid, deadline):
-                if first:
-                    self.metrics.ttft.labels(prep.endpoint).observe(time.monotonic() - prep.t0)
-                    first = False
+                self.metrics.output(rid, len(tokens))
                 delta = asm.feed(tokens)
                 if delta:
                     yield chunk(delta)
@@ -811,6 +858,16 @@ class IngressService:
     async def close(self) -> None:
         self._tok_pool.shutdown(wait=False, cancel_futures=True)
         await self.store.close()
+
+
+def package_version() -> str:
+    """The installed slicefleet's version (what ``GET /version`` answers, as vLLM's does)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slicefleet")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def sse(obj: dict) -> bytes:
@@ -966,6 +1023,16 @@ def build_api(service: IngressService) -> FastAPI:
     async def models(request: Request):
         service.authorize(request)
         return service.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        service.authorize(request)
+        return service.model(model_id)
+
+    @app.get("/version")
+    async def version(request: Request):
+        service.authorize(request)
+        return {"version": package_version()}
 
     @app.get("/health")
     async def health():

@@ -76,6 +76,8 @@ class _Req(BaseModel):
 
 class StreamOptions(_Req):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM: every chunk carries the usage so far."""
 
 
 class _Common(_Req):
@@ -94,12 +96,18 @@ class _Common(_Req):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # Non-OpenAI extensions (vLLM-style), for benchmarks and scheduling.
+    max_completion_tokens: int | None = None
+    """Chat only (it wins over max_tokens there); rejected on /v1/completions, which OpenAI defines without it."""
+    # vLLM's sampling extensions.
+    top_k: int | None = Field(None, description="Keep the k most likely tokens; 0 or -1 keeps all.")
+    min_p: float | None = Field(None, description="Drop tokens below min_p times the top token's probability.")
+    repetition_penalty: float | None = Field(None, description="> 1 discourages tokens of the prompt and output.")
+    min_tokens: int | None = Field(None, description="No EOS or stop before this many output tokens.")
+    stop_token_ids: list[int] | None = None
+    # Extensions for benchmarks and scheduling.
     ignore_eos: bool = False
     target_len: int | None = Field(None, description="Trace mode: generate exactly this many tokens.")
-    min_tokens: int | None = Field(None, description="Accepted as target_len when target_len is absent.")
     priority: int = 0
-    stop_token_ids: list[int] | None = None
 
 
 class CompletionRequest(_Common):
@@ -115,15 +123,19 @@ class ChatMessage(_Req):
     role: str
     content: Any = None
     name: str | None = None
+    """Rejected when set: the chat template has no place for it."""
 
 
 class ChatRequest(_Common):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    reasoning_effort: str | None = None
     response_format: dict[str, Any] | None = None
 
 
@@ -180,20 +192,21 @@ def chat_response(rid: str, created: int, model: str, text: str, finish_reason: 
 
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None = None,
-                     with_usage_field: bool = False) -> dict:
+                     with_usage_field: bool = False, usage_so_far: dict | None = None) -> dict:
     chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
              "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
     if with_usage_field:
-        chunk["usage"] = None
+        chunk["usage"] = usage_so_far
     return chunk
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
-               with_usage_field: bool = False) -> dict:
+               with_usage_field: bool = False, usage_so_far: dict | None = None) -> dict:
+    """``usage_so_far``: vLLM's ``continuous_usage_stats`` (else the field is null until the usage chunk)."""
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
              "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
     if with_usage_field:
-        chunk["usage"] = None
+        chunk["usage"] = usage_so_far
     return chunk
 
 
@@ -204,8 +217,13 @@ def usage_chunk(kind: str, rid: str, created: int, model: str, prompt_tokens: in
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def models_response(model: str, created: int, max_model_len: int | None = None) -> dict:
+def model_card(model: str, created: int, max_model_len: int | None = None) -> dict:
+    """One model as ``GET /v1/models/{id}`` (``client.models.retrieve``) answers it."""
     card = {"id": model, "object": "model", "created": created, "owned_by": "slicefleet"}
     if max_model_len is not None:
         card["max_model_len"] = max_model_len
-    return {"object": "list", "data": [card]}
+    return card
+
+
+def models_response(model: str, created: int, max_model_len: int | None = None) -> dict:
+    return {"object": "list", "data": [model_card(model, created, max_model_len)]}

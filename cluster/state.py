@@ -53,6 +53,13 @@ class RequestRecord:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    """No EOS or stop token (or stop string) before this many output tokens."""
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     """Stop strings (checked on text by the ingress; the engine stops on ``stop_token_ids``)."""

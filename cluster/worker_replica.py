@@ -39,7 +39,10 @@ def slice_item(rec: RequestRecord, generated: list[int]):
         max_new_tokens=rec.max_tokens - len(generated),
         eos_token_ids=() if rec.ignore_eos or rec.target_len is not None else None,
         stop_token_ids=tuple(rec.stop_token_ids),
-        sampling=SamplingParams(temperature=rec.temperature, top_p=rec.top_p, seed=rec.seed),
+        sampling=SamplingParams(
+            temperature=rec.temperature, top_p=rec.top_p, seed=rec.seed, top_k=rec.top_k, min_p=rec.min_p,
+            repetition_penalty=rec.repetition_penalty, presence_penalty=rec.presence_penalty,
+            frequency_penalty=rec.frequency_penalty, min_tokens=rec.min_tokens),
         target_len=None if rec.target_len is None else rec.target_len - len(generated),
     )
 

@@ -34,10 +34,29 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 (or -1, as in vLLM) keeps all."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below ``min_p`` times the most likely token's (after temperature)."""
+    repetition_penalty: float = 1.0
+    """HF/vLLM repetition penalty over prompt and output tokens: positive logits divided, negative multiplied."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already in the output (not the prompt), as OpenAI."""
+    frequency_penalty: float = 0.0
+    """Subtracted per occurrence in the output (not the prompt), as OpenAI."""
+    min_tokens: int = 0
+    """No end-of-sequence or stop token before this many output tokens of the whole request (vLLM's meaning):
+    they are masked out of the logits, so greedy and sampled rows pick the best other token."""
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether the logits depend on the row's history (penalties, min_tokens) before any choice."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.min_tokens > 0)
 
 
 GREEDY = SamplingParams()

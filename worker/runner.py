@@ -107,6 +107,13 @@ class RowState:
     def done(self) -> bool:
         return self.reason is not None
 
+    @property
+    def end_ids(self) -> frozenset[int]:
+        """The tokens that would end this row now; ``min_tokens`` keeps them out of its first outputs."""
+        if self.item.target_len is not None:
+            return frozenset()
+        return self.eos | frozenset(self.item.stop_token_ids)
+
     def push(self, token: int) -> None:
         """Append a produced token and decide whether the request ends here."""
         self.tokens.append(token)
@@ -138,7 +145,8 @@ class RowState:
 def choose(logits: torch.Tensor, rows: list[RowState], active: list[int]) -> None:
     """Pick and push the next token of each active row (indices into ``rows``/``logits``)."""
     picks = select_tokens(
-        logits, [r.item.sampling for r in rows], [len(r.tokens) for r in rows], active
+        logits, [r.item.sampling for r in rows], [r.tokens for r in rows], [r.item.prompt_len for r in rows],
+        [r.end_ids for r in rows], active,
     )
     for b in active:
         rows[b].push(picks[b])

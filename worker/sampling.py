@@ -8,7 +8,7 @@ invert the CDF with a single uniform number, so the token depends only on (seed,
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -25,13 +25,43 @@ def position_seed(seed: int, position: int) -> int:
     return x & _MASK63
 
 
+def adjust_logits(row: torch.Tensor, params: SamplingParams, history: Sequence[int], prompt_len: int,
+                  end_ids: Iterable[int]) -> torch.Tensor:
+    """The logits a row chooses from, in vLLM's order: min_tokens mask, then the penalties.
+
+    Everything here depends only on the row's history, never on slicing: a sliced run sees the same history
+    at each position, so it chooses the same token.
+    """
+    row = row.float().clone()
+    output = list(history[prompt_len:])
+    if params.min_tokens > len(output):
+        ends = [t for t in end_ids if 0 <= t < row.numel()]
+        if ends:
+            row[ends] = float("-inf")
+    if params.repetition_penalty != 1.0 and history:
+        seen = torch.tensor(sorted(set(history)), dtype=torch.long)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and output:
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=row.numel())[: row.numel()]
+        row -= params.frequency_penalty * counts.float() + params.presence_penalty * (counts > 0).float()
+    return row
+
+
 def sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
-    """Sample one token from a 1-D logits row (temperature, then nucleus), reproducibly when seeded."""
+    """Sample one token from a 1-D logits row (temperature, min_p, top_k, then nucleus), reproducibly when
+    seeded."""
     scores = logits.float() / params.temperature
     probs_sorted, order = torch.sort(torch.softmax(scores, dim=-1), descending=True)
+    if params.min_p > 0.0:
+        probs_sorted = torch.where(probs_sorted >= params.min_p * probs_sorted[0], probs_sorted,
+                                   torch.zeros_like(probs_sorted))
+    if params.top_k > 0:
+        probs_sorted[params.top_k:] = 0.0
     if params.top_p < 1.0:
-        cum = torch.cumsum(probs_sorted, dim=-1)
-        keep = (cum - probs_sorted) < params.top_p  # the smallest prefix whose mass reaches top_p; never empty
+        mass = probs_sorted / probs_sorted.sum()
+        cum = torch.cumsum(mass, dim=-1)
+        keep = (cum - mass) < params.top_p  # the smallest prefix whose mass reaches top_p; never empty
         probs_sorted = torch.where(keep, probs_sorted, torch.zeros_like(probs_sorted))
     cdf = torch.cumsum(probs_sorted, dim=-1)
     if params.seed is None:
@@ -45,16 +75,26 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int) -> i
 
 
 def select_tokens(
-    logits: torch.Tensor, params: Sequence[SamplingParams], positions: Sequence[int], rows: Sequence[int]
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[Sequence[int]],
+    prompt_lens: Sequence[int],
+    end_ids: Sequence[Iterable[int]],
+    rows: Sequence[int],
 ) -> dict[int, int]:
-    """Next token for each row index in ``rows`` of ``logits`` [B, V]; ``positions[i]`` is row i's absolute
-    position of the token being chosen. Greedy rows share one argmax."""
+    """Next token for each row index in ``rows`` of ``logits`` [B, V]. Row i has produced ``histories[i]``
+    so far (its prompt is the first ``prompt_lens[i]`` tokens) and ends on ``end_ids[i]``; the token chosen
+    sits at absolute position ``len(histories[i])``. Plain greedy rows share one argmax."""
     out: dict[int, int] = {}
-    greedy = [i for i in rows if params[i].greedy]
-    if greedy:
-        am = logits[greedy].argmax(dim=-1).tolist()
-        out.update(zip(greedy, am))
+    plain = [i for i in rows if params[i].greedy and not params[i].adjusts_logits]
+    if plain:
+        am = logits[plain].argmax(dim=-1).tolist()
+        out.update(zip(plain, am))
     for i in rows:
-        if not params[i].greedy:
-            out[i] = sample_row(logits[i].detach().cpu(), params[i], positions[i])
+        if i in out:
+            continue
+        row = logits[i].detach().cpu()
+        if params[i].adjusts_logits:
+            row = adjust_logits(row, params[i], histories[i], prompt_lens[i], end_ids[i])
+        out[i] = int(row.argmax().item()) if params[i].greedy else sample_row(row, params[i], len(histories[i]))
     return out

@@ -96,6 +96,16 @@ def model_limits(model_path: str | Path) -> tuple[tuple[int, ...], int]:
     return ids, int(cfg.get("max_position_embeddings") or DEFAULT_MAX_MODEL_LEN)
 
 
+
+def _penalties(item: SliceItem) -> dict:
+    """vLLM's own sampling knobs for ``item``. min_tokens counts the whole request's output while vLLM counts
+    from this ``add``. Presence and frequency penalties count vLLM's output only, so after a move (the
+    history is re-added as prompt) they restart: the one place this backend departs from the torch engines."""
+    sp = item.sampling
+    return {"top_k": sp.top_k if sp.top_k > 0 else 0, "min_p": sp.min_p, "repetition_penalty": sp.repetition_penalty,
+            "presence_penalty": sp.presence_penalty, "frequency_penalty": sp.frequency_penalty,
+            "min_tokens": max(0, sp.min_tokens - item.generated)}
+
 @dataclass
 class VLLMStats(CBStats):
     """``CBStats`` (so the worker loop reads either engine alike) plus what the child reports."""
@@ -327,6 +337,7 @@ class VLLMEngine:
             "max_tokens": min(item.budget, self.max_model_len - len(item.token_ids)),
             "temperature": float(item.sampling.temperature) if not item.sampling.greedy else 0.0,
             "top_p": float(item.sampling.top_p), "seed": seed, "stop_token_ids": list(stop), "ignore_eos": True,
+            **_penalties(item),
         })
         self._by_cid[req.cid] = rid
         self.stats.prompt_tokens += len(item.token_ids)

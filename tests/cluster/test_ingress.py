@@ -152,7 +152,7 @@ def test_eos_finishes_with_stop_and_counts_the_eos_token(client, env):
 
 
 def test_trace_mode_fields_are_stored(client, env):
-    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 20, "ignore_eos": True, "min_tokens": 7})
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 20, "ignore_eos": True, "target_len": 7})
     assert r.status_code == 200, r.text
     rec = env.store.record(r.headers["x-request-id"])
     assert rec.target_len == 7 and rec.ignore_eos is True and rec.max_tokens == 20
@@ -160,6 +160,46 @@ def test_trace_mode_fields_are_stored(client, env):
     r = client.post("/v1/completions", json={"prompt": "x", "target_len": 9})  # no max_tokens: the target
     rec = env.store.record(r.headers["x-request-id"])
     assert rec.target_len == 9 and rec.max_tokens == 9
+
+
+def test_sampling_parameters_are_stored_with_vllm_meaning(client, env):
+    body = {"prompt": "x", "max_tokens": 20, "min_tokens": 7, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.3,
+            "presence_penalty": 0.5, "frequency_penalty": -0.5}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    rec = env.store.record(r.headers["x-request-id"])
+    assert (rec.min_tokens, rec.top_k, rec.min_p, rec.repetition_penalty) == (7, 5, 0.1, 1.3)
+    assert (rec.presence_penalty, rec.frequency_penalty) == (0.5, -0.5)
+    assert rec.target_len is None and rec.max_tokens == 20  # min_tokens is a floor, not trace mode
+    r = client.post("/v1/completions", json={"prompt": "x", "top_k": -1})  # vLLM's other spelling of "off"
+    assert env.store.record(r.headers["x-request-id"]).top_k == 0
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client, env):
+    msgs = [{"role": "user", "content": "hi"}]
+    r = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 9, "max_completion_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert env.store.record(r.headers["x-request-id"]).max_tokens == 4
+
+
+def test_model_retrieve_and_version(client, env):
+    r = client.get("/v1/models/tiny-test")
+    assert r.status_code == 200 and r.json()["id"] == "tiny-test" and r.json()["object"] == "model"
+    r = client.get("/v1/models/gpt-4")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = client.get("/version")
+    assert r.status_code == 200 and r.json()["version"] not in ("", None)
+
+
+def test_continuous_usage_stats_put_usage_in_every_chunk(client, env):
+    body = {"prompt": "x", "max_tokens": 6, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    usages = [e["usage"] for e in events]
+    assert all(u is not None for u in usages), usages
+    counts = [u["completion_tokens"] for u in usages]
+    assert counts == sorted(counts) and counts[-1] == 6
 
 
 def test_streaming_completion_with_usage(client, env):
@@ -264,6 +304,14 @@ COMPLETION_ERRORS = [
     ({"prompt": "x", "echo": True}, 400, "unsupported_parameter", "echo"),
     ({"prompt": "x", "max_tokens": 5, "target_len": 6}, 400, "invalid_value", "target_len"),
     ({"prompt": "x", "ignore_eos": "yes"}, 400, "invalid_type", "ignore_eos"),
+    ({"prompt": "x", "max_tokens": 5, "min_tokens": 6}, 400, "invalid_value", "min_tokens"),
+    ({"prompt": "x", "min_tokens": -1}, 400, "invalid_value", "min_tokens"),
+    ({"prompt": "x", "top_k": -2}, 400, "invalid_value", "top_k"),
+    ({"prompt": "x", "min_p": 1.5}, 400, "invalid_value", "min_p"),
+    ({"prompt": "x", "repetition_penalty": 0}, 400, "invalid_value", "repetition_penalty"),
+    ({"prompt": "x", "presence_penalty": 2.5}, 400, "invalid_value", "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": -3}, 400, "invalid_value", "frequency_penalty"),
+    ({"prompt": "x", "max_completion_tokens": 5}, 400, "unsupported_parameter", "max_completion_tokens"),
 ]
 
 
@@ -280,6 +328,18 @@ CHAT_ERRORS = [
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10_000}, 400, "invalid_value",
      "max_completion_tokens"),
     ({"messages": [{"role": "user", "content": "hi " * 600}]}, 400, "context_length_exceeded", "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "none"}, 400, "unsupported_parameter",
+     "tool_choice"),
+    ({"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": False}, 400, "unsupported_parameter",
+     "parallel_tool_calls"),
+    ({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]}, 400, "unsupported_parameter",
+     "functions"),
+    ({"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "low"}, 400, "unsupported_parameter",
+     "reasoning_effort"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 400, "unsupported_parameter",
+     "messages.0.name"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 9}, 400, "invalid_value",
+     "presence_penalty"),
 ]
 
 

@@ -243,6 +243,22 @@ def test_text_assembler_partial_stop_prefix_is_released_at_the_end(tokenizer):
     assert asm.sent_text == "axyqx" and not asm.stopped
 
 
+def test_text_assembler_min_tokens_defers_stop_strings_as_vllm():
+    """vLLM checks stop strings only for tokens after the first min_tokens; a match must end in them."""
+    def chars(text):
+        return [ord(c) for c in text]
+
+    asm = TextAssembler(lambda ids: "".join(chr(i) for i in ids), ["ab"], min_tokens=3)
+    assert asm.feed(chars("xab")) == "xab"  # within the first 3 tokens: not a stop
+    assert asm.feed(chars("cab")) == "c"  # "ab" again, ending in token 6: a stop
+    assert asm.stopped and asm.sent_text == "xabc" and asm.completion_tokens == 6
+    asm = TextAssembler(lambda ids: "".join(chr(i) for i in ids), ["ab"], min_tokens=2)
+    asm.feed(chars("a"))
+    asm.feed(chars("bq"))  # "ab" ends in token 2, not after it
+    asm.flush()
+    assert not asm.stopped and asm.sent_text == "abq"
+
+
 def test_async_store_submit_matches_state_store(tmp_path):
     from cluster.redis_server import EmbeddedRedis
 
