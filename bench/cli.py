@@ -1,6 +1,12 @@
-"""``slicefleet bench``: SCLS against SLS and ILS (and vLLM) on the live cluster, same sample, one table.
+"""``slicefleet bench``: a running OpenAI server measured as ``vllm bench serve`` measures one, or SCLS against
+SLS and ILS (and vLLM) on clusters it starts, same sample, one table.
 
-Every mode runs back to back on the same ShareGPT sample, the same arrival offsets and the same cluster
+    slicefleet bench --base-url http://127.0.0.1:8000 --num-prompts 100 --request-rate 4 --ignore-eos \
+        --goodput ttft:2000 tpot:100 --save-result --result-dir runs/bench/endpoint
+
+With ``--base-url`` nothing is started: the ShareGPT sample (token-id prompts, ``max_tokens`` = the trace
+length) goes to that server and vLLM's result block is printed per rate, with vLLM's keys in the saved JSON.
+Without it, every mode runs back to back on the same ShareGPT sample, the same arrival offsets and the same cluster
 configuration (only ``scheduler.mode`` / ``scheduler.placement`` change); a fresh LocalCluster per mode.
 The simulator, calibrated with the packaged latency profile, replays the same trace beside each live run.
 
@@ -28,6 +34,8 @@ MODES = ("continuous_slices", "scls", "sls", "ils")
 CONTINUOUS = ("continuous_slices", "ils")
 """Modes whose replicas run one continuous batch (the only ones a vLLM engine can serve)."""
 ENGINES = ("hf", "vllm")
+GOODPUT_KEYS = ("ttft", "tpot", "e2el")
+DEFAULT_GOODPUT_MS = {"ttft": 30_000.0, "tpot": 500.0}
 NO_LENGTH_MODEL = "/nonexistent/slicefleet-bench-no-length-model"
 """predictor.length_model for ``--length-predictor none``: a path that does not exist, so the ingress runs
 without a length predictor (predicted length = the budget) whatever artefact is packaged."""
@@ -61,7 +69,42 @@ def _csv(choices):
     return parse
 
 
+def _goodput_item(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition(":")
+    key = key.strip().lower()
+    if not sep or key not in GOODPUT_KEYS:
+        raise argparse.ArgumentTypeError(f"goodput SLOs are KEY:MS with KEY one of {', '.join(GOODPUT_KEYS)}, "
+                                         f"got {text!r}")
+    try:
+        ms = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"goodput SLO {key}: {value!r} is not a number of milliseconds") from None
+    if ms < 0:
+        raise argparse.ArgumentTypeError(f"goodput SLO {key} must be >= 0 ms, got {ms:g}")
+    return key, ms
+
+
+def _percentiles(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"percentiles are comma-separated numbers, got {text!r}") from None
+    if not out or any(not 0 < p < 100 for p in out):
+        raise argparse.ArgumentTypeError(f"percentiles must lie strictly between 0 and 100, got {text!r}")
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from bench.loadgen import PERCENTILE_METRICS
+
+    # Names follow `vllm bench serve` (the old Slicefleet spellings still parse), so one command line drives
+    # either tool and their numbers line up.
+    p.add_argument("--base-url", default=None, metavar="URL[,URL...]",
+                   help="benchmark the OpenAI-compatible server already running there (a Slicefleet cluster, a "
+                        "vLLM server, anything serving /v1/completions with streaming) instead of starting "
+                        "clusters; comma-separated URLs get requests round-robin. Prints vllm bench serve's "
+                        "result block per rate. An API key comes from $OPENAI_API_KEY, as in vLLM's client "
+                        "(default: start a local cluster per --modes entry)")
     p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="comma-separated modes (default: all)")
     p.add_argument("--engines", type=_csv(ENGINES), default=["hf"],
                    help="replica engines: 'hf' runs every mode; 'vllm' also runs continuous_slices on vLLM "
@@ -71,20 +114,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="placements to run; each mode runs with the first, SCLS also with the others "
                         "(e.g. maxmin,round_robin for the imbalance comparison; default: maxmin)")
     p.add_argument("--replicas", type=int, default=2, help="worker replicas (default: 2)")
-    p.add_argument("--requests", type=int, default=100, help="ShareGPT requests per run (default: 100)")
-    p.add_argument("--rates", type=_rates, default=[None],
-                   help="comma-separated request rates per second; 'inf' = all at once (default: inf)")
+    p.add_argument("--num-prompts", "--requests", dest="requests", type=int, default=100, metavar="N",
+                   help="ShareGPT requests per run, exactly: beyond what passes vLLM's filter the rest are drawn "
+                        "again with replacement, as vLLM oversamples (default: 100)")
+    p.add_argument("--no-oversample", action="store_true",
+                   help="refuse --num-prompts above what passes the filter instead (default: off)")
+    p.add_argument("--request-rate", "--rates", dest="rates", type=_rates, default=[None], metavar="RATE[,RATE...]",
+                   help="requests per second, comma-separated for one run each; 'inf' = all at once (default: inf)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of gaps: 1 = Poisson (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="sample and arrival seed (default: 0)")
-    p.add_argument("--max-concurrency", type=int, default=None, help="client-side cap on requests in flight")
-    p.add_argument("--slice-len", type=int, default=64)
-    p.add_argument("--max-gen-len", type=int, default=1024, help="G; trace lengths are capped to it")
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--sls-batch-size", type=int, default=8)
-    p.add_argument("--ils-concurrency", type=int, default=16)
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="client-side cap on requests in flight (default: no cap)")
+    p.add_argument("--model", default=None,
+                   help="local model directory: what the clusters and the vLLM peer serve, and whose tokenizer "
+                        "turns ShareGPT prompts into the token ids sent (default: the small default model of "
+                        "'slicefleet make-model')")
+    p.add_argument("--tokenizer", default=None,
+                   help="another local directory to take the tokenizer from (default: --model's)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id requests name (default: with --base-url, the first model the server lists "
+                        "at /v1/models; else the cluster config's model.name, slicefleet-tiny-llama)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="--base-url: send ignore_eos, so every request generates its whole ShareGPT length on "
+                        "every server, as vllm bench serve's flag (default: off; started clusters and the vLLM "
+                        "peer always generate exactly the trace length)")
+    p.add_argument("--label", default=None,
+                   help="--base-url: the run's name in tables and result files (default: endpoint)")
+    p.add_argument("--slice-len", type=int, default=64, help="S, tokens per slice (default: 64)")
+    p.add_argument("--max-gen-len", type=int, default=1024, help="G; trace lengths are capped to it (default: 1024)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="SCLS batch-size cap (default: 32)")
+    p.add_argument("--sls-batch-size", type=int, default=8, help="SLS static batch size (default: 8)")
+    p.add_argument("--ils-concurrency", type=int, default=16, help="ILS requests per replica (default: 16)")
     p.add_argument("--max-running", type=int, default=64, help="continuous_slices: rows per replica (default: 64)")
     p.add_argument("--stream-every", type=int, default=4, help="engine steps between streamed chunks (default: 4)")
-    p.add_argument("--ordering", default="sjf", choices=["fcfs", "sjf", "hrrn"])
+    p.add_argument("--ordering", default="sjf", choices=["fcfs", "sjf", "hrrn"],
+                   help="SCLS/ILS queue order (default: sjf)")
     p.add_argument("--budget", default="cap", choices=["cap", "true"],
                    help="max_tokens sent: 'cap' = G (the scheduler does not know lengths; default) or 'true' = "
                         "the trace length (an oracle length predictor, via the budget)")
@@ -93,26 +157,101 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "packaged artefact if there is one")
     p.add_argument("--config", default=None, help="base cluster YAML (default: the embedded local config)")
     p.add_argument("--port", type=int, default=8765, help="API port on 127.0.0.1 (default: 8765)")
-    p.add_argument("--slo-ttft", type=float, default=30.0, help="goodput SLO on TTFT, seconds (default: 30)")
-    p.add_argument("--slo-tpot", type=float, default=0.5, help="goodput SLO on TPOT, seconds (default: 0.5)")
-    p.add_argument("--slo-e2el", type=float, default=None, help="goodput SLO on E2E latency, seconds")
-    p.add_argument("--vllm", action="store_true", help="also run the vLLM peer (bench/vllm_peer.py, its venv)")
+    p.add_argument("--goodput", nargs="+", type=_goodput_item, default=None, metavar="KEY:MS",
+                   help="service-level objectives for goodput, in milliseconds, as vllm bench serve: any of "
+                        "ttft, tpot, e2el; a request is good when it meets every one given "
+                        "(default: ttft:30000 tpot:500)")
+    p.add_argument("--slo-ttft", type=float, default=None,
+                   help="older spelling of --goodput ttft:, in seconds (default: --goodput's)")
+    p.add_argument("--slo-tpot", type=float, default=None,
+                   help="older spelling of --goodput tpot:, in seconds (default: --goodput's)")
+    p.add_argument("--slo-e2el", type=float, default=None,
+                   help="older spelling of --goodput e2el:, in seconds (default: --goodput's)")
+    p.add_argument("--percentile-metrics", type=_csv(PERCENTILE_METRICS), default=list(PERCENTILE_METRICS),
+                   help="metrics whose mean, median and percentiles are printed, comma-separated "
+                        "(default: ttft,tpot,itl,e2el; vLLM's default leaves e2el out)")
+    p.add_argument("--metric-percentiles", type=_percentiles, default=[99.0],
+                   help="percentiles of those metrics, comma-separated, e.g. 50,90,99 (default: 99)")
+    p.add_argument("--vllm", action="store_true",
+                   help="also run the vLLM peer (bench/vllm_peer.py, its venv) (default: off)")
     p.add_argument("--vllm-eager", action="store_true",
                    help="run Slicefleet's vLLM replicas eagerly (default: compiled, as the vLLM peer servers run)")
-    p.add_argument("--vllm-venv", default="runs/vllm-venv", help="venv built by bench/vllm_setup.sh")
-    p.add_argument("--no-sim", action="store_true", help="skip the simulated replay of each live run")
+    p.add_argument("--vllm-venv", default="runs/vllm-venv", help="venv built by bench/vllm_setup.sh "
+                   "(default: runs/vllm-venv)")
+    p.add_argument("--no-sim", action="store_true",
+                   help="skip the simulated replay of each live run (default: off, every run is replayed)")
     p.add_argument("--wait-load", type=float, default=None,
-                   help="before each run, wait until the 1-min load average is below this (recorded either way)")
+                   help="before each run, wait until the 1-min load average is below this (recorded either way; "
+                        "default: do not wait)")
     p.add_argument("--wait-max", type=float, default=900.0, help="longest wait for --wait-load, s (default: 900)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench/latest"), help="output folder")
-    p.add_argument("--plots-only", type=Path, default=None, help="redraw plots + table from a bench.json")
+    p.add_argument("--result-dir", "--out", dest="out", type=Path, default=Path("runs/bench/latest"), metavar="DIR",
+                   help="output folder: bench.json, bench.md and the plots of every run, and the files of "
+                        "--save-result (default: runs/bench/latest)")
+    p.add_argument("--save-result", action="store_true",
+                   help="--base-url: also write each rate's result as vllm bench serve's JSON, and bench.json, "
+                        "bench.md and plots, under --result-dir (default: off; runs that start clusters always "
+                        "write bench.json)")
+    p.add_argument("--result-filename", default=None,
+                   help="--save-result: the JSON's name, for a single rate (default: vLLM's "
+                        "{label}-{rate}qps-{model}-{YYYYmmdd-HHMMSS}.json)")
+    p.add_argument("--plots-only", type=Path, default=None,
+                   help="redraw plots + table from a bench.json (default: run a benchmark)")
     p.add_argument("--resimulate", type=Path, default=None,
                    help="replay a saved bench.json's live runs in the simulator again (uses the slice_log.json "
-                        "beside it and that run's arguments), then redraw")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+                        "beside it and that run's arguments), then redraw (default: run a benchmark)")
+    p.add_argument("--disable-tqdm", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress bars (default: off, bars shown)")
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
+def resolve_slo(args):
+    """The goodput SLOs: --goodput (ms) or its default, each overridden by an old --slo-* flag (s). The seconds
+    are written back to ``args.slo_*`` so bench.json keeps reading as it did."""
+    from bench.loadgen import SLO
+
+    ms = dict(DEFAULT_GOODPUT_MS) if args.goodput is None else dict(args.goodput)
+    for key in GOODPUT_KEYS:
+        legacy = getattr(args, f"slo_{key}", None)
+        if legacy is not None:
+            ms[key] = legacy * 1000.0
+    seconds = {k: ms[k] / 1000.0 if k in ms else None for k in GOODPUT_KEYS}
+    for key, value in seconds.items():
+        setattr(args, f"slo_{key}", value)
+    return SLO(**seconds)
+
+
+def model_dir(args) -> Path:
+    from worker.make_model import ensure_default_model
+
+    return Path(args.model).expanduser() if args.model else ensure_default_model()
+
+
+def tokenizer_dir(args) -> Path:
+    return Path(args.tokenizer).expanduser() if args.tokenizer else model_dir(args)
+
+
+def model_label(path: Path, dtype: str | None = None) -> str:
+    """'<dir name> (<architecture>, <params> M params, <dtype>)' from the model's files alone: the parameter
+    count is summed from the safetensors headers, so nothing is loaded."""
+    import struct
+
+    cfg = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
+    params = 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, info in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in info["shape"]:
+                    n *= d
+                params += n
+    arch = (cfg.get("architectures") or [cfg.get("model_type", "model")])[0]
+    size = f", {params / 1e6:.1f} M params" if params else ""
+    dtype = dtype or cfg.get("torch_dtype") or cfg.get("dtype") or "?"
+    return f"{Path(path).name} ({arch}{size}, {dtype})"
+
+
 def load_average() -> float:
     return os.getloadavg()[0]
 
@@ -141,6 +280,8 @@ def cluster_overrides(args, mode: str, placement: str, engine: str = "hf") -> di
         "scheduler.ordering": args.ordering, "replicas.num_replicas": args.replicas, "api.port": args.port,
         "api.host": "127.0.0.1", "api.max_backlog_seconds": 1e9, "api.request_timeout": 3600.0,
         **({"predictor.length_model": NO_LENGTH_MODEL} if args.length_predictor == "none" else {}),
+        **({"model.path": str(Path(args.model).expanduser())} if args.model else {}),
+        **({"model.name": args.served_model_name} if args.served_model_name else {}),
     }
 
 
@@ -200,12 +341,11 @@ def live_memory(args, continuous: bool = False):
 
     from cluster.config import load_config
     from predictor.memory import kv_budget_bytes, memory_estimator
-    from worker.make_model import ensure_default_model
 
     engine = load_config(args.config).engine
     budget = kv_budget_bytes(engine.device, engine.kv_budget_bytes, engine.memory_safety)
     batch_bytes, keep_bytes = (budget, 0.0) if continuous else engine.split_kv_budget(budget)
-    memory = memory_estimator(AutoConfig.from_pretrained(ensure_default_model()), budget_bytes=batch_bytes)
+    memory = memory_estimator(AutoConfig.from_pretrained(model_dir(args)), budget_bytes=batch_bytes)
     return memory, int(keep_bytes // memory.bytes_per_token)
 
 
@@ -219,9 +359,8 @@ def predicted_lengths(args, requests) -> list[float] | None:
     from transformers import AutoTokenizer
 
     from predictor.length import load_length_predictor
-    from worker.make_model import ensure_default_model
 
-    tokenizer = AutoTokenizer.from_pretrained(ensure_default_model())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(args))
     texts = [r.prompt if isinstance(r.prompt, str) else tokenizer.decode(r.prompt) for r in requests]
     return [float(v) for v in load_length_predictor(None).predict(texts, [r.prompt_len for r in requests])]
 
@@ -326,9 +465,10 @@ def record(label, mode, placement, rate, requests, results, wall, delta, slo, lo
            busy_samples, replicas) -> dict:
     from dataclasses import asdict
 
-    from bench.loadgen import live_report, serving_metrics
+    from bench.loadgen import live_report, serving_metrics, vllm_metrics
 
     serving = serving_metrics(results, slo)
+    serving["vllm"] = vllm_metrics(results, wall, (50, 90, 99), slo)
     report = live_report(mode, replicas, results, delta,
                          extra={"placement": placement, "rate": rate, "label": label})
     return {
@@ -353,9 +493,28 @@ def save(out: Path, args, runs: list) -> Path:
 
 
 def machine_facts() -> dict:
+    """What the plots' captions name: cores, CPU model, memory, GPU (None when there is none)."""
     import platform
+    import shutil
+    import subprocess
 
-    return {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+    cpu_model = None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), None)
+    except OSError:
+        pass
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        try:
+            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                   text=True, timeout=20, check=True).stdout.split("\n")
+            names = [n.strip() for n in names if n.strip()]
+            gpu = f"{len(names)}x {names[0]}" if names else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return {"cpus": os.cpu_count(), "machine": platform.machine(), "cpu_model": cpu_model, "gpu": gpu,
+            "python": platform.python_version(),
             "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
@@ -364,13 +523,111 @@ def workload(args):
     from transformers import AutoTokenizer
 
     from bench.loadgen import arrivals, sharegpt_requests
-    from worker.make_model import ensure_default_model
 
-    model_dir = ensure_default_model()
-    requests = sharegpt_requests(AutoTokenizer.from_pretrained(model_dir), args.requests, args.seed,
-                                 args.max_gen_len)
+    requests = sharegpt_requests(AutoTokenizer.from_pretrained(tokenizer_dir(args)), args.requests, args.seed,
+                                 args.max_gen_len, oversample=not getattr(args, "no_oversample", False))
     schedules = [(rate, arrivals(len(requests), rate, args.burstiness, args.seed)) for rate in args.rates]
-    return model_dir, requests, schedules
+    return model_dir(args), requests, schedules
+
+
+# ---- a server that is already running (--base-url) -------------------------------------------------------
+def endpoint_urls(text: str) -> list[str]:
+    urls = [u.strip().rstrip("/") for u in text.split(",") if u.strip()]
+    for u in urls:
+        if not u.startswith(("http://", "https://")):
+            raise SystemExit(f"--base-url needs http:// or https:// URLs, got {u!r}")
+    if not urls:
+        raise SystemExit("--base-url is empty")
+    # vLLM's --base-url is the server root; a URL ending in /v1 (the OpenAI client's habit) means the same one.
+    return [u.removesuffix("/v1") for u in urls]
+
+
+def auth_headers() -> dict:
+    key = os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def served_model(url: str, headers: dict, timeout: float = 30.0) -> str:
+    """The first model id the server lists at /v1/models (vllm bench serve does the same without --model)."""
+    import httpx
+
+    try:
+        resp = httpx.get(f"{url}/v1/models", headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise SystemExit(f"cannot reach {url}/v1/models: {exc}") from None
+    if resp.status_code == 401:
+        raise SystemExit(f"{url} wants an API key: set OPENAI_API_KEY")
+    if resp.status_code != 200:
+        raise SystemExit(f"{url}/v1/models answered HTTP {resp.status_code}: {resp.text[:200]}")
+    data = resp.json().get("data") or []
+    if not data:
+        raise SystemExit(f"{url}/v1/models lists no model: pass --served-model-name")
+    return data[0]["id"]
+
+
+def result_filename(args, label: str, rate: float | None, model_id: str, now) -> str:
+    """vllm bench serve's name: {label}-{rate}qps[-concurrency{N}]-{model}-{YYYYmmdd-HHMMSS}.json."""
+    if args.result_filename and len(args.rates) == 1:
+        return args.result_filename
+    conc = f"-concurrency{args.max_concurrency}" if args.max_concurrency is not None else ""
+    name = f"{label}-{'inf' if rate is None else f'{rate:g}'}qps{conc}-{model_id.split('/')[-1]}-" \
+           f"{now.strftime('%Y%m%d-%H%M%S')}.json"
+    if args.result_filename:  # several rates: keep the given stem, one file per rate
+        name = f"{Path(args.result_filename).stem}-{'inf' if rate is None else f'{rate:g}'}qps.json"
+    return name
+
+
+def run_endpoint(args, slo) -> int:
+    """Drive a server that is already running, vllm bench serve's way, and print its result block per rate."""
+    import asyncio
+    from datetime import datetime
+
+    from bench.loadgen import format_vllm_result, run_load, vllm_metrics
+
+    if args.vllm or args.plots_only or args.resimulate:
+        raise SystemExit("--base-url drives a running server: --vllm, --plots-only and --resimulate do not apply")
+    urls = endpoint_urls(args.base_url)
+    headers = auth_headers()
+    name = args.served_model_name or served_model(urls[0], headers)
+    label = args.label or "endpoint"
+    _, requests, schedules = workload(args)
+    args.served_model_name = name
+    args.model_label = f"{name} served at {', '.join(urls)} (tokens counted with {tokenizer_dir(args).name})"
+    runs: list = []
+    for rate, offsets in schedules:
+        load = wait_for_quiet(args.wait_load, args.wait_max)
+        started = datetime.now()
+        results, wall = asyncio.run(run_load(
+            urls, requests, offsets, flavor="openai", model=name, max_gen_len=args.max_gen_len,
+            max_concurrency=args.max_concurrency, progress=not args.no_progress, ignore_eos=args.ignore_eos,
+            headers=headers, desc=f"{label} rate={'inf' if rate is None else rate}"))
+        entry = record(label, "endpoint", "-", rate, requests, results, wall, {}, slo, load, load_average(), 0.0,
+                       [], args.replicas)
+        entry["base_url"] = urls
+        runs.append(entry)
+        # Printed and saved with the percentiles asked for; bench.json keeps 50/90/99 for the tables.
+        metrics = vllm_metrics(results, wall, args.metric_percentiles, slo)
+        print(format_vllm_result(metrics, args.percentile_metrics, float("inf") if rate is None else rate,
+                                 args.max_concurrency))
+        if entry["errors"]:
+            print(f"{entry['serving']['failed']} requests failed; first errors: {entry['errors']}")
+        if args.save_result:
+            args.out.mkdir(parents=True, exist_ok=True)
+            out = args.out / result_filename(args, label, rate, name, started)
+            result = {"date": started.strftime("%Y%m%d-%H%M%S"), "endpoint_type": "openai", "backend": "openai",
+                      "label": label, "model_id": name, "tokenizer_id": str(tokenizer_dir(args)),
+                      "base_url": ",".join(urls), "num_prompts": len(requests),
+                      "request_rate": "inf" if rate is None else rate, "burstiness": args.burstiness,
+                      "max_concurrency": args.max_concurrency, "ignore_eos": args.ignore_eos, **metrics}
+            out.write_text(json.dumps(result, indent=1))
+            print(f"wrote {out}")
+    if args.save_result:
+        from bench import report as bench_report
+
+        path = save(args.out, args, runs)
+        bench_report.write_all(json.loads(path.read_text()), args.out)
+        print(f"wrote {path}, bench.md and plots under {args.out}")
+    return 0 if all(r["serving"]["completed"] for r in runs) else 1
 
 
 def resimulate(path: Path) -> int:
@@ -406,15 +663,18 @@ def run(args) -> int:
     if args.resimulate:
         return resimulate(args.resimulate)
 
-    from bench.loadgen import SLO
+    slo = resolve_slo(args)
+    if args.base_url:
+        return run_endpoint(args, slo)
+    from cluster.config import load_config
 
-    model_dir, requests, schedules = workload(args)
-    slo = SLO(ttft=args.slo_ttft, tpot=args.slo_tpot, e2el=args.slo_e2el)
+    served_dir, requests, schedules = workload(args)
+    args.model_label = model_label(served_dir, load_config(args.config).model.dtype)
     runs: list = []
     if args.vllm:
         from bench.vllm_peer import run_peer
 
-        run_peer(args, requests, schedules, slo, runs, model_dir)
+        run_peer(args, requests, schedules, slo, runs, served_dir)
     slice_log: list[dict] = []
     for mode in args.modes:
         run_live_mode(args, mode, args.placements[0], requests, schedules, slo, runs, slice_log)

@@ -94,12 +94,13 @@ def tpot(r: RequestResult) -> float:
 
 
 # ---- requests ------------------------------------------------------------------------------------------
-def sharegpt_requests(tokenizer, n: int, seed: int, max_gen_len: int) -> list[BenchRequest]:
-    """``n`` ShareGPT samples (vLLM rules), prompts as the model's token ids, outputs capped to ``max_gen_len``."""
-    from predictor.sharegpt import sample_requests
+def sharegpt_requests(tokenizer, n: int, seed: int, max_gen_len: int, oversample: bool = True) -> list[BenchRequest]:
+    """Exactly ``n`` ShareGPT samples (vLLM rules; beyond what passes the filter, drawn again with replacement
+    unless ``oversample`` is False), prompts as the model's token ids, outputs capped to ``max_gen_len``."""
+    from cluster.sim.workload import sharegpt_sample
 
     out = []
-    for s in sample_requests(tokenizer, n, seed=seed):
+    for s in sharegpt_sample(tokenizer, n, seed, allow_oversample=oversample)[0]:
         ids = list(tokenizer(s.prompt).input_ids)
         out.append(BenchRequest(s.id, ids, len(ids), min(int(s.output_len), max_gen_len)))
     return out
@@ -113,9 +114,11 @@ def arrivals(n: int, rate: float | None, burstiness: float = 1.0, seed: int = 0)
 
 
 def request_body(req: BenchRequest, flavor: str, model: str, max_gen_len: int, trace: bool = True,
-                 budget: str = "cap") -> dict:
+                 budget: str = "cap", ignore_eos: bool = False) -> dict:
     """The JSON body. Slicefleet in trace mode: ``target_len`` = the trace length and ``max_tokens`` = G
-    (``budget="cap"``, the scheduler is not told the length) or the trace length (``"true"``, an oracle)."""
+    (``budget="cap"``, the scheduler is not told the length) or the trace length (``"true"``, an oracle).
+    ``openai`` (``--base-url``): ``max_tokens`` = the trace length, ``ignore_eos`` only when asked, the body
+    ``vllm bench serve`` sends, which every server here accepts."""
     body = {"model": model, "prompt": req.prompt, "stream": True, "stream_options": {"include_usage": True},
             "temperature": 0.0}
     if not trace:
@@ -126,6 +129,10 @@ def request_body(req: BenchRequest, flavor: str, model: str, max_gen_len: int, t
     elif flavor == "vllm":
         body["max_tokens"] = req.output_len
         body["ignore_eos"] = True
+    elif flavor == "openai":  # any endpoint, as vllm bench serve sends ShareGPT: the trace length as max_tokens
+        body["max_tokens"] = req.output_len
+        if ignore_eos:
+            body["ignore_eos"] = True
     else:
         raise ValueError(f"unknown server flavor {flavor!r}")
     return body
@@ -184,11 +191,11 @@ async def _one(client, url: str, body: dict, req: BenchRequest, t0: float, sem: 
 async def run_load(urls: Sequence[str], requests: Sequence[BenchRequest], offsets: Sequence[float], *,
                    flavor: str = "slicefleet", model: str = "slicefleet-tiny-llama", max_gen_len: int = 1024,
                    trace: bool = True, budget: str = "cap", max_concurrency: int | None = None, timeout: float = 1800.0,
-                   progress: bool = True, desc: str = "bench",
-                   transport=None) -> tuple[list[RequestResult], float]:
+                   progress: bool = True, desc: str = "bench", ignore_eos: bool = False,
+                   headers: dict | None = None, transport=None) -> tuple[list[RequestResult], float]:
     """Send ``requests`` at ``offsets`` (seconds) to ``urls`` (round-robin over several base URLs, in
     request order). Returns the results and the wall time from the first send to the last answer.
-    ``transport``: an httpx transport (tests use a mock)."""
+    ``headers``: sent with every request (an API key). ``transport``: an httpx transport (tests use a mock)."""
     import httpx
 
     if len(offsets) != len(requests):
@@ -200,7 +207,7 @@ async def run_load(urls: Sequence[str], requests: Sequence[BenchRequest], offset
         from tqdm import tqdm
 
         bar = tqdm(total=len(requests), desc=desc, unit="req")
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport, headers=headers) as client:
         t0 = time.perf_counter()
 
         async def launch(i: int, req: BenchRequest) -> RequestResult:
@@ -208,7 +215,8 @@ async def run_load(urls: Sequence[str], requests: Sequence[BenchRequest], offset
             if delay > 0:
                 await asyncio.sleep(delay)
             url = urls[i % len(urls)].rstrip("/") + "/v1/completions"
-            r = await _one(client, url, request_body(req, flavor, model, max_gen_len, trace, budget), req, t0, sem, timeout)
+            body = request_body(req, flavor, model, max_gen_len, trace, budget, ignore_eos)
+            r = await _one(client, url, body, req, t0, sem, timeout)
             if bar is not None:
                 bar.update(1)
             return r
@@ -243,6 +251,7 @@ def serving_metrics(results: Sequence[RequestResult], slo: SLO | None = None) ->
         total_input_tokens=sum(r.prompt_len for r in ok),
         request_throughput=len(ok) / duration if duration > 0 else 0.0,
         output_throughput=tokens / duration if duration > 0 else 0.0,
+        total_token_throughput=(tokens + sum(r.prompt_len for r in ok)) / duration if duration > 0 else 0.0,
         ttft=_stats([r.ttft for r in ok]),
         tpot=_stats([tpot(r) for r in ok if r.output_tokens > 1]),
         itl=_stats([g for r in ok for g in r.itl]),
@@ -255,6 +264,74 @@ def serving_metrics(results: Sequence[RequestResult], slo: SLO | None = None) ->
         out["good_requests"] = good
         out["goodput"] = good / duration if duration > 0 else 0.0
     return out
+
+
+PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
+METRIC_TITLES = {"ttft": ("TTFT", "Time to First Token"), "tpot": ("TPOT", "Time per Output Token (excl. 1st token)"),
+                 "itl": ("ITL", "Inter-token Latency"), "e2el": ("E2EL", "End-to-end Latency")}
+
+
+def _pword(p: float) -> str:
+    return str(int(p)) if int(p) == p else str(p)
+
+
+def vllm_metrics(results: Sequence[RequestResult], duration: float, percentiles: Sequence[float] = (99,),
+                 slo: SLO | None = None) -> dict:
+    """The figures ``vllm bench serve`` saves, under its keys and units (latencies in ms), so a result file from
+    either tool reads the same: ``duration`` is the benchmark's wall time (vLLM's benchmark_duration), TPOT
+    excludes the first token, ITL is the gap between streamed chunks (a chunk may carry several tokens, as in
+    vLLM's client), goodput counts requests meeting every SLO (``request_goodput`` None without SLOs)."""
+    ok = [r for r in results if r.success]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_len for r in ok)
+    per = {"ttft": [r.ttft for r in ok], "tpot": [tpot(r) for r in ok if r.output_tokens > 1],
+           "itl": [g for r in ok for g in r.itl], "e2el": [r.latency for r in ok]}
+    dur = duration if duration > 0 else float("nan")
+    slos = {k: v * 1000 for k, v in asdict(slo).items() if v is not None} if slo else {}
+    m: dict = {
+        "duration": duration, "completed": len(ok), "failed": len(results) - len(ok),
+        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        "request_throughput": len(ok) / dur,
+        "request_goodput": sum(1 for r in ok if slo.met(r)) / dur if slos else None,
+        "output_throughput": out_tokens / dur, "total_token_throughput": (in_tokens + out_tokens) / dur,
+        "goodput_slo_ms": slos or None, "percentiles": list(percentiles),
+    }
+    for name, values in per.items():
+        arr = np.asarray(values or [0.0], dtype=float) * 1000  # vLLM reports 0 for a metric with no values
+        m[f"mean_{name}_ms"], m[f"median_{name}_ms"] = float(arr.mean()), float(np.median(arr))
+        m[f"std_{name}_ms"] = float(arr.std())
+        for p in percentiles:
+            m[f"p{_pword(p)}_{name}_ms"] = float(np.percentile(arr, p))
+    return m
+
+
+def format_vllm_result(m: dict, metrics: Sequence[str] = PERCENTILE_METRICS, request_rate: float | None = None,
+                       max_concurrency: int | None = None, title: str = " Serving Benchmark Result ") -> str:
+    """``m`` (from :func:`vllm_metrics`) laid out line by line as ``vllm bench serve`` prints it."""
+    lines = ["{s:{c}^{n}}".format(s=title, n=50, c="="),
+             "{:<40} {:<10}".format("Successful requests:", m["completed"]),
+             "{:<40} {:<10}".format("Failed requests:", m["failed"])]
+    if max_concurrency is not None:
+        lines.append("{:<40} {:<10}".format("Maximum request concurrency:", max_concurrency))
+    if request_rate is not None and not math.isinf(request_rate):
+        lines.append("{:<40} {:<10.2f}".format("Request rate configured (RPS):", request_rate))
+    lines += ["{:<40} {:<10.2f}".format("Benchmark duration (s):", m["duration"]),
+              "{:<40} {:<10}".format("Total input tokens:", m["total_input_tokens"]),
+              "{:<40} {:<10}".format("Total generated tokens:", m["total_output_tokens"]),
+              "{:<40} {:<10.2f}".format("Request throughput (req/s):", m["request_throughput"])]
+    if m.get("request_goodput") is not None:
+        lines.append("{:<40} {:<10.2f}".format("Request goodput (req/s):", m["request_goodput"]))
+    lines += ["{:<40} {:<10.2f}".format("Output token throughput (tok/s):", m["output_throughput"]),
+              "{:<40} {:<10.2f}".format("Total token throughput (tok/s):", m["total_token_throughput"])]
+    for name in metrics:
+        short, header = METRIC_TITLES[name]
+        lines += ["{s:{c}^{n}}".format(s=header, n=50, c="-"),
+                  "{:<40} {:<10.2f}".format(f"Mean {short} (ms):", m[f"mean_{name}_ms"]),
+                  "{:<40} {:<10.2f}".format(f"Median {short} (ms):", m[f"median_{name}_ms"])]
+        for p in m["percentiles"]:
+            lines.append("{:<40} {:<10.2f}".format(f"P{_pword(p)} {short} (ms):", m[f"p{_pword(p)}_{name}_ms"]))
+    lines.append("=" * 50)
+    return "\n".join(lines)
 
 
 def snapshot_delta(before: dict | None, after: dict | None) -> dict:

@@ -7,8 +7,19 @@ from pathlib import Path
 import numpy as np
 
 
+PEERS = ("vllm", "endpoint")
+"""Runs of servers that are not a Slicefleet cluster bench started: no dispatcher counters to read."""
+
+IMBALANCE = "imbalance = std / mean of the replicas' busy seconds over the run (0 = even)"
+
+
 def _rate(r) -> str:
     return "inf" if r is None else f"{r:g}"
+
+
+def _load(r) -> str:
+    """A rate as words for titles: 'all at once' is no rate."""
+    return "all at once" if r is None else f"Poisson {r:g} req/s"
 
 
 def comparison_table(runs: list[dict]) -> str:
@@ -19,7 +30,7 @@ def comparison_table(runs: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         s, rep = run["serving"], run["report"]
-        peer = run["mode"] == "vllm"
+        peer = run["mode"] in PEERS
         dash = "–"
         lines.append("| " + " | ".join([
             run["label"], _rate(run["rate"]), f"{s['completed']}/{s['failed']}",
@@ -83,9 +94,11 @@ def markdown(data: dict) -> str:
     parts = [f"# slicefleet bench: {a.get('requests')} ShareGPT requests, {a.get('replicas')} replicas, "
              f"seed {a.get('seed')}, G={a.get('max_gen_len')}, S={a.get('slice_len')}, budget={a.get('budget')}",
              "", f"machine: {data.get('machine')}", "",
-             f"SLOs for goodput: TTFT <= {a.get('slo_ttft')} s, TPOT <= {a.get('slo_tpot')} s"
-             + (f", E2E <= {a.get('slo_e2el')} s" if a.get("slo_e2el") else ""), "",
-             "## Comparison", "", comparison_table(runs)]
+             "SLOs for goodput: " + (", ".join(f"{name} <= {a[key]:g} s" for name, key in
+                                                (("TTFT", "slo_ttft"), ("TPOT", "slo_tpot"), ("E2E", "slo_e2el"))
+                                                if a.get(key) is not None) or "none"), "",
+             "## Comparison", "", comparison_table(runs), "",
+             f"rate inf: all requests at once. Latencies in s. {IMBALANCE}."]
     for base in ("vllm", "scls", "ils"):
         if any(r["label"] == base for r in runs):
             parts += ["", f"## Against {base} (same rate; other / {base})", "", ratio_table(runs, base)]
@@ -108,8 +121,14 @@ def _plt():
 def caption(data: dict) -> str:
     """Which machine, model and sample a plot comes from (every plot says it)."""
     m, a = data.get("machine") or {}, data.get("args") or {}
+    # bench.json files written before the label was recorded all came from the default model.
     model = a.get("model_label") or "default model (random-weight Llama, 10.5 M params, float32)"
-    return (f"{m.get('cpus', '?')} CPU cores {m.get('machine', '')}, no GPU; {model}; {a.get('replicas')} replicas; "
+    cores = f"{m.get('cpus', '?')} CPU cores {m.get('machine', '')}".strip()
+    if m.get("cpu_model"):
+        cores += f" ({m['cpu_model']})"
+    if a.get("base_url"):  # the server may be elsewhere: say which machine was measured from
+        return (f"{model}; load generator on {cores}; {a.get('requests')} ShareGPT requests, seed {a.get('seed')}")
+    return (f"{cores}, {m.get('gpu') or 'no GPU'}; {model}; {a.get('replicas')} replicas; "
             f"{a.get('requests')} ShareGPT requests, seed {a.get('seed')}")
 
 
@@ -151,7 +170,7 @@ def plot_cdf(runs: list[dict], path: Path, title: str = "") -> None:
                 continue
             lat = np.sort(r["latencies"])
             ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=r["label"])
-        ax.set_title(f"E2E latency CDF, rate {_rate(rate)}", fontsize=10)
+        ax.set_title(f"E2E latency CDF, {_load(rate)}", fontsize=10)
         ax.set_xlabel("seconds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -183,13 +202,13 @@ def plot_busy(runs: list[dict], path: Path, title: str = "") -> None:
             xs = [t for t, b in samples if rid in b]
             ys = [b[rid] - t0.get(rid, 0.0) for t, b in samples if rid in b]
             ax.plot(xs, ys, label=f"replica {i}")
-        ax.set_title(f"{r['label']} rate {_rate(r['rate'])}: imbalance {r['report']['load_imbalance']:.3f}",
+        ax.set_title(f"{r['label']}, {_load(r['rate'])}: imbalance {r['report']['load_imbalance']:.3f}",
                      fontsize=9)
         ax.set_xlabel("run time (s)")
         ax.set_ylabel("busy seconds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle((title + "\n" if title else "") + "imbalance = std / mean of per-replica busy seconds", fontsize=9)
+    fig.suptitle((title + "\n" if title else "") + IMBALANCE, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -7,6 +7,7 @@ replica gets what a Slicefleet replica gets (one engine thread); KV cache 2 GiB 
 default). Trace mode: ``max_tokens`` = the trace length with ``ignore_eos``.
 
     python -m bench.vllm_peer --replicas 2 --requests 100 --rates inf --out runs/bench/vllm
+    python -m bench.vllm_peer --serve-only --replicas 1      # leave them running for `bench --base-url`
 
 ``slicefleet bench --vllm`` calls :func:`run_peer` before the Slicefleet modes.
 """
@@ -22,6 +23,9 @@ from pathlib import Path
 log = logging.getLogger("slicefleet.bench.vllm")
 
 BASE_PORT = 8801
+DEFAULT_NAME = "slicefleet-tiny-llama"
+"""The id the peer serves under unless --served-model-name says otherwise: Slicefleet's default, so one
+request body fits both."""
 
 
 def start_servers(venv: str | Path, model_dir: str | Path, n: int, model_name: str, max_len: int = 2048,
@@ -91,15 +95,15 @@ def run_peer(args, requests, schedules, slo, runs_out: list, model_dir) -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    procs, urls = start_servers(args.vllm_venv, model_dir, args.replicas, "slicefleet-tiny-llama",
-                                log_dir=args.out)
+    name = args.served_model_name or DEFAULT_NAME
+    procs, urls = start_servers(args.vllm_venv, model_dir, args.replicas, name, log_dir=args.out)
     startup = time.perf_counter() - t0
     log.info("vLLM: %d servers up in %.0f s: %s", len(urls), startup, urls)
     try:
         for rate, offsets in schedules:
             load = wait_for_quiet(args.wait_load, args.wait_max)
             results, wall = asyncio.run(run_load(
-                urls, requests, offsets, flavor="vllm", model="slicefleet-tiny-llama", max_gen_len=args.max_gen_len,
+                urls, requests, offsets, flavor="vllm", model=name, max_gen_len=args.max_gen_len,
                 max_concurrency=args.max_concurrency, progress=not args.no_progress, desc=f"vllm rate={rate or 'inf'}"))
             entry = record("vllm", "vllm", "round_robin(client)", rate, requests, results, wall, {}, slo, load,
                            load_average(), startup, [], args.replicas)
@@ -112,16 +116,51 @@ def run_peer(args, requests, schedules, slo, runs_out: list, model_dir) -> None:
         stop_servers(procs)
 
 
+def serve_only(args) -> int:
+    """Start the peer's servers and keep them up until Ctrl-C / SIGTERM, for ``slicefleet bench --base-url``."""
+    import signal
+    import threading
+
+    from bench.cli import model_dir
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    args.out.mkdir(parents=True, exist_ok=True)
+    procs, urls = start_servers(args.vllm_venv, model_dir(args), args.replicas,
+                                args.served_model_name or DEFAULT_NAME, base_port=args.vllm_port, log_dir=args.out)
+    try:
+        print(f"vLLM serving {args.served_model_name or DEFAULT_NAME} at {','.join(urls)} (logs in {args.out}); "
+              f"Ctrl-C stops. Benchmark it with:\n  slicefleet bench --base-url {','.join(urls)}", flush=True)
+        while not stop.wait(2):
+            dead = [u for u, p in zip(urls, procs) if p.poll() is not None]
+            if dead:
+                log.error("vLLM server(s) exited: %s", dead)
+                return 1
+    finally:
+        stop_servers(procs)
+    return 0
+
+
 def main(argv=None) -> int:
     import argparse
 
     from bench.cli import add_arguments, run
+    from cluster.cli import DefaultsFormatter
 
-    p = argparse.ArgumentParser(description="the vLLM peer alone (same options as slicefleet bench)")
+    p = argparse.ArgumentParser(description="the vLLM peer alone (same options as slicefleet bench)",
+                                formatter_class=DefaultsFormatter)
     add_arguments(p)
+    p.add_argument("--serve-only", action="store_true",
+                   help="start the servers (--replicas of them, one core each) and keep them up until Ctrl-C "
+                        "instead of benchmarking them")
+    p.add_argument("--vllm-port", type=int, default=BASE_PORT,
+                   help="--serve-only: the first server's port on 127.0.0.1, the next ones follow")
     args = p.parse_args(argv)
-    args.vllm, args.modes = True, []
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.serve_only:
+        return serve_only(args)
+    args.vllm, args.modes = True, []
     return run(args)
 
 

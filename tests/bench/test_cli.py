@@ -122,3 +122,28 @@ def test_resimulate_replays_a_saved_bench_with_both_calibrations(tmp_path):
         assert sim["error"]["request_throughput"] == pytest.approx(sim["report"]["request_throughput"] / 2.0 - 1)
     assert "| scls | inf | in_situ |" in (tmp_path / "bench.md").read_text()
 
+
+
+def test_captions_name_the_machine_and_the_model_and_rates_read_as_words():
+    data = {"machine": {"cpus": 2, "machine": "x86_64", "cpu_model": "Xeon", "gpu": None},
+            "args": {"model_label": "tiny (LlamaForCausalLM, 10.5 M params, float32)", "replicas": 2,
+                     "requests": 10, "seed": 0}}
+    c = report.caption(data)
+    assert "2 CPU cores x86_64 (Xeon)" in c and "no GPU" in c and "10.5 M params" in c and "2 replicas" in c
+    gpu = report.caption({**data, "machine": {**data["machine"], "gpu": "1x NVIDIA H200"}})
+    assert "1x NVIDIA H200" in gpu and "no GPU" not in gpu
+    remote = report.caption({**data, "args": {**data["args"], "base_url": "http://h:1", "model_label": "m at h"}})
+    assert "m at h" in remote and "load generator on 2 CPU cores" in remote
+    # bench.json from before the label was recorded: those runs all used the default model
+    assert "10.5 M params" in report.caption({"machine": {}, "args": {}})
+    assert report._load(None) == "all at once" and report._load(3.4) == "Poisson 3.4 req/s"
+    md = report.markdown({"args": {"slo_ttft": 30.0, "slo_tpot": 0.5}, "machine": {},
+                          "runs": [_run("scls", "scls", None, 2.0, 10.0)]})
+    assert "imbalance = std / mean" in md and "TTFT <= 30 s, TPOT <= 0.5 s" in md
+
+
+def test_model_label_reads_the_files():
+    from worker.make_model import ensure_default_model
+
+    label = cli.model_label(ensure_default_model(), "float32")
+    assert label.endswith("(LlamaForCausalLM, 10.5 M params, float32)")
