@@ -25,10 +25,13 @@ python -c "import ninja" 2>/dev/null || pip install --quiet ninja
 
 want=$(sed -n 's/^version = "\(.*\)"/\1/p' "$SRC/pyproject.toml")
 have=$(python -c "import importlib.metadata as m; print(m.version('slicefleet'))" 2>/dev/null || true)
+# With the length extra (the generation-length predictor the dispatcher orders by), held to the versions the
+# tests pass with.
+PIN=(-c "$SRC/constraints.txt")
 if [ "${SLICEFLEET_FORCE_INSTALL:-0}" = 1 ]; then
-  pip install --quiet "$SRC" && pip install --quiet --force-reinstall --no-deps "$SRC"
+  pip install --quiet "${PIN[@]}" "${SRC}[length]" && pip install --quiet --force-reinstall --no-deps "$SRC"
 elif [ "$have" != "$want" ]; then
-  pip install --quiet "$SRC"
+  pip install --quiet "${PIN[@]}" "${SRC}[length]"
 fi
 python -c "import cluster.config, balancer, worker, predictor"
 

@@ -116,6 +116,19 @@ def test_launcher_scripts_pass_shellcheck():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_nodes_install_the_length_extra_against_the_constraints():
+    """The nodes serve with the length predictor, at the versions the tests pass with; the constraints file
+    reaches them (file_mounts syncs the repository, rsync_exclude must not drop it)."""
+    setup = (CONFIGS / "launcher" / "setup-node.sh").read_text()
+    installs = [line for line in setup.splitlines() if "pip install" in line and "${SRC}" in line]
+    assert installs and all('"${PIN[@]}" "${SRC}[length]"' in line for line in installs), installs
+    assert 'PIN=(-c "$SRC/constraints.txt")' in setup
+    for name in ("cluster-aws.yaml", "cluster-gcp.yaml"):
+        cfg = load_yaml(CONFIGS / name)
+        assert cfg["file_mounts"]["/home/ray/slicefleet-src"] == "."
+        assert "constraints.txt" not in cfg.get("rsync_exclude", [])
+
+
 def test_start_scripts_keep_redis_off_ray_port():
     head = (CONFIGS / "launcher" / "start-head.sh").read_text()
     assert "REDIS_PORT=${SLICEFLEET_REDIS_PORT:-6380}" in head
