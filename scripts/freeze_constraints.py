@@ -3,8 +3,8 @@
 Run it after `scripts/test.sh` passed with new versions: `python scripts/freeze_constraints.py`. Not a plain
 `pip freeze`, because that also pins whatever else the machine has installed and the editable install itself,
 which a constraints file cannot hold. The closure starts at pyproject.toml's requirements with the extras
-setup.sh installs (the vllm extra lives in its own venv) plus helm-sdkpy, and follows each installed package's requirements,
-with their markers evaluated for this interpreter.
+setup.sh installs (the vllm extra lives in its own venv) plus helm-sdkpy, and follows each installed
+package's requirements, with their markers evaluated for this interpreter.
 """
 
 from __future__ import annotations

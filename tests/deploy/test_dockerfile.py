@@ -53,7 +53,8 @@ def test_dependencies_are_installed_before_the_sources_are_copied():
     first, sources = copies[0], copies[-1]
     assert ins[first][1].split()[1:] == ["pyproject.toml", "constraints.txt", "./"], ins[first]
     assert ins[sources][1].split()[1:] == [".", "."], ins[sources]
-    deps = [i for i, (word, arg) in enumerate(ins) if word == "RUN" and "pip install" in arg and "-c constraints.txt" in arg]
+    deps = [i for i, (word, arg) in enumerate(ins)
+            if word == "RUN" and "pip install" in arg and "-c constraints.txt" in arg]
     assert deps and first < min(deps) and max(deps) < sources
     # After the sources: the package itself, nothing it depends on.
     after = [p for word, arg in ins[sources:] if word == "RUN" for p in pip_installs(arg)]

@@ -32,7 +32,8 @@ def test_constraints_pin_every_requirement_within_its_range():
     """Every requirement setup.sh installs (core, length, bench, test, helm-sdkpy) has a pin in constraints.txt
     that satisfies pyproject's range: a floor raised past the pin, or a new dependency, fails here."""
     pins = constraint_pins()
-    reqs = PROJECT["dependencies"] + [r for e in ("length", "bench", "test") for r in PROJECT["optional-dependencies"][e]]
+    extras = PROJECT["optional-dependencies"]
+    reqs = PROJECT["dependencies"] + [r for e in ("length", "bench", "test") for r in extras[e]]
     for line in reqs + ["helm-sdkpy"]:
         req = Requirement(line)
         name = canonicalize_name(req.name)
