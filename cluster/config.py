@@ -128,6 +128,15 @@ class ApiSettings(_Strict):
     )
     request_timeout: float = Field(900.0, gt=0, description="Seconds a request may take before 504.")
 
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_key(cls, v):
+        # An empty key would admit "Authorization: Bearer " with nothing after it. It is what an unset
+        # ${VAR} or an empty Secret value expands to, so it is refused rather than served open.
+        if any(not k.strip() for k in v):
+            raise ValueError("api.api_keys holds an empty key (an unset ${VAR} or an empty Secret value?)")
+        return v
+
 
 class PredictorSettings(_Strict):
     length_model: str | None = Field(

@@ -20,3 +20,18 @@ def test_kv_budget_split_between_batches_and_kept_caches():
 def test_kv_keep_fraction_must_leave_room_for_both(fraction):
     with pytest.raises(ValidationError, match="kv_keep_fraction"):
         EngineSettings(kv_keep_fraction=fraction)
+
+
+@pytest.mark.parametrize("keys", [[""], ["good-key", "  "]])
+def test_an_empty_api_key_is_refused(keys, monkeypatch, tmp_path):
+    """An empty key would admit "Authorization: Bearer " with nothing after it; an unset ${VAR} expands to one."""
+    from cluster.config import SlicefleetConfig, load_config
+
+    with pytest.raises(ValidationError, match="empty key"):
+        SlicefleetConfig.model_validate({"api": {"api_keys": keys}})
+    monkeypatch.delenv("SLICEFLEET_TEST_UNSET_KEY", raising=False)
+    path = tmp_path / "c.yaml"
+    path.write_text("api: {api_keys: ['${SLICEFLEET_TEST_UNSET_KEY}']}\n")
+    with pytest.raises(ValidationError, match="empty key"):
+        load_config(path)
+    assert SlicefleetConfig.model_validate({"api": {"api_keys": []}}).api.api_keys == []
