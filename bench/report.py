@@ -91,8 +91,14 @@ def sim_table(runs: list[dict]) -> str:
 def markdown(data: dict) -> str:
     runs = data["runs"]
     a = data.get("args", {})
-    parts = [f"# slicefleet bench: {a.get('requests')} ShareGPT requests, {a.get('replicas')} replicas, "
-             f"seed {a.get('seed')}, G={a.get('max_gen_len')}, S={a.get('slice_len')}, budget={a.get('budget')}",
+    if a.get("base_url"):  # a running server: bench set none of the cluster's settings
+        head = (f"# slicefleet bench --base-url {a['base_url']}: {a.get('requests')} ShareGPT requests, "
+                f"seed {a.get('seed')}, max_tokens = trace length capped to {a.get('max_gen_len')}, "
+                f"ignore_eos {'on' if a.get('ignore_eos') else 'off'}")
+    else:
+        head = (f"# slicefleet bench: {a.get('requests')} ShareGPT requests, {a.get('replicas')} replicas, "
+                f"seed {a.get('seed')}, G={a.get('max_gen_len')}, S={a.get('slice_len')}, budget={a.get('budget')}")
+    parts = [head,
              "", f"machine: {data.get('machine')}", "",
              "SLOs for goodput: " + (", ".join(f"{name} <= {a[key]:g} s" for name, key in
                                                 (("TTFT", "slo_ttft"), ("TPOT", "slo_tpot"), ("E2E", "slo_e2el"))
@@ -132,6 +138,16 @@ def caption(data: dict) -> str:
             f"{a.get('requests')} ShareGPT requests, seed {a.get('seed')}")
 
 
+def _suptitle(fig, *lines: str) -> None:
+    """The caption, wrapped to the figure's width: a one-panel figure cut the machine and model off."""
+    import textwrap
+
+    width = max(40, int(fig.get_figwidth() * 15))  # characters of a 9 pt font per inch, roughly
+    text = "\n".join(textwrap.fill(line, width) for line in lines if line)
+    if text:
+        fig.suptitle(text, fontsize=9)
+
+
 def plot_vs_rate(runs: list[dict], path: Path, title: str = "") -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
@@ -153,8 +169,7 @@ def plot_vs_rate(runs: list[dict], path: Path, title: str = "") -> None:
         ax.set_xlabel("offered load (Poisson req/s, or all at once)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    _suptitle(fig, title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -174,8 +189,7 @@ def plot_cdf(runs: list[dict], path: Path, title: str = "") -> None:
         ax.set_xlabel("seconds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    _suptitle(fig, title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -208,7 +222,7 @@ def plot_busy(runs: list[dict], path: Path, title: str = "") -> None:
         ax.set_ylabel("busy seconds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle((title + "\n" if title else "") + IMBALANCE, fontsize=9)
+    _suptitle(fig, title, IMBALANCE)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
