@@ -167,3 +167,13 @@ def test_vllm_metrics_by_hand():
     assert "Total token throughput (tok/s):          4.42      " in lines
     assert "P99 TTFT (ms):                           1990.00   " in lines and "Mean E2EL (ms):" in text
     assert "ITL" not in text
+
+
+def test_openai_body_is_vllm_bench_serves():
+    from bench.loadgen import BenchRequest, request_body
+
+    req = BenchRequest("r", [1, 2, 3], 3, 40)
+    body = request_body(req, "openai", "m", 1024)
+    assert body["max_tokens"] == 40 and "ignore_eos" not in body and "target_len" not in body
+    assert body["prompt"] == [1, 2, 3] and body["stream"] and body["stream_options"] == {"include_usage": True}
+    assert request_body(req, "openai", "m", 1024, ignore_eos=True)["ignore_eos"] is True
