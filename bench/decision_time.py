@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_ylabel("median decision time (ms)")
     ax.set_title(f"SCLS decision (DP + max-min), {args.replicas} replicas")
     ax.grid(alpha=0.3)
+    from bench.cli import machine_facts
+    from bench.report import _suptitle, machine_text
+
+    # No model runs here: the pool's lengths are synthetic and the KV model fixed, so the machine is the caption.
+    _suptitle(fig, f"{machine_text(machine_facts())}; scheduler only (no model), KV 12,288 B/token, 2 GiB")
     fig.tight_layout()
     fig.savefig(out / "decision_time.png", dpi=120)
     print(f"wrote {out / 'decision_time.json'} and {out / 'decision_time.png'}")

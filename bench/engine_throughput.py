@@ -65,7 +65,7 @@ def run_cell(engine, backend: str, items) -> dict:
             "decode_time": sum(res.decode_step_times), "out_tokens": res.new_tokens}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,6 +84,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("output tokens/s")
         ax.grid(True, alpha=0.3)
     axes[0][0].legend()
+    from bench.report import _suptitle
+
+    _suptitle(fig, title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -160,7 +163,12 @@ def main(argv=None) -> int:
         "wall_seconds": round(time.perf_counter() - t_all, 1),
     }
     (args.out / "engine_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    plot(rows, args.out / "engine_throughput.png")
+    from bench.cli import machine_facts, model_label
+    from bench.report import machine_text
+
+    title = (f"{machine_text(machine_facts())}; {model_label(model_path, args.dtype)}; {args.device}, "
+             f"{meta['torch_threads']} torch thread(s), {args.new_tokens} new tokens per row")
+    plot(rows, args.out / "engine_throughput.png", title)
     print(table(rows))
     print(f"wrote {args.out / 'engine_throughput.json'} and {args.out / 'engine_throughput.png'} "
           f"({meta['wall_seconds']} s)")

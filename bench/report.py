@@ -124,17 +124,23 @@ def _plt():
     return plt
 
 
+def machine_text(m: dict) -> str:
+    """'2 CPU cores x86_64 (<CPU model>), no GPU' from :func:`bench.cli.machine_facts`."""
+    cores = f"{m.get('cpus', '?')} CPU cores {m.get('machine', '')}".strip()
+    if m.get("cpu_model"):
+        cores += f" ({m['cpu_model']})"
+    return f"{cores}, {m.get('gpu') or 'no GPU'}"
+
+
 def caption(data: dict) -> str:
     """Which machine, model and sample a plot comes from (every plot says it)."""
     m, a = data.get("machine") or {}, data.get("args") or {}
     # bench.json files written before the label was recorded all came from the default model.
     model = a.get("model_label") or "default model (random-weight Llama, 10.5 M params, float32)"
-    cores = f"{m.get('cpus', '?')} CPU cores {m.get('machine', '')}".strip()
-    if m.get("cpu_model"):
-        cores += f" ({m['cpu_model']})"
     if a.get("base_url"):  # the server may be elsewhere: say which machine was measured from
-        return (f"{model}; load generator on {cores}; {a.get('requests')} ShareGPT requests, seed {a.get('seed')}")
-    return (f"{cores}, {m.get('gpu') or 'no GPU'}; {model}; {a.get('replicas')} replicas; "
+        return (f"{model}; load generator on {machine_text(m)}; {a.get('requests')} ShareGPT requests, "
+                f"seed {a.get('seed')}")
+    return (f"{machine_text(m)}; {model}; {a.get('replicas')} replicas; "
             f"{a.get('requests')} ShareGPT requests, seed {a.get('seed')}")
 
 
