@@ -31,11 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override api.host, the address the HTTP API binds, as vllm serve's --host (default: the "
                         "config's, 127.0.0.1 in the embedded one). Anything but loopback exposes the API to the "
                         "network: set --api-key too. Ray's own sockets stay on 127.0.0.1 either way")
-    p.add_argument("--port", type=int, default=None, help="override api.port (default: the config's, 8000)")
+    p.add_argument("--port", type=int, default=None, help="override api.port (default: the config's, 8000 in the embedded one)")
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="override api.api_keys: clients must send 'Authorization: Bearer KEY'; repeat for several "
-                        "keys (default: the config's, or $SLICEFLEET_API_KEY if set; none: no auth). A key on the "
-                        "command line shows in the process list: prefer the variable or the config's ${VAR}")
+                        "keys (default: $SLICEFLEET_API_KEY if set, else the config's api.api_keys; none: no "
+                        "auth). A key on the command line shows in the process list: prefer the variable or the "
+                        "config's ${VAR}")
     p.add_argument("--model", default=None,
                    help="override model.path, a local Hugging Face model directory (default: the config's, the "
                         "small default model built by 'slicefleet make-model')")
