@@ -20,6 +20,7 @@ from balancer.estimators import LinearKVMemory
 from balancer.scheduler import Scheduler, UnservableRequest
 from balancer.types import FinishReason, Request, RequestOutcome, SliceResult
 from cluster.config import SlicefleetConfig
+from cluster.metrics import REQUEST_LATENCY_BUCKETS, SnapshotHistogram
 from cluster.state import RequestRecord, StateStore
 
 log = logging.getLogger("slicefleet.dispatcher")
@@ -67,7 +68,9 @@ class DispatcherCore:
                          "reprefill_tokens": 0, "kv_reused_batches": 0, "early_returns": 0,
                          "predicted_slice_seconds_sum": 0.0, "actual_slice_seconds_sum": 0.0,
                          "abs_pct_error_sum": 0.0, "slices_estimated": 0, "replicas_lost": 0, "batches_timed_out": 0,
-                         "moves": 0}
+                         "moves": 0, "requests_requeued": 0}
+        self.queue_time = SnapshotHistogram(REQUEST_LATENCY_BUCKETS)
+        self._arrivals: dict[str, float] = {}  # request id -> arrival, until its first placement (queue time)
         # batch id -> (estimated seconds on its replica, when to give up waiting for its result)
         self._placed: dict[str, tuple[float, float]] = {}
         self._budgets: dict[str, float] = {}  # replica id -> KV bytes it reported
@@ -113,6 +116,9 @@ class DispatcherCore:
             self.store.finish(rec.id, "error")
         except ValueError as exc:  # already in the pool (announced twice across a restart)
             log.debug("ignoring %s: %s", rec.id, exc)
+        else:
+            if generated == 0:
+                self._arrivals[rec.id] = rec.arrival
 
     # ---- loop ----------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -167,6 +173,7 @@ class DispatcherCore:
     def _cancel(self, rid: str) -> None:
         replica_id, batch_id = self.scheduler.replica_of(rid), self.scheduler.batch_of(rid)
         holder = self.scheduler.pool[rid].kv_replica if rid in self.scheduler.pool else None
+        self._arrivals.pop(rid, None)
         if self.scheduler.abort(rid):
             log.info("cancelled %s", rid)
             if replica_id is not None and self.continuous:
@@ -218,6 +225,7 @@ class DispatcherCore:
             log.error("batch %s %s; re-queueing its requests", batch_id,
                       "was already applied" if status == 0 else "left a gap")
             returned = self.scheduler.requeue(batch_id, now)
+            self.counters["requests_requeued"] += len(returned)
             if self.continuous and returned:
                 self._release(result.replica_id, [r.id for r in returned])
             return
@@ -265,6 +273,7 @@ class DispatcherCore:
             returned = self.scheduler.remove_replica(rid, now)
             self.store.forget_replica(rid)
             self.counters["replicas_lost"] += 1
+            self.counters["requests_requeued"] += len(returned)
             self._budgets.pop(rid, None)
             log.warning("replica %s stopped beating: %d requests back to the pool", rid, len(returned))
         for rid in alive:
@@ -299,6 +308,7 @@ class DispatcherCore:
                 del self._placed[batch_id]
                 returned = self.scheduler.requeue(batch_id, now)
                 self.counters["batches_timed_out"] += 1
+                self.counters["requests_requeued"] += len(returned)
                 log.warning("batch %s overdue: %d requests back to the pool", batch_id, len(returned))
 
     def _dispatch(self, now: float) -> None:
@@ -316,6 +326,10 @@ class DispatcherCore:
             # Generous: the estimate can be off several times over while the online fit warms up.
             deadline = a.expected_finish + BATCH_TIMEOUT_FACTOR * (a.expected_finish - now) + BATCH_TIMEOUT_SLACK
             self._placed[b.id] = (a.expected_finish - a.expected_start, deadline)
+            for r in b.requests:
+                arrival = self._arrivals.pop(r.id, None)
+                if arrival is not None:  # its first placement: the wait vLLM calls queue time ends here
+                    self.queue_time.observe(max(now - arrival, 0.0))
             if a.moved_from is not None:
                 self.counters["moves"] += 1
                 self._release(a.moved_from, b.request_ids)
@@ -345,10 +359,22 @@ class DispatcherCore:
             "batch_size_mean": c["rows_run"] / batches,
             "slice_time_mape": c["abs_pct_error_sum"] / c["slices_estimated"] if c["slices_estimated"] else 0.0,
             **c,
+            "preemptions": c["moves"] + c["requests_requeued"],
+            "queue_time": self.queue_time.to_json(),
             "replicas": {rid: {"expected_completion_s": s.replicas[rid].outstanding(now),
                                "busy_seconds": busy.get(rid, 0.0),
-                               "inflight_batches": len(s.replicas[rid].inflight)} for rid in replica_ids},
+                               "inflight_batches": len(s.replicas[rid].inflight),
+                               "running_requests": sum(b.size for b in s.replicas[rid].inflight.values()),
+                               "kv_usage": self._kv_usage(rid)} for rid in replica_ids},
         }
+
+    def _kv_usage(self, replica_id: str) -> float:
+        """KV cache reserved on a replica over its budget. Continuous batches hold all their rows at once; a
+        static-batch replica runs its queued batches one after another, so only the largest counts."""
+        batches = self.scheduler.replicas[replica_id].inflight.values()
+        reserved = (sum if self.continuous else lambda xs: max(xs, default=0.0))([b.est_bytes for b in batches])
+        budget = self._budgets.get(replica_id) or self.scheduler.memory.budget_bytes
+        return float(reserved) / budget if budget > 0 else 0.0
 
     def backlog_seconds(self, now: float) -> float:
         """Predicted seconds until the replicas could start a request arriving now."""
