@@ -188,6 +188,8 @@ class Rendered:
     docs: list[dict]
     created: list[dict]
     release: dict
+    # (method, path) of every call Helm made to the API server, e.g. the GET of a `lookup`.
+    requests: list[tuple[str, str]] = field(default_factory=list)
 
     def by_kind(self, kind: str) -> list[dict]:
         return [d for d in self.docs if d["kind"] == kind]
@@ -220,7 +222,7 @@ def _install(values: dict, release: str, namespace: str, kube_version: str, exis
     with FakeKubeAPI(kube_version=kube_version, existing=existing) as api:
         cfg = h.Configuration(namespace=namespace, kubeconfig=api.kubeconfig)
         result = asyncio.run(h.Install(cfg).run(release, str(CHART), values=values, wait=False, timeout=60))
-        return {"release": result, "created": list(api.created)}
+        return {"release": result, "created": list(api.created), "requests": list(api.requests)}
 
 
 def _lint() -> dict:
@@ -239,7 +241,8 @@ def render(values: dict | None = None, *, release: str = "slicefleet", namespace
     out = _worker().submit(_install, values or {}, release, namespace, kube_version, existing or {}).result()
     result = out["release"]
     docs = [d for d in yaml.safe_load_all(result["manifest"]) if d]
-    return Rendered(manifest=result["manifest"], docs=docs, created=out["created"], release=result)
+    return Rendered(manifest=result["manifest"], docs=docs, created=out["created"], release=result,
+                    requests=[tuple(r) for r in out["requests"]])
 
 
 def lint() -> dict:

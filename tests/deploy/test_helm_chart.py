@@ -26,7 +26,7 @@ from .helpers import CHART, CRDS, load_yaml, placeholders, validate_slicefleet_a
 GPU_VALUES = CHART / "values-gpu.yaml"
 # The oldest Kubernetes the chart declares (Chart.yaml kubeVersion) and the newest kubernetes-validate knows.
 KUBE_VERSIONS = ["1.27", kubernetes_validate.utils.latest_version()]
-CRD_KINDS = {"RayService", "ServiceMonitor"}
+CRD_KINDS = {"RayService", "ServiceMonitor", "PodMonitor"}
 
 # The default values' manifests, by kind and name (release "slicefleet"). Also in docs/deploy.md.
 DEFAULT_MANIFESTS = [
@@ -38,10 +38,26 @@ DEFAULT_MANIFESTS = [
     ("Service", "slicefleet-redis-headless"),
     ("StatefulSet", "slicefleet-redis"),
 ]
-GPU_MANIFESTS = sorted(DEFAULT_MANIFESTS + [("Ingress", "slicefleet"), ("ServiceMonitor", "slicefleet")])
+GPU_MANIFESTS = sorted(DEFAULT_MANIFESTS + [("Ingress", "slicefleet"), ("ServiceMonitor", "slicefleet"),
+                                            ("PodMonitor", "slicefleet-ray")])
 
-# Metric families the Grafana dashboard charts (the API's /metrics, cluster/metrics.py; prefix slicefleet_).
+# Metric families the Grafana dashboard charts (the API's /metrics, cluster/metrics.py; docs/metrics.md).
 DASHBOARD_METRICS = {
+    "slicefleet:generation_tokens_total",
+    "slicefleet:prompt_tokens_total",
+    "slicefleet:num_requests_running",
+    "slicefleet:num_requests_waiting",
+    "slicefleet:time_to_first_token_seconds",
+    "slicefleet:inter_token_latency_seconds",
+    "slicefleet:request_time_per_output_token_seconds",
+    "slicefleet:e2e_request_latency_seconds",
+    "slicefleet:request_queue_time_seconds",
+    "slicefleet:kv_cache_usage_perc",
+    "slicefleet:num_preemptions_total",
+    "slicefleet:request_success_total",
+    "slicefleet:request_generation_tokens",
+    "slicefleet_moves_total",
+    "slicefleet_requests_requeued_total",
     "slicefleet_pool_depth",
     "slicefleet_running_requests",
     "slicefleet_slices_run_total",
@@ -50,15 +66,12 @@ DASHBOARD_METRICS = {
     "slicefleet_replica_expected_completion_seconds",
     "slicefleet_replica_busy_seconds_total",
     "slicefleet_predicted_output_tokens",
-    "slicefleet_output_tokens",
     "slicefleet_predicted_slice_seconds_total",
     "slicefleet_actual_slice_seconds_total",
     "slicefleet_slice_time_mape",
     "slicefleet_ingress_requests_total",
     "slicefleet_ingress_errors_total",
     "slicefleet_ingress_rejected_total",
-    "slicefleet_request_latency_seconds",
-    "slicefleet_time_to_first_token_seconds",
     "slicefleet_backlog_seconds",
 }
 
@@ -195,16 +208,22 @@ def test_crd_file_is_a_valid_structural_crd():
 
 # --- the Serve application ----------------------------------------------------------------------------
 
+# Secrets the operator creates before installing (values-gpu.yaml's apiKeys.existingSecret), as they would hold.
+OPERATOR_SECRETS = {"slicefleet-api-keys": {"api-key": "operator-made-key-0123456789"}}
+
+
 def pod_env(rendered, container: dict) -> dict[str, str]:
-    """A container's environment as the kubelet would give it, Secret references resolved from the release."""
-    secrets = {s["metadata"]["name"]: s for s in rendered.by_kind("Secret")}
+    """A container's environment as the kubelet would give it, Secret references resolved from the release
+    or, for Secrets the release names but does not make, from OPERATOR_SECRETS."""
+    secrets = {s["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in s["data"].items()}
+               for s in rendered.by_kind("Secret")}
     env = {}
     for e in container.get("env", []):
         if "value" in e:
             env[e["name"]] = e["value"]
         else:
             ref = e["valueFrom"]["secretKeyRef"]
-            env[e["name"]] = base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode()
+            env[e["name"]] = {**OPERATOR_SECRETS, **secrets}[ref["name"]][ref["key"]]
     return env
 
 
@@ -316,6 +335,10 @@ def test_ingress_and_service_monitor_point_at_the_api(gpu):
     assert sm["spec"]["namespaceSelector"]["matchNames"] == ["slicefleet"]
     (ep,) = sm["spec"]["endpoints"]
     assert ep["port"] in {p["name"] for p in svc["spec"]["ports"]} and ep["path"] == "/metrics"
+    # Every serving pod's proxy answers /metrics from the one Ingress replica: one target (the head) only,
+    # or each counter is read once per pod.
+    assert ep["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_node_type"],
+                                  "regex": "head", "action": "keep"}]
     # No Service the chart renders matches the monitor's selector (only the API Service does).
     for other in gpu.by_kind("Service"):
         assert not sm["spec"]["selector"]["matchLabels"].items() <= other["metadata"]["labels"].items()
@@ -366,6 +389,27 @@ def test_gcs_fault_tolerance_redis_is_separate(gpu):
         assert gcs.split(":")[0] not in pod_env(gpu, c)["SLICEFLEET_REDIS_URL"]
 
 
+def test_ray_pod_monitor_scrapes_every_ray_pod(gpu, default):
+    """Ray's own metrics: every Ray pod's metrics agent, each pod a target of its own."""
+    assert not default.by_kind("PodMonitor")  # needs the Prometheus Operator's CRDs: off by default
+    pm = gpu.one("PodMonitor")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert pm["spec"]["namespaceSelector"]["matchNames"] == ["slicefleet"]
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    cluster = gpu.one("RayService")["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for t in templates:
+        assert pm["spec"]["selector"]["matchLabels"].items() <= t["metadata"]["labels"].items()
+        ports = {p["name"]: p["containerPort"] for p in t["spec"]["containers"][0]["ports"]}
+        assert ports[ep["port"]] == 8080  # Ray's metrics export port (KubeRay's default)
+    assert {r["targetLabel"] for r in ep["relabelings"]} == {"ray_io_cluster", "ray_io_node_type"}
+    # Nothing else the chart renders carries the Ray pod label (the Redis pods must not be scraped as Ray).
+    for sts in gpu.by_kind("StatefulSet"):
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        assert not pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
 def dashboard_series(dash: dict) -> set[str]:
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     return {m for e in exprs for m in re.findall(r"\b([a-z_:][a-z0-9_:]*)\{", e)}
@@ -379,39 +423,58 @@ def test_grafana_dashboard(rendered):
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     names = dashboard_series(dash)
-    assert names and all(n.startswith("slicefleet_") for n in names), names
+    assert names and all(n.startswith(("slicefleet_", "slicefleet:")) for n in names), names
     families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
     assert families == DASHBOARD_METRICS, families ^ DASHBOARD_METRICS
     titles = " ".join(p["title"].lower() for p in dash["panels"])
     for word in ("pool depth", "slices run", "batch size", "expected completion per replica",
-                 "predicted vs actual output length", "slice time", "errors"):
+                 "predicted vs actual output length", "slice time", "errors", "tokens/s",
+                 "time to first token", "kv cache usage per replica", "preemptions"):
         assert word in titles, word
 
 
-def test_dashboard_reads_what_the_api_exports():
-    """Every series the dashboard queries is in the /metrics text cluster/metrics.py produces."""
-    import importlib.util
+def test_dashboard_works_without_kubernetes_labels():
+    """Namespace and model default to "All" (=~".*", which also matches a series without the label, as on a
+    `ray up` cluster), and every selector of every query goes through the namespace variable."""
+    dash = json.loads((CHART / "files" / "grafana-dashboard.json").read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    for name in ("namespace", "model_name"):
+        v = variables[name]
+        assert v["includeAll"] and v["allValue"] == ".*" and v["current"]["value"] == ["$__all"], v
+    for p in dash["panels"]:
+        for t in p["targets"]:
+            selectors = re.findall(r"\{([^{}]*)\}", t["expr"])
+            assert selectors and all('namespace=~"$namespace"' in sel for sel in selectors), t["expr"]
+            assert '="$' not in t["expr"], t["expr"]  # "=" would not match "All"
+            for metric in re.findall(r"\b(slicefleet:[a-z0-9_:]*)\{([^{}]*)\}", t["expr"]):
+                assert 'model_name=~"$model_name"' in metric[1], t["expr"]
 
-    if importlib.util.find_spec("cluster.metrics") is None:
-        pytest.skip("cluster/metrics.py (the API's Prometheus metrics) is not in this tree yet")
+
+def test_dashboard_reads_what_the_api_exports():
+    """Every series the dashboard queries is in the /metrics text cluster/metrics.py produces after one request
+    (tests/cluster/test_metrics_e2e.py checks the same against a live cluster)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from cluster.metrics import IngressMetrics
+    from cluster.metrics import REQUEST_LATENCY_BUCKETS, IngressMetrics, SnapshotHistogram
 
-    m = IngressMetrics()
+    m = IngressMetrics("m")
     for status in (200, 400, 429, 500):
-        m.observe_response("chat", status)
+        m.observe_response("chat_completions", status)
     m.rejected.inc()
-    m.predicted_output.observe(100)
-    m.actual_output.observe(90)
-    m.latency.labels("chat").observe(1.5)
-    m.ttft.labels("chat").observe(0.2)
+    m.accepted("r", prompt_len=5, max_tokens=8, t0=0.0, predicted_len=6.0)
+    m.output("r", 2, now=0.5)
+    m.output("r", 2, now=0.7)
+    m.ended("r", "length", 4, now=0.8)
+    queue = SnapshotHistogram(REQUEST_LATENCY_BUCKETS)
+    queue.observe(0.2)
     # A dispatcher snapshot as cluster/dispatcher.py publishes it.
     snapshot = {
-        "pool_depth": 3, "running": 8, "slices_run": 120, "batches_run": 10, "batch_size_mean": 12.0,
-        "backlog_seconds": 4.5, "slice_time_mape": 0.07, "predicted_slice_seconds_sum": 30.0,
-        "actual_slice_seconds_sum": 31.0,
-        "replicas": {"r0": {"expected_completion_s": 1.2, "busy_seconds": 50.0}},
+        "mode": "scls", "epoch": 1, "pool_depth": 3, "running": 8, "slices_run": 120, "batches_run": 10,
+        "batch_size_mean": 12.0, "backlog_seconds": 4.5, "slice_time_mape": 0.07,
+        "predicted_slice_seconds_sum": 30.0, "actual_slice_seconds_sum": 31.0, "moves": 1, "requests_requeued": 2,
+        "preemptions": 3, "queue_time": queue.to_json(),
+        "replicas": {"r0": {"expected_completion_s": 1.2, "busy_seconds": 50.0, "inflight_batches": 1,
+                            "running_requests": 8, "kv_usage": 0.4}},
     }
     text = m.render(snapshot).decode()
     exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
@@ -504,5 +567,6 @@ def test_docs_list_the_default_manifests_and_metrics():
     rows = [line for line in docs.splitlines() if line.startswith("| ")]
     for kind, name in DEFAULT_MANIFESTS:
         assert any(line.startswith(f"| {kind} |") and f"`{name}`" in line for line in rows), (kind, name)
+    metrics_doc = (REPO / "docs" / "metrics.md").read_text()
     for metric in DASHBOARD_METRICS:
-        assert f"`{metric}`" in docs, metric
+        assert f"`{metric}`" in metrics_doc, metric

@@ -61,6 +61,11 @@ slicefleet.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* The probes' ping: valkey-cli in the Valkey image, redis-cli when redis.image is a Redis one. */}}
+{{- define "slicefleet.redisPing" -}}
+$(command -v valkey-cli || command -v redis-cli) -p {{ .Values.redis.port }} ping | grep -q PONG
+{{- end -}}
+
 {{/* host:port of the request-state Redis, to keep it apart from the GCS fault-tolerance Redis. */}}
 {{- define "slicefleet.redisHostPort" -}}
 {{- if .Values.redis.enabled -}}
@@ -71,9 +76,32 @@ slicefleet.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret that holds the API keys ("" when there are none): the user's, or the chart's own. */}}
+{{- define "slicefleet.apiKeysSecret" -}}
+{{- if .Values.apiKeys.existingSecret -}}
+{{- .Values.apiKeys.existingSecret -}}
+{{- else if .Values.apiKeys.keys -}}
+{{- printf "%s-api-keys" (include "slicefleet.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Data keys of that Secret, one bearer key each, as a JSON list. */}}
+{{- define "slicefleet.apiKeyNames" -}}
+{{- $names := list -}}
+{{- if .Values.apiKeys.existingSecret -}}
+{{- $names = .Values.apiKeys.secretKeys -}}
+{{- else -}}
+{{- range $i, $_ := .Values.apiKeys.keys -}}
+{{- $names = append $names (printf "api-key-%d" $i) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $names -}}
+{{- end -}}
+
 {{/*
-Environment of every Ray container: where the request-state Redis is and its password (from a Secret),
-which the Serve app's ${SLICEFLEET_REDIS_URL} / ${SLICEFLEET_REDIS_PASSWORD} placeholders read.
+Environment of every Ray container: where the request-state Redis is and its password, and the API keys
+(from Secrets), which the Serve app's ${SLICEFLEET_REDIS_URL} / ${SLICEFLEET_REDIS_PASSWORD} /
+${SLICEFLEET_API_KEY_<i>} placeholders read.
 */}}
 {{- define "slicefleet.rayEnv" -}}
 {{- if .Values.redis.enabled }}
@@ -95,6 +123,16 @@ which the Serve app's ${SLICEFLEET_REDIS_URL} / ${SLICEFLEET_REDIS_PASSWORD} pla
     secretKeyRef:
       name: {{ include "slicefleet.redisPasswordSecret" . }}
       key: {{ include "slicefleet.redisPasswordKey" . }}
+{{- end }}
+{{- $apiSecret := include "slicefleet.apiKeysSecret" . }}
+{{- if $apiSecret }}
+{{- range $i, $key := include "slicefleet.apiKeyNames" . | fromJsonArray }}
+- name: SLICEFLEET_API_KEY_{{ $i }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $apiSecret }}
+      key: {{ $key }}
+{{- end }}
 {{- end }}
 {{- if eq .Values.slicefleet.engine.device "cpu" }}
 - name: DS_ACCELERATOR
@@ -128,6 +166,13 @@ which the Serve app's ${SLICEFLEET_REDIS_URL} / ${SLICEFLEET_REDIS_PASSWORD} pla
 {{- end -}}
 {{- $replicas := dict "num_replicas" (int $s.replicas) "num_cpus" $s.replicaResources.numCpus "num_gpus" $s.replicaResources.numGpus -}}
 {{- $api := dict "host" "0.0.0.0" "port" 8000 -}}
+{{- if include "slicefleet.apiKeysSecret" . -}}
+{{- $keys := list -}}
+{{- range $i, $_ := include "slicefleet.apiKeyNames" . | fromJsonArray -}}
+{{- $keys = append $keys (printf "${SLICEFLEET_API_KEY_%d}" $i) -}}
+{{- end -}}
+{{- $_ := set $api "api_keys" $keys -}}
+{{- end -}}
 {{- $args := dict "model" $model "engine" $engine "scheduler" $scheduler "redis" $redis "replicas" $replicas "api" $api -}}
 {{- $args = mergeOverwrite $args (deepCopy $s.extraConfig) -}}
 {{- toYaml $args -}}
@@ -159,6 +204,15 @@ applications:
 {{- if and (gt $gpusPerReplica 0.0) (not (hasPrefix "cuda" $s.engine.device)) -}}
 {{- fail "slicefleet.replicaResources.numGpus > 0 needs slicefleet.engine.device: cuda" -}}
 {{- end -}}
+{{- if and .Values.ingress.enabled (not (include "slicefleet.apiKeysSecret" .)) -}}
+{{- fail "ingress.enabled publishes the API beyond the cluster: set apiKeys.existingSecret (or apiKeys.keys) so clients must authenticate" -}}
+{{- end -}}
+{{- if and .Values.apiKeys.existingSecret (not .Values.apiKeys.secretKeys) -}}
+{{- fail "apiKeys.existingSecret needs apiKeys.secretKeys: the Secret's data keys that hold the API keys" -}}
+{{- end -}}
+{{- if hasKey (get $s.extraConfig "api" | default dict) "api_keys" -}}
+{{- fail "API keys go in apiKeys (a Secret), not slicefleet.extraConfig.api.api_keys: serveConfigV2 can be read by anyone who can read the RayService" -}}
+{{- end -}}
 {{- if gt (int .Values.workers.minReplicas) (int .Values.workers.maxReplicas) -}}
 {{- fail "workers.minReplicas must not exceed workers.maxReplicas" -}}
 {{- end -}}
@@ -176,6 +230,19 @@ applications:
 {{- fail "gcsFaultTolerance.redisAddress must not be the request-state Redis: Ray's GCS needs its own" -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+Annotations of every Ray pod: podAnnotations, plus a checksum of the chart's own API-key Secret, so that
+changing apiKeys.keys rolls the Ray pods (they read the keys from the environment at start). A Secret of
+yours (existingSecret) is not visible to the chart: restart the pods after rotating it.
+*/}}
+{{- define "slicefleet.rayPodAnnotations" -}}
+{{- $a := deepCopy (.Values.podAnnotations | default dict) -}}
+{{- if and (not .Values.apiKeys.existingSecret) .Values.apiKeys.keys -}}
+{{- $_ := set $a "checksum/api-keys" (include (print $.Template.BasePath "/api-keys-secret.yaml") . | sha256sum) -}}
+{{- end -}}
+{{- toYaml $a -}}
 {{- end -}}
 
 {{/* Volumes of every Ray pod: shared memory for the object store, and the model weights if given. */}}
