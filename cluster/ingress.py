@@ -124,12 +124,14 @@ class TextAssembler:
     def completion_tokens(self) -> int:
         return self._used_tokens if self._used_tokens is not None else len(self.ids)
 
-    def feed(self, new_ids: list[int]) -> str:
+    def feed(self, new_ids: list[int], stop_token_last: bool = False) -> str:
+        """``stop_token_last``: the last id is a stop token that ended the request. As in vLLM it counts as a
+        completion token but adds no text."""
         if self.stopped:
             return ""
         before = len(self.ids)
         self.ids.extend(int(t) for t in new_ids)
-        text = self.decode(self.ids)
+        text = self.decode(self.ids[:-1] if stop_token_last and new_ids else self.ids)
         if self.stops and self._floor is None and len(self.ids) > self.min_tokens:
             self._floor = len(self.decode(self.ids[: self.min_tokens]))
         if self.stops and self._floor is not None:
@@ -153,9 +155,11 @@ class TextAssembler:
         return delta
 
     def flush(self) -> str:
-        """The generation ended: whatever was held back is final now."""
+        """The generation ended: whatever was held back is final now, except the bytes of a character the
+        budget cut in half (a trailing U+FFFD), which vLLM's detokenizer never emits either."""
         if self.stopped:
             return ""
+        self.text = self.text[: max(len(self.text.rstrip("\ufffd")), self.sent)]
         delta = self.text[self.sent:]
         self.sent = len(self.text)
         return delta
@@ -709,13 +713,17 @@ class IngressService:
         deadline = prep.t0 + self.config.api.request_timeout
         async for tokens, reason in self.events(rid, deadline):
             self.metrics.output(rid, len(tokens))
-            asm.feed(tokens)
+            asm.feed(tokens, self._ends_on_stop_token(prep, tokens, reason))
             if asm.stopped and reason is None:
                 await self._cancel(rid)
                 return "stop"
             if reason:
                 return "stop" if asm.stopped else reason
         raise _Timeout()  # unreachable: events() returns only after a finish
+
+    @staticmethod
+    def _ends_on_stop_token(prep: Prepared, tokens: list[int], reason: str | None) -> bool:
+        return reason == "stop" and bool(tokens) and tokens[-1] in prep.record.stop_token_ids
 
     async def complete(self, prep: Prepared, request: Request | None) -> JSONResponse:
         """Non-streaming: wait for the finish (watching for a client disconnect), then answer."""
@@ -788,7 +796,7 @@ class IngressService:
         try:
             async for tokens, reason in self.events(rid, deadline):
                 self.metrics.output(rid, len(tokens))
-                delta = asm.feed(tokens)
+                delta = asm.feed(tokens, self._ends_on_stop_token(prep, tokens, reason))
                 if delta:
                     yield chunk(delta)
                 if asm.stopped:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.cluster.test_e2e import PROMPTS, complete, serve_actor
+from tests.cluster.test_e2e import MODEL, PROMPTS, complete, serve_actor
 from tests.cluster.test_e2e_continuous import start_cluster
 from tests.worker.helpers import vllm_python_or_skip
 
@@ -94,3 +94,97 @@ def test_a_killed_vllm_worker_loses_nothing(cluster, store, vllm_reference):
     while store.metrics_snapshot().get("replicas_lost", 0) <= before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert store.metrics_snapshot()["replicas_lost"] > before
+
+
+# ---- the official openai client, against Slicefleet and against a vLLM server of the same model ----------
+
+
+@pytest.fixture(scope="module")
+def clients(cluster, tmp_path_factory):
+    """(Slicefleet's client, a vLLM server's client): the same request must get the same answer from both."""
+    openai = pytest.importorskip("openai")
+    from bench.vllm_peer import start_servers, stop_servers
+    from cluster.redis_server import free_loopback_port
+    from worker.make_model import ensure_default_model
+
+    venv = vllm_python_or_skip().parent.parent
+    procs, urls = start_servers(venv, ensure_default_model(), 1, MODEL, base_port=free_loopback_port(),
+                                log_dir=tmp_path_factory.mktemp("vllm-peer"), timeout=600)
+    sf = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0, timeout=600)
+    peer = openai.OpenAI(base_url=f"{urls[0]}/v1", api_key="unused", max_retries=0, timeout=600)
+    yield sf, peer
+    stop_servers(procs)
+
+
+def _both(clients, **kw):
+    kw.setdefault("temperature", 0)
+    return [c.completions.create(model=MODEL, **kw) for c in clients]
+
+
+def _same(a, b):
+    assert a.choices[0].text == b.choices[0].text
+    assert a.choices[0].finish_reason == b.choices[0].finish_reason
+    assert (a.usage.prompt_tokens, a.usage.completion_tokens) == (b.usage.prompt_tokens, b.usage.completion_tokens)
+
+
+def test_models_retrieve_gives_vllms_model_card(clients):
+    """vLLM 0.32 has no GET /v1/models/{id} (it answers 404); OpenAI has, and its client's ``retrieve`` calls it.
+    Slicefleet answers it with the card vLLM lists under /v1/models."""
+    import openai
+
+    sf, peer = clients
+    (listed,) = peer.models.list().data
+    card = sf.models.retrieve(MODEL)
+    assert (card.id, card.object, card.max_model_len) == (listed.id, listed.object, listed.max_model_len)
+    assert [m.id for m in sf.models.list().data] == [listed.id]
+    with pytest.raises(openai.NotFoundError):
+        sf.models.retrieve("no-such-model")
+
+
+def test_min_tokens_via_extra_body_as_vllm(clients, vllm_reference):
+    """The prompt's own first greedy token is made a stop token: without min_tokens both stop at once."""
+    prompt = PROMPTS[1]
+    first = vllm_reference(prompt, 4)[0]
+    bare = _both(clients, prompt=prompt, max_tokens=12, extra_body={"stop_token_ids": [first]})
+    _same(*bare)
+    assert bare[0].usage.completion_tokens == 1 and bare[0].choices[0].finish_reason == "stop"
+    floor = _both(clients, prompt=prompt, max_tokens=12, extra_body={"stop_token_ids": [first], "min_tokens": 6})
+    _same(*floor)
+    assert floor[0].usage.completion_tokens >= 6
+
+
+def test_top_k_as_vllm(clients):
+    greedy = _both(clients, prompt=PROMPTS[2], max_tokens=20, temperature=0)
+    top1 = _both(clients, prompt=PROMPTS[2], max_tokens=20, temperature=1.0, seed=3, extra_body={"top_k": 1})
+    _same(*top1)
+    _same(top1[0], greedy[0])
+
+
+def test_repetition_penalty_as_vllm(clients):
+    plain = _both(clients, prompt=PROMPTS[1], max_tokens=40, temperature=0)
+    penalised = _both(clients, prompt=PROMPTS[1], max_tokens=40, temperature=0,
+                      extra_body={"repetition_penalty": 1.8})
+    _same(*penalised)
+    assert penalised[0].choices[0].text != plain[0].choices[0].text  # the penalty changed the output
+
+
+def test_stream_include_usage_as_vllm(clients):
+    got = []
+    for c in clients:
+        text, usage = "", None
+        for chunk in c.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=24, temperature=0, stream=True,
+                                          stream_options={"include_usage": True}):
+            if chunk.choices:
+                text += chunk.choices[0].text
+            if chunk.usage is not None:
+                assert usage is None  # exactly one usage chunk
+                usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+        got.append((text, usage))
+    assert got[0] == got[1] and got[0][1][1] == 24
+
+
+def test_chat_max_completion_tokens_wins_as_vllm(clients):
+    answers = [c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                         max_tokens=30, max_completion_tokens=7, temperature=0) for c in clients]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage.completion_tokens == answers[1].usage.completion_tokens <= 7

@@ -259,6 +259,20 @@ def test_text_assembler_min_tokens_defers_stop_strings_as_vllm():
     assert not asm.stopped and asm.sent_text == "abq"
 
 
+def test_text_assembler_a_final_stop_token_counts_but_adds_no_text():
+    asm = TextAssembler(lambda ids: "".join(chr(i) for i in ids))
+    assert asm.feed([ord("a"), ord("b")]) == "ab"
+    assert asm.feed([ord("c"), ord("!")], stop_token_last=True) == "c"
+    assert asm.flush() == "" and asm.sent_text == "abc" and asm.completion_tokens == 4
+
+
+def test_text_assembler_drops_a_character_cut_in_half_at_the_end():
+    # token 0 stands for the first byte of a two-byte character: decoding stops at U+FFFD
+    asm = TextAssembler(lambda got: "abc" + ("\ufffd" if got[-1] == 0 else ""))
+    assert asm.feed([5, 6, 0]) == "abc"  # the U+FFFD is held back: the next token may complete it
+    assert asm.flush() == "" and asm.sent_text == "abc" and asm.completion_tokens == 3
+
+
 def test_async_store_submit_matches_state_store(tmp_path):
     from cluster.redis_server import EmbeddedRedis
 
