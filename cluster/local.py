@@ -38,7 +38,9 @@ class LocalCluster:
         if not self.cfg.redis.url:
             from cluster.redis_server import EmbeddedRedis
 
-            self.redis = EmbeddedRedis(self.redis_dir).start()
+            # Supervised: nothing else restarts this process if it dies, and everything above retries until
+            # Redis answers again, so a restart on the same port with the same AOF is a full recovery.
+            self.redis = EmbeddedRedis(self.redis_dir).start().supervise()
             self.cfg = self.cfg.with_redis_url(self.redis.url)
         from worker.make_model import ensure_default_model
 
