@@ -279,6 +279,7 @@ def cluster_overrides(args, mode: str, placement: str, engine: str = "hf") -> di
         "scheduler.sls_batch_size": args.sls_batch_size, "scheduler.ils_max_concurrency": args.ils_concurrency,
         "scheduler.ordering": args.ordering, "replicas.num_replicas": args.replicas, "api.port": args.port,
         "api.host": "127.0.0.1", "api.max_backlog_seconds": 1e9, "api.request_timeout": 3600.0,
+        "api.scheduling_extensions": True,  # trace mode: target_len on every request
         **({"predictor.length_model": NO_LENGTH_MODEL} if args.length_predictor == "none" else {}),
         **({"model.path": str(Path(args.model).expanduser())} if args.model else {}),
         **({"model.name": args.served_model_name} if args.served_model_name else {}),

@@ -127,14 +127,32 @@ class ApiSettings(_Strict):
         600.0, gt=0, description="Admission control: 429 when the predicted backlog exceeds this."
     )
     request_timeout: float = Field(900.0, gt=0, description="Seconds a request may take before 504.")
+    admin_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer tokens that may also use the scheduling extensions (priority, target_len, ignore_eos).",
+    )
+    scheduling_extensions: bool = Field(
+        False, description="Let every client set priority, target_len and ignore_eos (benchmarks); else admins only."
+    )
+    metrics_public: bool = Field(False, description="Serve /metrics without a key even when api_keys are set.")
+    metrics_keys: list[str] = Field(
+        default_factory=list, description="Extra bearer tokens accepted on /metrics only (a Prometheus scraper's)."
+    )
+    max_request_bytes: int = Field(
+        2 * 2**20, ge=1024, description="Largest request body; larger ones get 413 before they are read in full."
+    )
+    max_json_depth: int = Field(32, ge=4, le=512, description="Deepest JSON nesting a body may have (400 beyond).")
+    max_inflight: int = Field(
+        512, ge=1, description="Requests one ingress replica holds at once; more get 429 with Retry-After."
+    )
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", "admin_keys", "metrics_keys")
     @classmethod
     def _no_empty_key(cls, v):
         # An empty key would admit "Authorization: Bearer " with nothing after it. It is what an unset
         # ${VAR} or an empty Secret value expands to, so it is refused rather than served open.
         if any(not k.strip() for k in v):
-            raise ValueError("api.api_keys holds an empty key (an unset ${VAR} or an empty Secret value?)")
+            raise ValueError("an api key list holds an empty key (an unset ${VAR} or an empty Secret value?)")
         return v
 
 

@@ -37,6 +37,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,11 @@ from cluster.state import RequestRecord
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 16
+MAX_PRIORITY = 1_000_000
+"""Scheduling uses priorities as floats; 10**400 would overflow them."""
+MAX_CHARS_PER_TOKEN = 64
+"""A text longer than the context times this cannot fit, so it is refused without tokenizing it (seconds of
+CPU for megabytes of text, during which other requests wait for the tokenizer)."""
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 SUBMIT_RETRY_SECONDS = 5.0
 """How long a submit keeps retrying while the state store is unreachable (e.g. restarting)."""
@@ -315,6 +321,9 @@ class IngressService:
         self.model_name = config.model.name
         self.created = int(time.time())
         self._api_keys = [k.encode() for k in config.api.api_keys]
+        self._admin_keys = [k.encode() for k in config.api.admin_keys]
+        self._metrics_keys = [k.encode() for k in config.api.metrics_keys]
+        self._inflight = 0
         self._snapshot: tuple[float, dict] = (-math.inf, {})
         self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingress-tokenizer")
         self._background: set[asyncio.Task] = set()
@@ -342,16 +351,30 @@ class IngressService:
         return cls(cfg, tokenizer, store, ready=ready, **{**facts, **kwargs})
 
     # ---- small helpers ---------------------------------------------------------------------------------
-    def authorize(self, request: Request) -> None:
-        if not self._api_keys:
+    @staticmethod
+    def _bearer(request: Request) -> bytes | None:
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        return key.strip().encode() if scheme.lower() == "bearer" else None
+
+    @staticmethod
+    def _matches(given: bytes | None, keys: list[bytes]) -> bool:
+        # every key is compared (no early exit), so timing does not tell which key came close
+        return given is not None and bool(sum(hmac.compare_digest(given, k) for k in keys))
+
+    def authorize(self, request: Request, extra_keys: list[bytes] | None = None) -> None:
+        """Every route but /health: one of the API or admin keys, when any key is configured."""
+        keys = self._api_keys + self._admin_keys + (extra_keys or [])
+        if not keys or self._matches(self._bearer(request), keys):
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        given = key.strip().encode()
-        ok = scheme.lower() == "bearer" and any(hmac.compare_digest(given, k) for k in self._api_keys)
-        if not ok:
-            raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                           "invalid_request_error", None, "invalid_api_key")
+        raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                       "invalid_request_error", None, "invalid_api_key")
+
+    def authorize_metrics(self, request: Request) -> None:
+        if not self.config.api.metrics_public:
+            self.authorize(request, self._metrics_keys)
+
+    def is_admin(self, request: Request) -> bool:
+        return self._matches(self._bearer(request), self._admin_keys)
 
     def _spawn(self, coro) -> None:
         """Run ``coro`` in the background, keeping a reference (used where the caller is being cancelled)."""
@@ -456,6 +479,7 @@ class IngressService:
             raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings", "stop")
         if any(s == "" for s in stops):
             raise bad_request("stop strings must not be empty", "stop")
+        stops = [self._text(s, "stop") for s in stops]
         stop_ids = list(req.stop_token_ids or [])
         if any(not (0 <= t < self.vocab_size) for t in stop_ids):
             raise bad_request(f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
@@ -476,6 +500,17 @@ class IngressService:
                 raise bad_request(f"{name} ({value}) must not exceed {param} ({max_tokens})", name)
         return {"temperature": float(temperature), "top_p": float(top_p), "stops": stops, "stop_ids": stop_ids,
                 "target": target, "max_tokens": max_tokens, "max_tokens_param": param, "sampling": sampling}
+
+    @staticmethod
+    def _check_extensions(req, allowed: bool) -> None:
+        used = [name for name, on in (("priority", req.priority != 0), ("target_len", req.target_len is not None),
+                                      ("ignore_eos", req.ignore_eos)) if on]
+        if used and not allowed:
+            raise ApiError(403, f"{used[0]} is a scheduling extension: it needs an admin key (api.admin_keys) "
+                           "or api.scheduling_extensions: true", "permission_error", used[0],
+                           "extension_not_allowed")
+        if not -MAX_PRIORITY <= req.priority <= MAX_PRIORITY:
+            raise bad_request(f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}", "priority")
 
     def _sampling_extras(self, req) -> dict:
         """vLLM's sampling knobs, checked with vLLM's ranges; absent ones take their neutral value."""
@@ -503,6 +538,20 @@ class IngressService:
             "min_tokens": min_tokens,
         }
 
+    def _text(self, text: str, param: str) -> str:
+        """``text`` if it is valid Unicode and could fit the context; JSON's ``\\ud800`` escapes give lone
+        surrogates, which no tokenizer can encode."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise bad_request(f"{param} is not valid Unicode: a lone surrogate at character {exc.start}",
+                              param) from None
+        if len(text) > self.context_len * MAX_CHARS_PER_TOKEN:
+            raise bad_request(f"This model's maximum context length is {self.context_len} tokens; {param} has "
+                              f"{len(text)} characters, more than any {self.context_len} tokens could hold",
+                              param, "context_length_exceeded")
+        return text
+
     def _token_ids(self, value, param: str) -> list[int]:
         if not value:
             raise bad_request("prompt must not be empty", param)
@@ -524,7 +573,7 @@ class IngressService:
         if isinstance(prompt, str):
             if not prompt:
                 raise bad_request("prompt must not be empty", "prompt")
-            return None, prompt
+            return None, self._text(prompt, "prompt")
         if isinstance(prompt, list):
             ids = self._token_ids(prompt, "prompt")
             return ids, ""
@@ -568,14 +617,18 @@ class IngressService:
                 raise bad_request(f"messages.{i}.content must be a string or a list of text parts",
                                   f"messages.{i}.content", "invalid_type")
             role = "system" if m.role == "developer" else m.role
-            out.append({"role": role, "content": content})
+            out.append({"role": role, "content": self._text(content, f"messages.{i}.content")})
         if not any(m["content"] for m in out):
             raise bad_request("messages must not all be empty", "messages")
         return out
 
-    async def prepare(self, data: Any, kind: str) -> Prepared:
-        """Validate and tokenize a request body (a parsed JSON value). Raises :class:`ApiError`."""
+    async def prepare(self, data: Any, kind: str, extensions: bool = True) -> Prepared:
+        """Validate and tokenize a request body (a parsed JSON value). Raises :class:`ApiError`.
+
+        ``extensions``: the client may use the scheduling extensions (an admin key, or
+        ``api.scheduling_extensions``)."""
         req = parse_request(ChatRequest if kind == "chat" else CompletionRequest, data)
+        self._check_extensions(req, extensions)
         c = self._check_common(req, kind)
         loop = asyncio.get_running_loop()
         if kind == "chat":
@@ -843,8 +896,15 @@ class IngressService:
     async def generate(self, request: Request, kind: str) -> Response:
         """POST /v1/completions and /v1/chat/completions."""
         self.authorize(request)
-        data = await read_json(request)
-        prep = await self.prepare(data, kind)
+        data = await read_json(request, self.config.api.max_request_bytes, self.config.api.max_json_depth)
+        prep = await self.prepare(data, kind, extensions=self.config.api.scheduling_extensions
+                                  or self.is_admin(request))
+        if self._inflight >= self.config.api.max_inflight:
+            self.metrics.rejected.inc()
+            raise ApiError(429, f"the server is at its limit of {self.config.api.max_inflight} requests in flight; "
+                           "retry after 1 s", "rate_limit_error", None, "too_many_requests",
+                           headers={"Retry-After": "1"})
+        self._inflight += 1
         self.metrics.inflight.inc()
         handed_off = False  # a stream's response decrements the gauge when it closes
         try:
@@ -857,9 +917,11 @@ class IngressService:
             return await self.complete(prep, request)
         finally:
             if not handed_off:
+                self._inflight -= 1
                 self.metrics.inflight.dec()
 
     async def _stream_closed_dec(self, prep: Prepared) -> None:
+        self._inflight -= 1
         self.metrics.inflight.dec()
         await self.stream_closed(prep)
 
@@ -882,12 +944,52 @@ def sse(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-async def read_json(request: Request) -> Any:
-    raw = await request.body()
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of ``raw``'s arrays and objects, counted without parsing (strings skipped)."""
+    depth = deepest = 0
+    for m in _JSON_BRACKETS.finditer(_JSON_STRING.sub(b'""', raw)):
+        depth += 1 if m.group() in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+async def read_json(request: Request, max_bytes: int, max_depth: int) -> Any:
+    """The body as JSON, refused before parsing when it is not JSON, too large or too deep.
+
+    The checks come first because the parser is the weak point: a body nested a few thousand levels makes
+    ``json.loads`` raise RecursionError, and a 50 MB body would be held in memory in full.
+    """
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        # Browsers send text/plain and form posts cross-origin without a preflight: refusing them keeps a
+        # web page from driving the API on behalf of whoever has it open.
+        raise ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                       "invalid_request_error", None, "unsupported_media_type")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if json_depth(raw) > max_depth:
+        raise bad_request(f"the request body nests deeper than {max_depth} levels", None, "invalid_json")
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"the request body exceeds {max_bytes} bytes (api.max_request_bytes)",
+                    "invalid_request_error", None, "request_too_large")
 
 
 async def _until_done_or_disconnect(coro, request: Request | None):
@@ -988,6 +1090,76 @@ class _MetricsMiddleware:
             raise
 
 
+def request_body_schema(model: type) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+REFUSED_UNLESS_DEFAULT = ("logit_bias", "echo", "logprobs", "best_of", "suffix", "top_logprobs", "tools",
+                          "tool_choice", "parallel_tool_calls", "functions", "function_call", "reasoning_effort",
+                          "response_format")
+"""Known OpenAI options this server refuses (400 naming them): left out of the published schema."""
+
+
+def published_constraints(service: "IngressService", chat: bool) -> dict[str, dict]:
+    """What the handlers accept, field by field, for the published schema (the handlers check it at run time;
+    the models stay loose so that every refusal gets an OpenAI-shaped error naming the parameter)."""
+    gmax, vocab = service.config.scheduler.max_gen_len, service.vocab_size
+    budget = {"type": "integer", "minimum": 1, "maximum": gmax}
+    text = {"type": "string", "minLength": 1}
+    out = {
+        "model": {"type": "string", "enum": [service.model_name]},
+        "n": {"type": "integer", "enum": [1]},
+        "max_tokens": budget,
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": -1},
+        "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 2},
+        "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+        "min_tokens": {"type": "integer", "minimum": 0, "maximum": gmax},
+        "target_len": budget,
+        "priority": {"type": "integer", "minimum": -MAX_PRIORITY, "maximum": MAX_PRIORITY},
+        "seed": {"type": "integer", "minimum": -(2**63), "maximum": 2**64 - 1},
+        "stop": {"anyOf": [text, {"type": "array", "items": text, "maxItems": MAX_STOP_STRINGS}]},
+        "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": vocab - 1}},
+    }
+    if chat:
+        out["max_completion_tokens"] = budget
+        out["messages"] = {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/ChatMessage"}}
+    else:
+        out["prompt"] = {"anyOf": [text, {"type": "array", "minItems": 1,
+                                          "items": {"type": "integer", "minimum": 0, "maximum": vocab - 1}}]}
+    return out
+
+
+def openapi_schema(app: FastAPI) -> dict:
+    """FastAPI's schema with the request models (and the models they use) under components."""
+    if app.openapi_schema is None:
+        schema = app.openapi()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (CompletionRequest, ChatRequest):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            props = body["properties"]
+            for name in REFUSED_UNLESS_DEFAULT + (("max_completion_tokens",) if model is CompletionRequest else ()):
+                props.pop(name, None)
+            for name, rule in published_constraints(app.state.service, model is ChatRequest).items():
+                props[name] = {**rule, "title": props.get(name, {}).get("title", name)}
+            if model is CompletionRequest:
+                body["required"] = ["prompt"]
+            components[model.__name__] = body
+        message = components["ChatMessage"]
+        message["properties"].pop("name", None)
+        message["properties"]["role"] = {"type": "string", "enum": sorted(CHAT_ROLES)}
+        part = {"type": "object", "required": ["type", "text"],
+                "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
+        message["properties"]["content"] = {"anyOf": [{"type": "string"}, {"type": "array", "items": part}]}
+        message["required"] = ["role", "content"]
+    return app.openapi_schema
+
+
 def _error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
 
@@ -995,7 +1167,7 @@ def _error_response(err: ApiError) -> JSONResponse:
 def build_api(service: IngressService) -> FastAPI:
     """The FastAPI app around a service: routes, OpenAI-style errors, request metrics."""
     app = FastAPI(title="Slicefleet", description="OpenAI-compatible LLM serving with slice-level scheduling",
-                  docs_url=None, redoc_url=None)
+                  version=package_version(), docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
     @app.exception_handler(ApiError)
@@ -1019,13 +1191,20 @@ def build_api(service: IngressService) -> FastAPI:
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error", None,
                                        "internal_error"), status_code=500)
 
-    @app.post("/v1/completions")
+    # The handlers read the body themselves (size and depth limits before parsing, OpenAI-shaped errors), so
+    # FastAPI cannot see the request models: they are put into the schema here.
+    @app.post("/v1/completions", openapi_extra=request_body_schema(CompletionRequest))
     async def completions(request: Request):
         return await service.generate(request, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body_schema(ChatRequest))
     async def chat_completions(request: Request):
         return await service.generate(request, "chat")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        service.authorize(request)
+        return openapi_schema(app)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -1048,9 +1227,10 @@ def build_api(service: IngressService) -> FastAPI:
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
-    async def metrics():
+    async def metrics(request: Request):
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        service.authorize_metrics(request)
         return Response(await service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(_MetricsMiddleware, metrics=service.metrics)

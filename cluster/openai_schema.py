@@ -4,14 +4,17 @@ Requests are validated with pydantic in *strict* mode (``"5"`` is not an integer
 every failure becomes an OpenAI-style error body ``{"error": {"message", "type", "param", "code"}}``.
 Unknown fields are ignored (as vLLM does), so newer clients that send extra options keep working;
 known-but-unsupported options with a non-default value (``n > 1``, ``logprobs``, ``echo``, ``best_of``,
-``suffix``, penalties, tools) are refused with 400 rather than silently ignored.
+``suffix``, ``logit_bias``, tools and functions, ``reasoning_effort``, a message ``name``) are refused with 400
+naming them rather than silently ignored. Sampling follows vLLM: ``top_k``, ``min_p``, ``repetition_penalty``,
+``presence_penalty``, ``frequency_penalty``, ``min_tokens``, ``stop_token_ids``.
 
 Status codes (all error bodies share the shape above):
 
 ====  ==========================  ===========================  ==================================================
 code  type                        code field                   when
 ====  ==========================  ===========================  ==================================================
-400   invalid_request_error       invalid_json                 body is not JSON, or not a JSON object
+400   invalid_request_error       invalid_json                 body is not JSON, not a JSON object, or nested
+                                                               deeper than api.max_json_depth
 400   invalid_request_error       invalid_type / missing /     schema errors (wrong type, missing field); OpenAI
                                   invalid_value                itself answers 400 here, so do we (never 422)
 400   invalid_request_error       invalid_value                bad parameter values (max_tokens, temperature,
@@ -19,11 +22,16 @@ code  type                        code field                   when
 400   invalid_request_error       context_length_exceeded      prompt + max_tokens longer than the model context
 400   invalid_request_error       unsupported_parameter        known OpenAI options Slicefleet does not implement
 401   invalid_request_error       invalid_api_key              api.api_keys set and the bearer key missing/wrong
+403   permission_error            extension_not_allowed        priority / target_len / ignore_eos without an
+                                                               admin key or api.scheduling_extensions
 404   invalid_request_error       model_not_found              ``model`` is not the served model
 404   invalid_request_error       not_found                    unknown route
 405   invalid_request_error       method_not_allowed           wrong HTTP method on a known route
+413   invalid_request_error       request_too_large            body over api.max_request_bytes (before reading it)
+415   invalid_request_error       unsupported_media_type       Content-Type is not application/json
 429   rate_limit_error            backlog_exceeded             predicted backlog > api.max_backlog_seconds
                                                                (with a ``Retry-After`` header, seconds)
+429   rate_limit_error            too_many_requests            api.max_inflight requests already in flight
 500   server_error                generation_failed            the request ended with finish_reason "error"
 503   server_error                store_unavailable            Redis did not answer while accepting the request
 503   server_error                request_cancelled            the cluster cancelled the request (not the client)

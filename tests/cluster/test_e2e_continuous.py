@@ -30,6 +30,7 @@ def start_cluster(tmp_path_factory, **overrides):
 
     cfg = load_config(None, {
         "api.port": free_loopback_port(),
+        "api.scheduling_extensions": True,  # the tests drive ignore_eos and priorities
         "scheduler.mode": "continuous_slices",
         "scheduler.slice_len": SLICE,
         "scheduler.max_gen_len": 96,

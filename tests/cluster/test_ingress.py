@@ -34,6 +34,7 @@ def env(tmp_path_factory):
 
 
 def _client(env, **api):
+    api.setdefault("scheduling_extensions", True)  # most tests here drive trace mode and priorities
     cfg = make_config(env.url, env.model_dir, PREFIX, **api)
     service = make_service(cfg, env.tok, env.model_dir, ready=lambda: env.fake.ready,
                            length_predictor=lambda text, ids: PREDICTED)
@@ -392,6 +393,88 @@ def test_api_keys(env):
                    headers={"Authorization": "Bearer k-one"})
         assert r.status_code == 200, r.text
         assert c.get("/health").status_code in (200, 503)  # probes need no key
+
+
+AUTH_ROUTES = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+               ("GET", "/v1/models/tiny-test"), ("GET", "/version"), ("GET", "/metrics"), ("GET", "/openapi.json"),
+               ("GET", "/health")]
+AUTH_BODIES = {"/v1/completions": {"prompt": "x", "max_tokens": 2},
+               "/v1/chat/completions": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}}
+
+
+def test_auth_table_route_by_key(env):
+    """Every route but /health needs a key once keys are configured; /metrics also takes its own keys.
+    Prints the table the reliability notes quote."""
+    c, _ = _client(env, api_keys=["k-user"], admin_keys=["k-admin"], metrics_keys=["k-prom"],
+                   scheduling_extensions=False)
+    keys = {"none": None, "wrong": "nope", "user": "k-user", "admin": "k-admin", "metrics": "k-prom"}
+    table = {}
+    with c:
+        for method, path in AUTH_ROUTES:
+            for name, key in keys.items():
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                r = c.request(method, path, json=AUTH_BODIES.get(path), headers=headers)
+                table[method, path, name] = r.status_code
+    print("\n".join(f"{m} {p}: " + ", ".join(f"{n}={table[m, p, n]}" for n in keys) for m, p in AUTH_ROUTES))
+    health = table["GET", "/health", "none"]
+    for method, path in AUTH_ROUTES:
+        row = {n: table[method, path, n] for n in keys}
+        if path == "/health":
+            assert set(row.values()) == {health} and health in (200, 503)
+            continue
+        assert row["none"] == row["wrong"] == 401, (path, row)
+        assert row["user"] == row["admin"] == 200, (path, row)
+        assert row["metrics"] == (200 if path == "/metrics" else 401), (path, row)
+
+
+def test_scheduling_extensions_need_an_admin_key_or_config(env):
+    c, _ = _client(env, api_keys=["k-user"], admin_keys=["k-admin"], scheduling_extensions=False)
+    with c:
+        for extra in ({"priority": 5}, {"target_len": 2}, {"ignore_eos": True}):
+            body = {"prompt": "x", "max_tokens": 2, **extra}
+            r = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k-user"})
+            assert r.status_code == 403, r.text
+            assert r.json()["error"]["param"] == next(iter(extra))
+            r = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k-admin"})
+            assert r.status_code == 200, r.text
+    c, _ = _client(env, metrics_public=True, api_keys=["k-user"])
+    with c:
+        assert c.get("/metrics").status_code == 200 and c.get("/version").status_code == 401
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"prompt": "hi", "extra": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+@pytest.mark.parametrize("body,headers,status,code", [
+    (_nested(5000), {}, 400, "invalid_json"),
+    (_nested(1000), {}, 400, "invalid_json"),
+    (b'{"prompt": "hi \\ud800 there", "max_tokens": 2}', {}, 400, "invalid_value"),
+    (b'{"messages": [{"role": "user", "content": "\\udfff"}]}', {}, 400, "invalid_value"),
+    (b'{"prompt": "x", "priority": 1' + b"0" * 400 + b"}", {}, 400, "invalid_value"),
+    (b'{"prompt": "x"}', {"content-type": "text/plain"}, 415, "unsupported_media_type"),
+    (b'prompt=x', {"content-type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+    (b'{"prompt": "' + b"x" * (3 * 2**20) + b'"}', {}, 413, "request_too_large"),
+    (b'{"prompt": "' + b"word " * 200_000 + b'"}', {}, 400, "context_length_exceeded"),
+], ids=["nested-5000", "nested-1000", "surrogate-prompt", "surrogate-chat", "priority-1e400", "text-plain", "form",
+        "3MB-body", "1MB-prompt"])
+def test_hostile_bodies_get_clear_4xx(client, env, body, headers, status, code):
+    path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    before = _incoming(env)
+    t0 = time.monotonic()
+    r = client.post(path, content=body, headers={"content-type": "application/json", **headers})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert _incoming(env) == before
+    assert time.monotonic() - t0 < 5  # refused before any long tokenizing
+
+
+def test_json_depth_counts_brackets_outside_strings():
+    from cluster.ingress import json_depth
+
+    assert json_depth(b'{"a": [1, {"b": "[[[[{{{"}]}') == 3
+    assert json_depth(b'"\\"[[["') == 0
+    assert json_depth(b"[]") == 1 and json_depth(b"1") == 0
 
 
 def test_admission_control_429_with_retry_after(client, env):

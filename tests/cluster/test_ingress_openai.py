@@ -24,6 +24,7 @@ from tests.cluster.test_ingress_support import (  # noqa: E402
 )
 
 PREFIX = "to"
+AUTH = {"Authorization": "Bearer sk-test"}
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,7 @@ def test_streaming_client_disconnect_cancels(srv):
     assert time.monotonic() - t0 < 5
     assert wait_until(lambda: srv.store.record(rid).finish_reason == "cancelled")
     assert len(srv.store.generated(rid)) < 200
-    metrics = httpx.get(srv.base + "/metrics").text
+    metrics = httpx.get(srv.base + "/metrics", headers=AUTH).text
     assert wait_until(lambda: 'slicefleet_ingress_finished_total{endpoint="completions",outcome="disconnected"}'
-                      in httpx.get(srv.base + "/metrics").text), metrics
-    assert "slicefleet_ingress_inflight 0.0" in httpx.get(srv.base + "/metrics").text
+                      in httpx.get(srv.base + "/metrics", headers=AUTH).text), metrics
+    assert "slicefleet_ingress_inflight 0.0" in httpx.get(srv.base + "/metrics", headers=AUTH).text

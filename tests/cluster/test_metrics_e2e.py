@@ -33,6 +33,7 @@ def cluster(tmp_path_factory):
 
     cfg = load_config(None, {
         "api.port": free_loopback_port(),
+        "api.scheduling_extensions": True,  # the tests drive ignore_eos and priorities
         "scheduler.mode": "continuous_slices",
         "scheduler.slice_len": 8,
         "scheduler.max_gen_len": 96,
