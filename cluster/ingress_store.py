@@ -23,9 +23,12 @@ ENTRY_FIELDS = ("tokens", "replica", "finish_reason")
 
 
 class AsyncStateStore:
-    def __init__(self, url: str, prefix: str = "sf", password: str | None = None):
+    def __init__(self, url: str, prefix: str = "sf", password: str | None = None, max_connections: int = 576):
         self.url = url
         self.password = password
+        self.max_connections = max_connections
+        """Every request waiting for output holds one connection in a blocking XREAD, so this must exceed
+        ``api.max_inflight`` (redis-py's default of 100 turned the 101st waiting request into a 503)."""
         self.k = Keys(prefix)
         self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]" = (
             weakref.WeakKeyDictionary())
@@ -36,9 +39,12 @@ class AsyncStateStore:
         client = self._clients.get(loop)
         if client is None:
             # socket_timeout must exceed the longest XREAD BLOCK we issue (see read_output's block_ms cap).
-            client = aioredis.Redis.from_url(self.url, password=self.password, decode_responses=True,
-                                             socket_timeout=30, socket_connect_timeout=5,
-                                             health_check_interval=10)
+            # A blocking pool waits for a free connection instead of failing with "Too many connections".
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self.url, password=self.password, decode_responses=True, socket_timeout=30,
+                socket_connect_timeout=5, health_check_interval=10, max_connections=self.max_connections,
+                timeout=10)
+            client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it too
             self._clients[loop] = client
         return client
 

@@ -469,6 +469,49 @@ def test_hostile_bodies_get_clear_4xx(client, env, body, headers, status, code):
     assert time.monotonic() - t0 < 5  # refused before any long tokenizing
 
 
+def _concurrent(env, n: int, **api) -> list:
+    """``n`` requests held waiting for output together (the fake dispatcher holds them), then released."""
+    import asyncio
+
+    import httpx
+
+    _, service = _client(env, **api)
+    app = build_api(service)
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            env.fake.hold = True
+            calls = [asyncio.create_task(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}))
+                     for _ in range(n)]
+            for _ in range(300):  # until every admitted request is stored and waiting in its blocking read
+                await asyncio.sleep(0.1)
+                if len(env.fake.seen) >= min(n, api.get("max_inflight", n)):
+                    break
+            await asyncio.sleep(1.0)
+            env.fake.hold = False
+            return await asyncio.gather(*calls)
+
+    env.fake.seen.clear()
+    try:
+        return asyncio.run(main())
+    finally:
+        env.fake.hold = False
+
+
+def test_more_waiting_requests_than_redis_pys_default_pool(env):
+    """150 requests waiting at once each hold a connection in a blocking read: none may become a 503."""
+    statuses = [r.status_code for r in _concurrent(env, 150)]
+    assert statuses.count(200) == 150, sorted(set(statuses))
+
+
+def test_max_inflight_answers_429_with_retry_after(env):
+    responses = _concurrent(env, 30, max_inflight=20)
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == 20 and statuses.count(429) == 10, statuses
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "too_many_requests"
+
+
 def test_json_depth_counts_brackets_outside_strings():
     from cluster.ingress import json_depth
 
