@@ -612,6 +612,10 @@ def run_endpoint(args, slo) -> int:
                                  args.max_concurrency))
         if entry["errors"]:
             print(f"{entry['serving']['failed']} requests failed; first errors: {entry['errors']}")
+            if any("extension_not_allowed" in e for e in entry["errors"]):
+                # Slicefleet lets only admins choose how much a request generates (ignore_eos).
+                print("the server refuses ignore_eos for this key: set OPENAI_API_KEY to one of its admin keys "
+                      "(api.admin_keys), serve it with api.scheduling_extensions: true, or drop --ignore-eos")
         if args.save_result:
             args.out.mkdir(parents=True, exist_ok=True)
             out = args.out / result_filename(args, label, rate, name, started)

@@ -194,7 +194,8 @@ def plot_cdf(runs: list[dict], path: Path, title: str = "") -> None:
         ax.set_title(f"E2E latency CDF, {_load(rate)}", fontsize=10)
         ax.set_xlabel("seconds")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a rate where every request failed has no curve
+            ax.legend(fontsize=8)
     _suptitle(fig, title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -19,6 +19,8 @@ from bench.loadgen import SLO, RequestResult, format_vllm_result, vllm_metrics  
 
 PREFIX = "be"
 KEY = "sk-bench"
+"""An admin key: only admins may send ignore_eos to Slicefleet (api.admin_keys)."""
+USER_KEY = "sk-user"
 
 
 def parse(argv):
@@ -46,7 +48,7 @@ def server():
     cfg = SlicefleetConfig.model_validate({
         "model": {"path": str(model_dir), "name": "bench-target"},
         "redis": {"url": redis_server.url, "key_prefix": PREFIX},
-        "scheduler": {"max_gen_len": 64, "slice_len": 4}, "api": {"api_keys": [KEY]}})
+        "scheduler": {"max_gen_len": 64, "slice_len": 4}, "api": {"api_keys": [USER_KEY], "admin_keys": [KEY]}})
     service = make_service(cfg, tok, model_dir, ready=lambda: True, length_predictor=lambda text, ids: 8.0)
     port = free_loopback_port()
     http = uvicorn.Server(uvicorn.Config(build_api(service), host="127.0.0.1", port=port, log_level="warning",
@@ -97,6 +99,19 @@ def test_base_url_run_prints_vllm_figures_and_saves_vllm_result(server, tmp_path
     assert bench["runs"][0]["mode"] == "endpoint" and bench["args"]["served_model_name"] == "bench-target"
     md = (tmp_path / "bench.md").read_text()
     assert "| ingress | inf | 6/0 |" in md and "bench-target served at" in bench["args"]["model_label"]
+
+
+def test_ignore_eos_refused_for_a_plain_key_says_what_to_do(server, tmp_path, monkeypatch, capsys):
+    url, _ = server
+    monkeypatch.setenv("OPENAI_API_KEY", USER_KEY)
+    args = parse(["--base-url", url, "--num-prompts", "2", "--max-gen-len", "8", "--ignore-eos", "--disable-tqdm"])
+    assert cli.run(args) == 1  # nothing completed
+    out = capsys.readouterr().out
+    assert "Successful requests:                     0" in out and "extension_not_allowed" in out
+    assert "admin keys" in out and "drop --ignore-eos" in out
+    # without ignore_eos a plain key is enough
+    args = parse(["--base-url", url, "--num-prompts", "2", "--max-gen-len", "8", "--disable-tqdm"])
+    assert cli.run(args) == 0
 
 
 def test_base_url_needs_the_key_the_server_wants(server, monkeypatch):
