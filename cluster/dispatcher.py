@@ -27,6 +27,10 @@ log = logging.getLogger("slicefleet.dispatcher")
 
 GROUP = "dispatcher"
 REPLICA_CHECK_EVERY = 0.5
+LOSS_GRACE_AFTER_OUTAGE = 10.0
+"""Seconds after Redis comes back during which no replica is presumed dead. A Redis restart (or an outage
+longer than the heartbeat TTL) lets every heartbeat key expire while the replicas are fine; they beat again
+within a second, and forgetting them meanwhile would delete their work streams and restart every worker."""
 METRICS_EVERY = 1.0
 BATCH_TIMEOUT_FACTOR = 5.0
 BATCH_TIMEOUT_SLACK = 30.0
@@ -78,6 +82,8 @@ class DispatcherCore:
         self.continuous = cfg.scheduler.mode in ("continuous_slices", "ils")
         """Replicas run one continuous batch: cancelled rows are released at once, results carry no batch shape."""
         self._stop = threading.Event()
+        self._store_back_at = 0.0  # when Redis last answered again after failing (replica-loss grace)
+        self._store_down = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.epoch = 0
@@ -136,6 +142,10 @@ class DispatcherCore:
             try:
                 self._step_streams()
                 now = time.time()
+                if self._store_down:
+                    self._store_down, self._store_back_at = False, now
+                    log.info("Redis answers again; replicas get %.0f s to beat before any is presumed lost",
+                             LOSS_GRACE_AFTER_OUTAGE)
                 if now - last_replicas >= REPLICA_CHECK_EVERY:
                     self._check_replicas(now)
                     self._expire_batches(now)
@@ -146,6 +156,7 @@ class DispatcherCore:
                     last_metrics = now
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("Redis unavailable (%s); retrying", exc)
+                self._store_down = True
                 time.sleep(0.5)
             except Exception as exc:  # a bug: surface it through health checks so Serve restarts us
                 log.exception("dispatcher loop failed")
@@ -269,6 +280,8 @@ class DispatcherCore:
 
     def _check_replicas(self, now: float) -> None:
         alive, dead = self.store.replicas_alive()
+        if now - self._store_back_at < LOSS_GRACE_AFTER_OUTAGE:
+            dead = []
         for rid in dead:
             returned = self.scheduler.remove_replica(rid, now)
             self.store.forget_replica(rid)

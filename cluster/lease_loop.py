@@ -141,6 +141,14 @@ class LeaseLoop:
         self._invalid += max(len(tokens) - row.published, 0)
         self.engine.abort(rid)
 
+    def drop_all(self) -> None:
+        """Every lease is void (the dispatcher presumed this replica dead and re-placed its rows)."""
+        rows = list(self.rows)
+        for rid in rows:
+            self._drop(rid)
+        if rows:
+            log.info("dropped %d rows whose leases were voided", len(rows))
+
     def on_epoch(self, epoch: int) -> None:
         """A newer dispatcher took over: its predecessor's leases are void, and it places every request again."""
         if epoch > self.epoch:

@@ -320,12 +320,16 @@ class StateStore:
         pipe.set(self.k.hb(info.id), "1", px=int(ttl * 1000))
         pipe.execute()
 
-    def heartbeat(self, replica_id: str, ttl: float, busy_seconds: float | None = None) -> None:
+    def heartbeat(self, replica_id: str, ttl: float, busy_seconds: float | None = None) -> bool:
+        """Beat; False when the replica is no longer registered (a dispatcher presumed it dead)."""
         pipe = self.r.pipeline(transaction=False)
+        pipe.sismember(self.k.replicas, replica_id)
         pipe.set(self.k.hb(replica_id), "1", px=int(ttl * 1000))
-        if busy_seconds is not None:
-            pipe.hset(self.k.replica(replica_id), "busy_seconds", json.dumps(busy_seconds))
-        pipe.execute()
+        flags = pipe.execute()
+        if flags[0] and busy_seconds is not None:
+            # not before the check: an HSET on a forgotten replica would recreate half its record
+            self.r.hset(self.k.replica(replica_id), "busy_seconds", json.dumps(busy_seconds))
+        return bool(flags[0])
 
     def busy_seconds(self, replica_ids: list[str]) -> dict[str, float]:
         pipe = self.r.pipeline(transaction=False)

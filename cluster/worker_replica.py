@@ -98,12 +98,12 @@ class SliceWorker:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self.leases = LeaseLoop(self.store, self.engine, self.replica_id, self._load, cfg.engine.stream_every)
-        self.store.register_replica(
-            ReplicaInfo(self.replica_id, os.getpid(), self._backend(cfg),
-                        socket.gethostname(), time.time(), batch_budget),
-            HEARTBEAT_TTL,
-        )
-        self.store.ensure_group(self.store.k.work(self.replica_id), "worker")
+        self._replica_info = ReplicaInfo(self.replica_id, os.getpid(), self._backend(cfg), socket.gethostname(), time.time(),
+                                batch_budget)
+        self._forgotten = threading.Event()
+        """Set by the heartbeat when a dispatcher presumed this replica dead; the work loop then drops its rows
+        (the dispatcher has put them back in the pool)."""
+        self._register()
         self._inbox: queue.Queue[dict] = queue.Queue()
         self._threads = [threading.Thread(target=self._beat, name="heartbeat", daemon=True),
                          threading.Thread(target=self._guarded, name="work", daemon=True)]
@@ -176,10 +176,18 @@ class SliceWorker:
         self._stop.set()
 
     # ---- loops ---------------------------------------------------------------------------------------
+    def _register(self) -> None:
+        self.store.register_replica(self._replica_info, HEARTBEAT_TTL)
+        self.store.ensure_group(self.store.k.work(self.replica_id), "worker")
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_EVERY):
             try:
-                self.store.heartbeat(self.replica_id, HEARTBEAT_TTL, busy_seconds=self.busy_seconds)
+                if not self.store.heartbeat(self.replica_id, HEARTBEAT_TTL, busy_seconds=self.busy_seconds):
+                    log.warning("replica %s was presumed dead (no heartbeat reached Redis in time); its work went "
+                                "back to the pool; registering again", self.replica_id)
+                    self._forgotten.set()
+                    self._register()
             except Exception as exc:  # Redis restarting: keep trying, the TTL covers short gaps
                 log.warning("heartbeat failed: %s", exc)
 
@@ -193,6 +201,12 @@ class SliceWorker:
                 if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
                     log.warning("Redis unavailable (%s); retrying", exc)
                     time.sleep(0.5)
+                    continue
+                if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
+                    # our work stream was deleted (we were presumed dead): register again rather than restart
+                    log.warning("work stream gone (%s); registering again", exc)
+                    self._forgotten.set()
+                    self._register()
                     continue
                 log.exception("work loop failed")
                 self._error = exc
@@ -246,6 +260,9 @@ class SliceWorker:
             if now - last_epoch_check >= EPOCH_CHECK_EVERY:
                 loop.on_epoch(self.store.epoch())
                 last_epoch_check = now
+            if self._forgotten.is_set():
+                self._forgotten.clear()
+                loop.drop_all()
             # Messages come from the reader thread, so a decode step never waits on Redis; with nothing to
             # decode, wait for the next message instead.
             try:

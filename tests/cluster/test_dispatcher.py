@@ -255,3 +255,54 @@ def test_a_cancelled_row_stops_decoding_at_once(redis_url, mode):
     finally:
         core.stop()
         worker._stop.set()
+
+
+@pytest.mark.parametrize("mode", ["continuous_slices", "scls"])
+def test_a_redis_outage_longer_than_the_heartbeat_loses_no_replica(tmp_path, reference, mode):
+    """Redis killed mid-load and back after twice the heartbeat TTL (same port, its AOF): every heartbeat key has
+    expired, yet the replica is not presumed dead (no work stream deleted, no worker restart) and the
+    requests finish exactly as generate() says."""
+    import os
+    import signal
+
+    from cluster.worker_replica import HEARTBEAT_TTL
+
+    server = EmbeddedRedis(data_dir=tmp_path / "redis").start()
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": server.url},
+                                           "scheduler": {"mode": mode, "slice_len": 8}})
+    store = StateStore(server.url)
+    core = start(cfg, store)
+    worker = SliceWorker(cfg.model_dump())
+    try:
+        prompts = {f"o{i}": [5, 6, 7, 9 + i] for i in range(4)}
+        for rid, ids in prompts.items():
+            store.submit(RequestRecord(rid, ids, 64, time.time(), ignore_eos=True))
+        deadline = time.monotonic() + 60
+        while core.counters["tokens_generated"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert core.counters["tokens_generated"] > 0, "no progress before the outage"
+        assert store.live_ids(), "nothing in flight when Redis went down"
+        time.sleep(1.2)  # the AOF is fsynced every second
+        os.kill(server.pid, signal.SIGKILL)
+        time.sleep(2 * HEARTBEAT_TTL)
+        server.restart()
+        wait_until_done(store, timeout=180)
+        for rid, ids in prompts.items():
+            assert store.generated(rid) == reference(ids, 64), rid
+        assert core.counters["replicas_lost"] == 0
+        worker.check_health()  # its loops rode the outage out
+    finally:
+        worker._stop.set()
+        core.stop()
+        server.stop()
+
+
+def test_a_forgotten_replica_registers_again(redis_url):
+    store = StateStore(redis_url)
+    from cluster.state import ReplicaInfo
+
+    store.register_replica(ReplicaInfo("w", 1, "hf", "h", time.time(), 1.0), ttl=5)
+    assert store.heartbeat("w", 5, busy_seconds=1.0) is True
+    store.forget_replica("w")
+    assert store.heartbeat("w", 5, busy_seconds=2.0) is False
+    assert store.replica_info("w") is None  # a beat alone does not recreate half a record
