@@ -691,9 +691,13 @@ class IngressService:
         except Exception:  # noqa: BLE001 - the submit below reports a Redis outage properly
             return
         backlog = snap.get("backlog_seconds")
+        if isinstance(backlog, (int, float)) and not isinstance(backlog, bool) and not math.isfinite(backlog):
+            # no live replica: a matter of seconds (a restart), not of load
+            raise ApiError(503, "no worker replica is serving right now; retry after 5 s", "server_error", None,
+                           "no_replicas", headers={"Retry-After": "5"})
         if isinstance(backlog, (int, float)) and not isinstance(backlog, bool) and backlog > bound:
             over = backlog - bound  # seconds of work above the bound, at one second of work per second
-            retry = max(1, min(math.ceil(over), 3600)) if math.isfinite(over) else 60
+            retry = max(1, min(math.ceil(over), 3600))
             self.metrics.rejected.inc()
             raise ApiError(429, f"the server is overloaded: predicted backlog {backlog:.0f} s exceeds "
                            f"{bound:.0f} s; retry after {retry} s", "rate_limit_error", None, "backlog_exceeded",

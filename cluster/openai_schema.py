@@ -34,6 +34,7 @@ code  type                        code field                   when
 429   rate_limit_error            too_many_requests            api.max_inflight requests already in flight
 500   server_error                generation_failed            the request ended with finish_reason "error"
 503   server_error                store_unavailable            Redis did not answer while accepting the request
+503   server_error                no_replicas                  no worker replica is alive (``Retry-After: 5``)
 503   server_error                request_cancelled            the cluster cancelled the request (not the client)
 504   timeout                     request_timeout              no finish within api.request_timeout (cancelled)
 ====  ==========================  ===========================  ==================================================

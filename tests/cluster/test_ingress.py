@@ -531,7 +531,8 @@ def test_admission_control_429_with_retry_after(client, env):
     assert _incoming(env) == before
     env.store.publish_metrics({"backlog_seconds": float("inf")})  # no replicas at all
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
-    assert r.status_code == 429 and r.headers["retry-after"] == "60"
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"  # a restart, not overload: not a 429
+    assert r.json()["error"]["code"] == "no_replicas"
     env.store.publish_metrics({"backlog_seconds": 10.0})
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
