@@ -342,6 +342,15 @@ def test_ingress_and_service_monitor_point_at_the_api(gpu):
     # No Service the chart renders matches the monitor's selector (only the API Service does).
     for other in gpu.by_kind("Service"):
         assert not sm["spec"]["selector"]["matchLabels"].items() <= other["metadata"]["labels"].items()
+    # With API keys /metrics needs one: the scraper reads the first key of the API-key Secret.
+    keys = load_yaml(GPU_VALUES)["apiKeys"]
+    assert ep["authorization"] == {"type": "Bearer", "credentials": {"name": keys["existingSecret"],
+                                                                     "key": keys["secretKeys"][0]}}
+
+
+def test_service_monitor_without_api_keys_scrapes_without_auth():
+    (sm,) = render({"serviceMonitor": {"enabled": True}}).by_kind("ServiceMonitor")
+    assert "authorization" not in sm["spec"]["endpoints"][0]
 
 
 def test_redis_statefulset_durable_and_password_from_secret(rendered):
