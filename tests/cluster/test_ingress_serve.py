@@ -22,6 +22,9 @@ from tests.cluster.test_ingress_support import (
 
 pytestmark = pytest.mark.slow
 
+KEY = "sk-serve-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
@@ -39,7 +42,7 @@ def served(tmp_path_factory):
     answer = tok(ANSWER_TEXT, add_special_tokens=False)["input_ids"]
     fake = FakeDispatcher(redis_server.url, "sv", answer, tok.eos_token_id)
     fake.start()
-    cfg = make_config(redis_server.url, model_dir, "sv")
+    cfg = make_config(redis_server.url, model_dir, "sv", api_keys=[KEY])
     port = free_loopback_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -71,7 +74,7 @@ def served(tmp_path_factory):
 
 def test_health_follows_the_dispatcher_handle(served):
     base, store = served["base"], served["fake"].store
-    r = httpx.get(base + "/health", timeout=10)
+    r = httpx.get(base + "/health", timeout=10)  # probes need no key
     assert r.status_code == 503 and r.json()["dispatcher_ready"] is False
     served["dispatcher"].set_ready.remote(True).result()
     for i in range(2):
@@ -82,16 +85,18 @@ def test_health_follows_the_dispatcher_handle(served):
 
 def test_completion_and_stream_through_serve(served):
     base, tok, answer = served["base"], served["tok"], served["answer"]
-    r = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 10}, timeout=30)
+    r = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 10}, timeout=30, headers=AUTH)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == tok.decode(answer[:10], skip_special_tokens=True)
     r = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                        "max_tokens": 12, "stream": True}, timeout=30)
+                                                        "max_tokens": 12, "stream": True}, timeout=30,
+                   headers=AUTH)
     events = parse_sse(r.text)
     assert events[-1] == "[DONE]"
     content = "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1])
     assert content == tok.decode(answer[:12], skip_special_tokens=True)
-    r = httpx.post(base + "/v1/completions", content=b"{oops", timeout=30)
+    r = httpx.post(base + "/v1/completions", content=b"{oops", timeout=30,
+                   headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
 
 
@@ -100,10 +105,22 @@ def test_disconnect_at_the_proxy_cancels(served):
     fake.delay = 0.3
     t0 = time.monotonic()
     with httpx.stream("POST", served["base"] + "/v1/completions",
-                      json={"prompt": "bye", "max_tokens": 200, "stream": True}, timeout=10) as s:
+                      json={"prompt": "bye", "max_tokens": 200, "stream": True}, timeout=10, headers=AUTH) as s:
         next(line for line in s.iter_lines() if line.startswith("data: "))
     (_, fields), = fake.store.r.xrevrange(fake.store.k.incoming, count=1)
     rid = fields[b"id"].decode()
     assert wait_until(lambda: rid in fake.cancels, 10)
     assert time.monotonic() - t0 < 10
     fake.delay = 0.0
+
+
+def test_api_key_is_enforced_through_the_serve_proxy(served):
+    base = served["base"]
+    routes = [("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}), ("GET", "/v1/models", None),
+              ("GET", "/version", None), ("GET", "/metrics", None), ("GET", "/openapi.json", None)]
+    for method, path, body in routes:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.request(method, base + path, json=body, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+        r = httpx.request(method, base + path, json=body, headers=AUTH, timeout=30)
+        assert r.status_code == 200, (path, r.text)
