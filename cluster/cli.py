@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-length": ("predictor.length_cli", "train the generation-length predictor on ShareGPT"),
     "bench": ("bench.cli", ("benchmark a running OpenAI endpoint (--base-url), or SCLS against SLS, ILS and "
                             "vLLM on clusters it starts")),
+    "faults": ("bench.faults", "kill a worker, the dispatcher or Redis under seeded load and compare with a clean run"),
 }
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
