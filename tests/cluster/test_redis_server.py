@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import pytest
 import redis
 
 from cluster.redis_server import EmbeddedRedis
@@ -62,3 +63,16 @@ def test_restart_keeps_data_in_a_given_directory(tmp_path):
         srv.restart()
         assert redis.Redis.from_url(srv.url).get("k") == b"v"
     assert (tmp_path / "r").exists()  # a directory the caller gave is the caller's to remove
+
+
+def test_the_private_embedded_redis_needs_its_password(tmp_path):
+    import redis
+
+    from cluster.redis_server import EmbeddedRedis
+
+    with EmbeddedRedis.private(tmp_path / "r") as server:
+        assert redis.Redis.from_url(server.url).ping()
+        anonymous = redis.Redis(host="127.0.0.1", port=server.port)
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            anonymous.get("anything")
+        assert server.password not in server.safe_url and str(server.port) in server.safe_url
