@@ -16,33 +16,18 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.cluster.test_e2e_continuous import STREAM_EVERY, start_cluster
 from tests.cluster.test_metrics import REPO, documented_series
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 MODEL = "slicefleet-tiny-llama"
 MAX_TOKENS = 24
-STREAM_EVERY = 2
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from cluster.config import load_config
-    from cluster.local import LocalCluster
-    from cluster.redis_server import free_loopback_port
-
-    cfg = load_config(None, {
-        "api.port": free_loopback_port(),
-        "api.scheduling_extensions": True,  # the tests drive ignore_eos and priorities
-        "scheduler.mode": "continuous_slices",
-        "scheduler.slice_len": 8,
-        "scheduler.max_gen_len": 96,
-        "engine.stream_every": STREAM_EVERY,
-        "replicas.num_replicas": 1,
-        "replicas.num_cpus": 0.5,
-    })
-    c = LocalCluster(cfg, redis_dir=tmp_path_factory.mktemp("redis"))
-    c.start(timeout=600)
+    c = start_cluster(tmp_path_factory, **{"replicas.num_replicas": 1})
     yield c
     c.stop()
 
