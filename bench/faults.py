@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -369,38 +370,80 @@ class FaultRecord:
     detail: str = ""
     restored_s: float | None = None
     resumed_s: float | None = None
+    on_victim: list[int] = field(default_factory=list)
+    """Worker faults: the requests in flight whose latest tokens came from the killed replica."""
+    requeued: int | None = None
+    """Worker faults: rows the dispatcher took back from the dead replica (the kill hit running rows)."""
     error: str = ""
 
 
-def _fire(cluster: Cluster, kind: str, in_flight_rids: list[str]) -> tuple[str, int, dict]:
-    """Pick the victim and SIGKILL it; returns (target, live-in-Redis count, state to tell recovery by)."""
+def _streaming_from(cluster: Cluster, rids: list[str]) -> dict[str, str]:
+    """Request id -> the replica its latest tokens came from (each output event in Redis names it)."""
+    pipe = cluster.store.r.pipeline(transaction=False)
+    for rid in rids:
+        pipe.xrevrange(cluster.store.k.out(rid), count=1)
+    out = {}
+    for rid, entries in zip(rids, pipe.execute()):
+        if entries and b"replica" in entries[0][1]:
+            out[rid] = entries[0][1][b"replica"].decode()
+    return out
+
+
+def _fire(cluster: Cluster, kind: str, in_flight_rids: list[str]) -> dict:
+    """Pick the victim and SIGKILL it. Returns what the fault record needs: the target, how many of the
+    requests in flight Redis still held as live, those streaming from the victim (worker), and the state that
+    tells when the victim is back."""
     live = set(cluster.store.live_ids())
-    live_hits = sum(1 for r in in_flight_rids if r in live)
+    fired = {"live_hits": sum(1 for r in in_flight_rids if r in live), "on_victim": []}
     if kind == "worker":
+        # The replica that is streaming the most requests to their clients right now: its death must show.
         pids = cluster.worker_pids()
-        running = {rid: info.get("running_requests", 0)
-                   for rid, info in (cluster.store.metrics_snapshot().get("replicas") or {}).items() if rid in pids}
-        if not running or max(running.values()) == 0:
-            raise _NotYet("no replica has rows running")
-        victim = max(running, key=running.get)
+        owners = {rid: rep for rid, rep in _streaming_from(cluster, in_flight_rids).items() if rep in pids}
+        if not owners:
+            raise _NotYet("no request in flight streams from a live replica")
+        victim = Counter(owners.values()).most_common(1)[0][0]
+        snap = cluster.store.metrics_snapshot()
         os.kill(pids[victim], signal.SIGKILL)
-        return f"{victim} (pid {pids[victim]}, {running[victim]} rows running)", live_hits, {"gone": victim}
+        on_victim = [rid for rid, rep in owners.items() if rep == victim]
+        return fired | {"target": f"{victim} (pid {pids[victim]}, streaming {len(on_victim)} of them)",
+                        "on_victim": on_victim,
+                        "state": {"gone": victim, "epoch": snap.get("epoch"),
+                                  "requeued": snap.get("requests_requeued", 0)}}
     if kind == "dispatcher":
         pid, epoch = cluster.dispatcher_pid(), cluster.store.epoch()
         os.kill(pid, signal.SIGKILL)
-        return f"dispatcher (pid {pid}, epoch {epoch})", live_hits, {"epoch": epoch}
+        return fired | {"target": f"dispatcher (pid {pid}, epoch {epoch})", "state": {"epoch": epoch}}
     if kind == "redis":
         pid = cluster.redis_pid()
         os.kill(pid, signal.SIGKILL)
         if cluster.own_redis is not None:  # we are its supervisor: bring it back at once, same port and data
             time.sleep(0.5)
             cluster.own_redis.restart()
-        return f"redis (pid {pid})", live_hits, {"pid": pid}
+        return fired | {"target": f"redis (pid {pid})", "state": {"pid": pid}}
     raise ValueError(kind)
 
 
 class _NotYet(Exception):
     pass
+
+
+def _requeued(cluster: Cluster, state: dict, wait: float = 10.0) -> int | None:
+    """Rows the dispatcher put back in the pool since the worker fault, from its published counters (None if a
+    new dispatcher, whose counters start again, published meanwhile)."""
+    deadline = time.monotonic() + wait
+    n = 0
+    while time.monotonic() < deadline:
+        try:
+            snap = cluster.store.metrics_snapshot()
+        except Exception:  # noqa: BLE001 - Redis restarting
+            snap = {}
+        if snap and snap.get("epoch") != state["epoch"]:
+            return None
+        n = int(snap.get("requests_requeued", 0)) - int(state["requeued"] or 0) if snap else 0
+        if n > 0:
+            return n
+        time.sleep(0.5)  # the snapshot is published about once a second
+    return n
 
 
 def _restored(cluster: Cluster, kind: str, state: dict) -> bool:
@@ -433,12 +476,15 @@ async def run_faults(cluster: Cluster, kinds: list[str], outcomes: list[Outcome]
             flying = [o for o in outcomes if o.in_flight() and o.chunk_times[-1] > since]
             if len(flying) >= min_in_flight:
                 try:
-                    target, live_hits, state = await asyncio.to_thread(_fire, cluster, kind, [o.rid for o in flying])
+                    fired = await asyncio.to_thread(_fire, cluster, kind, [o.rid for o in flying])
                 except _NotYet as exc:
                     rec.detail = str(exc)
                 else:
-                    rec.fired, rec.at, rec.target = True, time.perf_counter() - t0, target
-                    rec.in_flight, rec.live_in_redis = [o.index for o in flying], live_hits
+                    rec.fired, rec.at, rec.target = True, time.perf_counter() - t0, fired["target"]
+                    rec.in_flight, rec.live_in_redis = [o.index for o in flying], fired["live_hits"]
+                    by_rid = {o.rid: o.index for o in flying}
+                    rec.on_victim = [by_rid[r] for r in fired["on_victim"]]
+                    state = fired["state"]
                     break
             await asyncio.sleep(0.1)
         if not rec.fired:
@@ -456,6 +502,8 @@ async def run_faults(cluster: Cluster, kinds: list[str], outcomes: list[Outcome]
             await asyncio.sleep(0.1)
         else:
             rec.error = f"not restored within {restore_timeout:.0f} s"
+        if kind == "worker":
+            rec.requeued = await asyncio.to_thread(_requeued, cluster, state)
         since = time.perf_counter() - t0
 
 
@@ -490,22 +538,36 @@ async def drive(cluster: Cluster, model: str, requests: list[FaultRequest], kind
         wall = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    for rec in records:
-        rec.resumed_s = resumed_after(rec, outcomes)
+    for rec, nxt in zip(records, records[1:] + [None]):
+        rec.resumed_s = resumed_after(rec, outcomes, nxt.at if nxt is not None and nxt.at is not None else math.inf)
     return outcomes, records, wall
 
 
-def resumed_after(rec: FaultRecord, outcomes: list[Outcome]) -> float | None:
-    """Seconds from the fault until every request it caught in flight had its next token or its finish."""
+def resumed_after(rec: FaultRecord, outcomes: list[Outcome], until: float = math.inf) -> float | None:
+    """Seconds from the fault until every request it stopped was moving again: for a worker, those it was
+    streaming (the others never stopped); otherwise every request in flight.
+
+    A request counts as moving again at the end of its longest wait between two chunks after the fault (and
+    before ``until``, the next fault): its first chunk after the fault may be one the dead part had already
+    published, still on its way to the client."""
     if not rec.fired or not rec.in_flight:
         return None
     waits = []
-    for i in rec.in_flight:
-        after = [t for t in outcomes[i].chunk_times if t > rec.at]
+    for i in rec.on_victim if rec.kind == "worker" else rec.in_flight:
+        times = outcomes[i].chunk_times
+        after = [t for t in times if rec.at < t < until]
         if not after:
+            if any(t >= until for t in times):
+                continue  # its stall ran into the next fault, which accounts for it
             return None  # never moved again: lost, and counted as such
-        waits.append(after[0] - rec.at)
-    return max(waits)
+        prev = max([t for t in times if t <= rec.at], default=rec.at)
+        longest, end = -1.0, after[0]
+        for t in after:
+            if t - prev > longest:
+                longest, end = t - prev, t
+            prev = t
+        waits.append(end - rec.at)
+    return max(waits) if waits else None
 
 
 def compare(outcomes: list[Outcome], reference: list[Outcome]) -> dict:
@@ -552,6 +614,10 @@ def verdict(summary: dict, faults: list[dict], kinds: list[str]) -> list[str]:
             problems.append(f"{f['kind']}: did not fire ({f['error']})")
         elif not f["in_flight"] or not f["live_in_redis"]:
             problems.append(f"{f['kind']}: hit no request in flight")
+        elif f["kind"] == "worker" and not f.get("on_victim"):
+            problems.append("worker: the killed replica was streaming none of the requests in flight")
+        elif f["kind"] == "worker" and f.get("requeued") == 0:
+            problems.append("worker: the dead replica had no rows to take back (it was idle)")
         elif f["error"]:
             problems.append(f"{f['kind']}: {f['error']}")
     return problems
@@ -668,16 +734,19 @@ def rows(result: dict) -> list[list[str]]:
     for run in result["runs"]:
         faults = run["faults"]
         failed = ", ".join(f"{k} {v}" for k, v in sorted(run["failed"].items())) or "0"
-        hit = " + ".join(str(len(f["in_flight"])) for f in faults) or "–"
+        hit = " + ".join(str(len(f["in_flight"])) + (f" ({len(f['on_victim'])} on it)" if f["kind"] == "worker"
+                                                     else "") for f in faults) or "–"
 
         table.append([run["scenario"], str(run["requests"]), str(run["accepted"]), str(run["completed"]), failed,
-                      str(run["lost"]), f"{run['duplicated']} / {run['corrupted']}", hit, _secs(faults, "resumed_s"),
+                      str(run["lost"]), f"{run['duplicated']} / {run['corrupted']}", hit,
+                      " / ".join(str(f["requeued"]) for f in faults if f["kind"] == "worker") or "–",
+                      _secs(faults, "resumed_s"),
                       _secs(faults, "restored_s"), f"{run['wall_s']:.0f}", "pass" if not run["problems"] else "FAIL"])
     return table
 
 
 HEADERS = ["run", "requests", "accepted", "completed", "failed (by status)", "lost", "dup / corrupt",
-           "in flight at fault", "resumed s", "restored s", "wall s", "verdict"]
+           "in flight at fault", "worker rows taken back", "resumed s", "restored s", "wall s", "verdict"]
 
 
 def markdown(result: dict) -> str:

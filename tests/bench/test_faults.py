@@ -34,19 +34,34 @@ def test_compare_counts_lost_refused_duplicated_and_corrupted():
     assert compare(reference, reference)["differing"] == 0
 
 
+def test_resumed_ends_with_the_longest_stall_after_the_fault():
+    # A chunk the dead worker had published just before it died arrives at 2.7; the stall ends at 7.0.
+    outcomes = [done(0, chunks=(1.0, 2.5, 2.7, 7.0, 7.1))]
+    rec = FaultRecord("worker", fired=True, at=2.6, in_flight=[0], on_victim=[0])
+    assert resumed_after(rec, outcomes) == pytest.approx(7.0 - 2.6)
+    # The next fault at 5.0 owns the stall that runs into it.
+    assert resumed_after(rec, outcomes, until=5.0) == pytest.approx(2.7 - 2.6)
+
+
 def test_resumed_waits_for_every_request_the_fault_caught():
     outcomes = [done(0, chunks=(1.0, 2.0, 6.0)), done(1, chunks=(1.5, 2.5, 3.0)), done(2, chunks=(1.0,))]
-    rec = FaultRecord("worker", fired=True, at=2.6, in_flight=[0, 1])
+    rec = FaultRecord("dispatcher", fired=True, at=2.6, in_flight=[0, 1])
     assert resumed_after(rec, outcomes) == pytest.approx(6.0 - 2.6)
     rec.in_flight = [0, 2]  # request 2 never moved after the fault
     assert resumed_after(rec, outcomes) is None
+    # A worker stops only what it was streaming; the rest kept going on the other replica.
+    rec = FaultRecord("worker", fired=True, at=2.6, in_flight=[0, 1], on_victim=[1])
+    assert resumed_after(rec, outcomes) == pytest.approx(3.0 - 2.6)
 
 
 def test_verdict_fails_a_fault_that_hit_nothing_or_never_fired():
     clean = {"lost": 0, "differing": 0, "reference_incomplete": 0, "lost_indices": [], "differing_indices": []}
-    hit = {"kind": "worker", "fired": True, "in_flight": [3], "live_in_redis": 1, "error": ""}
+    hit = {"kind": "worker", "fired": True, "in_flight": [3], "live_in_redis": 1, "error": "", "on_victim": [3],
+           "requeued": 1}
     assert verdict(clean, [hit], ["worker"]) == []
     assert verdict(clean, [hit | {"live_in_redis": 0}], ["worker"])  # the server had already finished them
+    assert verdict(clean, [hit | {"requeued": 0}], ["worker"])  # the dead replica was idle
+    assert verdict(clean, [hit | {"on_victim": []}], ["worker"])  # it streamed none of the requests in flight
     assert verdict(clean, [hit | {"fired": False, "error": "none"}], ["worker"])
     assert verdict(clean, [], ["worker"])
     assert verdict(clean | {"lost": 1, "lost_indices": [7]}, [hit], ["worker"])
@@ -96,6 +111,8 @@ def test_short_fault_run_loses_nothing_and_hits_requests_in_flight(tmp_path):
     for f in run["faults"]:
         assert f["fired"] and len(f["in_flight"]) >= 2 and f["live_in_redis"] >= 1, f
         assert f["restored_s"] is not None and f["resumed_s"] is not None, f
+    worker = run["faults"][0]
+    assert worker["on_victim"] and worker["requeued"] >= 1  # it died streaming rows that had to be placed again
     assert run["problems"] == []
     assert (tmp_path / "results.md").read_text().count("| pass |") == 2
     assert "embedded Redis restarted" in (tmp_path / "cluster.log").read_text()  # the cluster did it, not us

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import signal
 import threading
 import time
 
@@ -202,40 +203,85 @@ def serve_actor(kind: str):
     return ray.get_actor(names[0], namespace="serve")
 
 
-def run_load_and(cluster, store, reference, action, n=12, max_tokens=64):
-    """Send ``n`` requests at once; run ``action`` while they are in flight; check every output."""
+def in_flight(store) -> list[str]:
+    """Requests accepted (in Redis's live set) that already have tokens and have not finished."""
+    live = store.live_ids()
+    pipe = store.r.pipeline(transaction=False)
+    for rid in live:
+        pipe.llen(store.k.gen(rid))
+    return [rid for rid, n in zip(live, pipe.execute()) if n > 0]
+
+
+def run_load_and(cluster, store, reference, action, n=12, max_tokens=64, progress_timeout=60):
+    """Send ``n`` requests at once; once some of them have tokens and are unfinished, run ``action``; check
+    every output. Fails when nothing made progress in time, or when the requests in flight as the fault
+    fired were not this load's: either way the fault would have tested nothing."""
     jobs = [(PROMPTS[i % len(PROMPTS)] + "!" * (i // len(PROMPTS)), max_tokens - (i % 4) * 8) for i in range(n)]
     with cf.ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(complete, cluster, *j) for j in jobs]
-        deadline = time.monotonic() + 60
-        while store.metrics_snapshot().get("tokens_generated", 0) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)  # wait until slices are really running
+        deadline = time.monotonic() + progress_timeout
+        flying = in_flight(store)
+        while not flying and time.monotonic() < deadline:
+            time.sleep(0.05)
+            flying = in_flight(store)
+        if not flying:
+            pytest.fail(f"no request had a token within {progress_timeout} s: the fault would have hit nothing")
+        assert not all(f.done() for f in futures), "the whole load finished before the fault"
         action()
         responses = [f.result() for f in futures]
-    for (prompt, max_tokens), resp in zip(jobs, responses):
-        check_output(store, reference, resp, prompt_ids(reference, prompt), max_tokens)
-    return responses
+    served = {check_output(store, reference, resp, prompt_ids(reference, prompt), max_tokens)
+              for (prompt, max_tokens), resp in zip(jobs, responses)}
+    hit = set(flying) & served
+    assert hit, f"the requests in flight when the fault fired ({flying}) were not this load's"
+    return responses, hit
+
+
+def worker_with_rows(store, timeout=30.0):
+    """(replica id, pid) of a worker the dispatcher has rows running on (it registered its own pid)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = {rid: info.get("running_requests", 0)
+                   for rid, info in (store.metrics_snapshot().get("replicas") or {}).items()}
+        alive, _ = store.replicas_alive()
+        busy = [rid for rid in alive if running.get(rid, 0) > 0]
+        if busy:
+            victim = max(busy, key=running.get)
+            return victim, store.replica_info(victim).pid
+        time.sleep(0.05)
+    pytest.fail("no worker had rows running")
+
+
+def actor_pid(handle) -> int:
+    import ray
+
+    return ray.get(handle.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
 
 
 def kill_a_worker_mid_slice(cluster, store, reference):
-    """Kill one worker replica under load: every output is still exact, and the replica is seen as lost."""
-    import ray
-
+    """SIGKILL a worker replica that has rows running: every output is still exact, and the replica is seen
+    as lost."""
     before = store.metrics_snapshot().get("replicas_lost", 0)
-    run_load_and(cluster, store, reference, lambda: ray.kill(serve_actor("SliceWorker"), no_restart=True))
+    victims = []
+
+    def kill():
+        victim, pid = worker_with_rows(store)
+        victims.append(victim)
+        os.kill(pid, signal.SIGKILL)
+
+    run_load_and(cluster, store, reference, kill)
     deadline = time.monotonic() + 30
     while store.metrics_snapshot().get("replicas_lost", 0) <= before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert store.metrics_snapshot()["replicas_lost"] > before
+    assert victims[0] not in store.replicas_alive()[0]
     cluster.wait_healthy(300)  # Serve replaces the replica
 
 
 def kill_the_dispatcher_mid_load(cluster, store, reference):
-    """Kill the dispatcher under load: a new one takes over from Redis and every output is still exact."""
-    import ray
-
+    """SIGKILL the dispatcher under load: a new one takes over from Redis and every output is still exact."""
     epoch = store.epoch()
-    run_load_and(cluster, store, reference, lambda: ray.kill(serve_actor("Dispatcher"), no_restart=True))
+    pid = actor_pid(serve_actor("Dispatcher"))
+    run_load_and(cluster, store, reference, lambda: os.kill(pid, signal.SIGKILL))
     assert store.epoch() > epoch  # a new dispatcher took over and rebuilt from Redis
     cluster.wait_healthy(300)
 
@@ -248,10 +294,26 @@ def test_killing_the_dispatcher_mid_load_loses_nothing(cluster, store, reference
     kill_the_dispatcher_mid_load(cluster, store, reference)
 
 
-def test_restarting_redis_mid_load_loses_nothing(cluster, store, reference):
-    def restart():
-        time.sleep(0.3)
-        cluster.redis.restart()
+def finished_before(cluster, store):
+    """A request finished before a fault, and its stored tokens (what a replayed AOF must still hold)."""
+    rid = complete(cluster, PROMPTS[4], 8).json()["id"].split("-", 1)[1]
+    return rid, store.generated(rid)
 
-    run_load_and(cluster, store, reference, restart, n=8)
+
+def test_restarting_redis_mid_load_loses_nothing(cluster, store, reference):
+    rid, tokens = finished_before(cluster, store)
+    pid = cluster.redis.pid
+    run_load_and(cluster, store, reference, cluster.redis.restart, n=8)
+    assert cluster.redis.pid != pid  # a new server process, not one that never went away...
+    assert store.generated(rid) == tokens and store.record(rid).status == "done"  # ...that replayed the AOF
+    cluster.wait_healthy(120)
+
+
+def test_a_sigkilled_redis_is_restarted_by_the_cluster(cluster, store, reference):
+    """Nobody but the local cluster's supervisor brings the embedded Redis back; the cluster recovers alone."""
+    rid, tokens = finished_before(cluster, store)
+    pid, port, restarts = cluster.redis.pid, cluster.redis.port, cluster.redis.restarts
+    run_load_and(cluster, store, reference, lambda: os.kill(pid, signal.SIGKILL), n=8)
+    assert cluster.redis.restarts == restarts + 1 and cluster.redis.port == port and cluster.redis.pid != pid
+    assert store.generated(rid) == tokens
     cluster.wait_healthy(120)
