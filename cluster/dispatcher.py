@@ -88,6 +88,9 @@ class DispatcherCore:
         self._error: BaseException | None = None
         self.epoch = 0
         self.started = False
+        self.fenced = False
+        """A newer dispatcher took over this Redis (a NewCluster upgrade, a second cluster): this one stays
+        alive but reads, places and publishes nothing (if it died, its restart would fence the new one)."""
 
     # ---- start-up ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -147,6 +150,9 @@ class DispatcherCore:
                     log.info("Redis answers again; replicas get %.0f s to beat before any is presumed lost",
                              LOSS_GRACE_AFTER_OUTAGE)
                 if now - last_replicas >= REPLICA_CHECK_EVERY:
+                    if self._superseded():
+                        self._stop.wait()  # fenced: idle until stopped, and healthy (see ``fenced``)
+                        return
                     self._check_replicas(now)
                     self._expire_batches(now)
                     last_replicas = now
@@ -162,6 +168,22 @@ class DispatcherCore:
                 log.exception("dispatcher loop failed")
                 self._error = exc
                 return
+
+    def _superseded(self) -> bool:
+        """Whether a newer epoch exists; if so, hand every request this dispatcher holds to its successor.
+
+        The successor restored every unfinished request when it started, but requests that arrived after that
+        and were read by this one would otherwise wait forever: announcing them again lets it admit them (it
+        ignores those it already has)."""
+        current = self.store.epoch()
+        if current <= self.epoch:
+            return False
+        held = sorted(set(self.scheduler.pool) | set(self.scheduler.running))
+        self.store.announce(held)
+        self.fenced = True
+        log.warning("dispatcher epoch %d superseded by epoch %d (another dispatcher started on this Redis): handed "
+                    "its %d requests over and stopped dispatching", self.epoch, current, len(held))
+        return True
 
     def _step_streams(self) -> None:
         k = self.store.k
@@ -365,6 +387,7 @@ class DispatcherCore:
         return {
             "time": now,
             "epoch": self.epoch,
+            "fenced": self.fenced,
             "mode": self.cfg.scheduler.mode,
             "pool_depth": len(s.pool),
             "running": len(s.running),
@@ -427,7 +450,7 @@ class Dispatcher:
         self.core.start()
 
     def ready(self) -> bool:
-        return self.core.healthy
+        return self.core.healthy and not self.core.fenced
 
     def check_health(self) -> None:
         if not self.core.healthy:

@@ -268,6 +268,14 @@ class StateStore:
             out.append((RequestRecord.from_hash(data) if data else None, [int(t) for t in gen]))
         return out
 
+    def announce(self, rids: list[str]) -> None:
+        """Put already-stored requests on the incoming stream again (a dispatcher handing them over)."""
+        if rids:
+            pipe = self.r.pipeline(transaction=False)
+            for rid in rids:
+                pipe.xadd(self.k.incoming, {"id": rid})
+            pipe.execute()
+
     def live_ids(self) -> list[str]:
         return sorted(m.decode() for m in self.r.smembers(self.k.live))
 

@@ -306,3 +306,44 @@ def test_a_forgotten_replica_registers_again(redis_url):
     store.forget_replica("w")
     assert store.heartbeat("w", 5, busy_seconds=2.0) is False
     assert store.replica_info("w") is None  # a beat alone does not recreate half a record
+
+
+@pytest.mark.parametrize("mode", ["continuous_slices", "scls"])
+def test_two_dispatchers_on_one_redis_hand_over_every_request_exactly_once(redis_url, reference, mode):
+    """A Helm NewCluster upgrade: the new cluster's dispatcher starts on the same Redis while the old one still
+    runs. The old one must notice it is superseded, hand over what it holds and stop; requests sent before,
+    during and after the handover all complete once, token for token."""
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url},
+                                           "scheduler": {"mode": mode, "slice_len": 8}})
+    store = StateStore(redis_url)
+    old = start(cfg, store)
+    workers = [SliceWorker(cfg.model_dump()) for _ in range(2)]
+    new = None
+    try:
+        prompts = {f"h{i}": [5, 6, 7, 20 + i] for i in range(12)}
+        items = list(prompts.items())
+        for rid, ids in items[:6]:
+            store.submit(RequestRecord(rid, ids, 40, time.time()))
+        deadline = time.monotonic() + 60
+        while old.counters["tokens_generated"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert old.counters["tokens_generated"] > 0 and store.live_ids(), "no load in flight at the handover"
+        new = start(cfg, store)  # the old one is NOT stopped
+        for rid, ids in items[6:]:  # arrive while both run: either may read them first
+            store.submit(RequestRecord(rid, ids, 40, time.time()))
+        deadline = time.monotonic() + 10
+        while not old.fenced and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert old.fenced and not new.fenced
+        assert old.healthy  # alive and idle: a restart would take a newer epoch and fence the new one
+        wait_until_done(store, timeout=180)
+        for rid, ids in prompts.items():
+            assert store.generated(rid) == reference(ids, 40), rid
+            assert store.record(rid).finish_reason == "length"
+        assert store.metrics_snapshot()["epoch"] == new.epoch  # only the new one publishes
+    finally:
+        for w in workers:
+            w._stop.set()
+        old.stop()
+        if new is not None:
+            new.stop()
