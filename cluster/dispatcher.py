@@ -387,7 +387,7 @@ class DispatcherCore:
         return {
             "time": now,
             "epoch": self.epoch,
-            "fenced": self.fenced,
+            "fenced": int(self.fenced),
             "mode": self.cfg.scheduler.mode,
             "pool_depth": len(s.pool),
             "running": len(s.running),
