@@ -404,6 +404,7 @@ def _fire(cluster: Cluster, kind: str, in_flight_rids: list[str]) -> dict:
         victim = Counter(owners.values()).most_common(1)[0][0]
         snap = cluster.store.metrics_snapshot()
         os.kill(pids[victim], signal.SIGKILL)
+        fired["killed"] = time.perf_counter()
         on_victim = [rid for rid, rep in owners.items() if rep == victim]
         return fired | {"target": f"{victim} (pid {pids[victim]}, streaming {len(on_victim)} of them)",
                         "on_victim": on_victim,
@@ -412,10 +413,12 @@ def _fire(cluster: Cluster, kind: str, in_flight_rids: list[str]) -> dict:
     if kind == "dispatcher":
         pid, epoch = cluster.dispatcher_pid(), cluster.store.epoch()
         os.kill(pid, signal.SIGKILL)
+        fired["killed"] = time.perf_counter()
         return fired | {"target": f"dispatcher (pid {pid}, epoch {epoch})", "state": {"epoch": epoch}}
     if kind == "redis":
         pid = cluster.redis_pid()
         os.kill(pid, signal.SIGKILL)
+        fired["killed"] = time.perf_counter()
         if cluster.own_redis is not None:  # we are its supervisor: bring it back at once, same port and data
             time.sleep(0.5)
             cluster.own_redis.restart()
@@ -480,7 +483,7 @@ async def run_faults(cluster: Cluster, kinds: list[str], outcomes: list[Outcome]
                 except _NotYet as exc:
                     rec.detail = str(exc)
                 else:
-                    rec.fired, rec.at, rec.target = True, time.perf_counter() - t0, fired["target"]
+                    rec.fired, rec.at, rec.target = True, fired["killed"] - t0, fired["target"]
                     rec.in_flight, rec.live_in_redis = [o.index for o in flying], fired["live_hits"]
                     by_rid = {o.rid: o.index for o in flying}
                     rec.on_victim = [by_rid[r] for r in fired["on_victim"]]
