@@ -35,6 +35,9 @@ class ReplicaState:
     """Measured serving time of all batches it completed (for load-imbalance figures)."""
     kv_tokens: int = 0
     """Continuous slices: KV tokens its rows may fill by the end of their current slices (the memory bound)."""
+    keeps_kv: bool = True
+    """Whether its engine keeps a request's KV cache between slices (what the replica reports; an engine with
+    DeepSpeed's injected kernels, or with kv_reuse off, does not), so whether it can be a cache holder."""
 
     @property
     def free_slots(self) -> int:

@@ -65,13 +65,13 @@ class Scheduler:
         self.placement = make_placement(config.placement)
 
     # ---- replicas -------------------------------------------------------------------------------------
-    def add_replica(self, replica_id: str, now: float = 0.0) -> None:
+    def add_replica(self, replica_id: str, now: float = 0.0, keeps_kv: bool = True) -> None:
         if replica_id in self.replicas:
             return
         mode = self.config.mode
         slots = (self.config.ils_max_concurrency if mode is Mode.ILS
                  else self.config.max_running if mode is Mode.CONTINUOUS_SLICES else self.config.queue_depth)
-        self.replicas[replica_id] = ReplicaState(replica_id, slots, expected_free_at=now)
+        self.replicas[replica_id] = ReplicaState(replica_id, slots, expected_free_at=now, keeps_kv=keeps_kv)
         self._index.update(self.replicas[replica_id])
 
     def remove_replica(self, replica_id: str, now: float) -> list[Request]:
@@ -375,7 +375,7 @@ class Scheduler:
                 continuing += 1
             else:
                 req.pool_since = now
-                req.kv_replica = replica_id if self.config.kv_reuse else None
+                req.kv_replica = replica_id if self.config.kv_reuse and replica.keeps_kv else None
                 self.pool[req.id] = req
                 continuing += 1
         if renew:

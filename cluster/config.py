@@ -86,8 +86,9 @@ class SchedulerSettings(_Strict):
     max_wait: float = Field(60.0, gt=0)
     queue_depth: int = Field(2, ge=1)
 
-    def to_balancer(self) -> SchedulerConfig:
-        return SchedulerConfig.from_dict(self.model_dump())
+    def to_balancer(self, kv_reuse: bool = True) -> SchedulerConfig:
+        """``kv_reuse`` is the engine's setting (``engine.kv_reuse``): the one place it is configured."""
+        return SchedulerConfig.from_dict({**self.model_dump(), "kv_reuse": kv_reuse})
 
 
 class RedisSettings(_Strict):

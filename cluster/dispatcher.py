@@ -66,7 +66,7 @@ class DispatcherCore:
         self.cfg = cfg
         self.store = store
         self.latency = latency
-        self.scheduler = Scheduler(cfg.scheduler.to_balancer(), latency, memory)
+        self.scheduler = Scheduler(cfg.scheduler.to_balancer(kv_reuse=cfg.engine.kv_reuse), latency, memory)
         self.counters = {"slices_run": 0, "batches_run": 0, "rows_run": 0, "requests_finished": 0,
                          "stale_results": 0, "tokens_generated": 0, "pad_tokens": 0, "invalid_tokens": 0,
                          "reprefill_tokens": 0, "kv_reused_batches": 0, "early_returns": 0,
@@ -313,9 +313,11 @@ class DispatcherCore:
             log.warning("replica %s stopped beating: %d requests back to the pool", rid, len(returned))
         for rid in alive:
             if rid not in self.scheduler.replicas:
-                self.scheduler.add_replica(rid, now)
-                self._fit_memory_to(self.store.replica_info(rid))
-                log.info("replica %s joined", rid)
+                info = self.store.replica_info(rid)
+                keeps = info.keeps_kv if info is not None else False
+                self.scheduler.add_replica(rid, now, keeps_kv=keeps)
+                self._fit_memory_to(info)
+                log.info("replica %s joined (%s KV caches between slices)", rid, "keeps" if keeps else "keeps no")
 
     def _fit_memory_to(self, info) -> None:
         """Batches must fit the smallest replica: the KV budget is the least that any live replica reports."""

@@ -215,6 +215,8 @@ class ReplicaInfo:
     started: float = 0.0
     kv_budget_bytes: float | None = None
     """What this replica can give to KV cache (free GPU memory after weights x safety, or the CPU budget)."""
+    keeps_kv: bool = False
+    """Its engine keeps requests' KV caches between slices (so the dispatcher may count on cache holders)."""
 
 
 class StateStore:

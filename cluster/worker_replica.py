@@ -87,19 +87,20 @@ class SliceWorker:
             os.nice(cfg.engine.nice - os.nice(0))  # the control plane answers first when engines saturate the CPU
         self.continuous = cfg.scheduler.mode in CONTINUOUS_MODES
         self.engine = self._build_engine(cfg, self._cpu_bind(cfg))
-        if self.continuous:  # rows keep their KV in the running batch: nothing is kept between slices
-            batch_budget = self._kv_budget(cfg)
-        else:
+        # What the engine really does, not what the config asked: DeepSpeed's injected kernels keep no cache.
+        keeps_kv = not self.continuous and bool(getattr(self.engine, "kv_reuse", False))
+        if keeps_kv:
             batch_budget, keep_budget = cfg.engine.split_kv_budget(self._kv_budget(cfg))
-            if hasattr(self.engine, "set_kv_keep_budget"):
-                self.engine.set_kv_keep_budget(keep_budget)
+            self.engine.set_kv_keep_budget(keep_budget)
+        else:  # continuous rows keep their KV in the running batch; an engine that keeps nothing needs no share
+            batch_budget = self._kv_budget(cfg)
         self.busy_seconds = 0.0
         """Seconds spent computing (load-imbalance figures); published with each heartbeat."""
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self.leases = LeaseLoop(self.store, self.engine, self.replica_id, self._load, cfg.engine.stream_every)
-        self._replica_info = ReplicaInfo(self.replica_id, os.getpid(), self._backend(cfg), socket.gethostname(), time.time(),
-                                batch_budget)
+        self._replica_info = ReplicaInfo(self.replica_id, os.getpid(), self._backend(cfg), socket.gethostname(),
+                                         time.time(), batch_budget, keeps_kv)
         self._forgotten = threading.Event()
         """Set by the heartbeat when a dispatcher presumed this replica dead; the work loop then drops its rows
         (the dispatcher has put them back in the pool)."""

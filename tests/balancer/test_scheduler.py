@@ -183,6 +183,21 @@ def test_a_continuing_batch_goes_back_to_the_replica_that_kept_its_kv_cache():
         assert a.expected_finish - a.expected_start == pytest.approx(cost_on(a.batch, a.replica_id))
 
 
+def test_a_replica_that_keeps_no_kv_is_never_a_cache_holder():
+    """What the replica reports wins over the config: DeepSpeed's injected kernels keep no cache."""
+    sched = make(replicas=0, slice_len=8)
+    sched.add_replica("w0", 0.0, keeps_kv=False)
+    sched.add_request(request(0, prompt_len=200, max_tokens=64), 0.0)
+    [a] = sched.schedule(0.0)
+    complete(sched, a, 1.0)
+    assert sched.pool["r0"].kv_replica is None
+    sched.add_replica("w1", 1.0)  # keeps its caches
+    [b] = sched.schedule(1.0)
+    assert cost_on(b.batch, "w0") == cost_on(b.batch, "w1")  # no saved prefill anywhere
+    complete(sched, b, 2.0)
+    assert sched.pool["r0"].kv_replica == (b.replica_id if b.replica_id == "w1" else None)
+
+
 def test_without_kv_reuse_cost_is_the_same_everywhere():
     sched = make(replicas=2, slice_len=8, kv_reuse=False)
     sched.add_request(request(0, prompt_len=200, max_tokens=64), 0.0)

@@ -347,3 +347,27 @@ def test_two_dispatchers_on_one_redis_hand_over_every_request_exactly_once(redis
         old.stop()
         if new is not None:
             new.stop()
+
+
+@pytest.mark.parametrize("mode,kv_reuse,keeps", [("scls", True, True), ("scls", False, False),
+                                                  ("continuous_slices", True, False)])
+def test_a_replica_reports_whether_it_keeps_kv_and_splits_its_budget_accordingly(redis_url, mode, kv_reuse, keeps):
+    budget = 64 * 2**20
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": mode},
+                                           "engine": {"kv_reuse": kv_reuse, "kv_budget_bytes": budget}})
+    store = StateStore(redis_url)
+    worker = SliceWorker(cfg.model_dump(), replica_id="w")
+    core = start(cfg, store)
+    try:
+        info = store.replica_info("w")
+        assert info.keeps_kv is keeps
+        # only an engine that keeps caches gives them a share of the budget
+        assert info.kv_budget_bytes == pytest.approx(budget * (1 - cfg.engine.kv_keep_fraction) if keeps else budget)
+        deadline = time.monotonic() + 10
+        while "w" not in core.scheduler.replicas and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert core.scheduler.replicas["w"].keeps_kv is keeps
+        assert core.scheduler.config.kv_reuse is kv_reuse  # engine.kv_reuse is the one setting
+    finally:
+        worker._stop.set()
+        core.stop()
