@@ -37,6 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "keys (default: $SLICEFLEET_API_KEY if set, else the config's api.api_keys; none: no "
                         "auth). A key on the command line shows in the process list: prefer the variable or the "
                         "config's ${VAR}")
+    p.add_argument("--admin-key", action="append", default=None, metavar="KEY",
+                   help="override api.admin_keys: keys that may also send the scheduling extensions priority, "
+                        "target_len and ignore_eos; repeat for several (default: $SLICEFLEET_ADMIN_KEY if set, else "
+                        "the config's api.admin_keys)")
+    p.add_argument("--scheduling-extensions", action="store_true", default=None,
+                   help="let every client send priority, target_len and ignore_eos, e.g. for 'slicefleet bench "
+                        "--base-url --ignore-eos' (default: off, admin keys only)")
     p.add_argument("--model", default=None,
                    help="override model.path, a local Hugging Face model directory (default: the config's, the "
                         "small default model built by 'slicefleet make-model')")
@@ -47,20 +54,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override model.dtype, weights and KV cache (default: the config's, float32)")
 
 
-def api_keys(args) -> list[str] | None:
-    """The keys from the command line, else from $SLICEFLEET_API_KEY, else None (the config decides)."""
-    if args.api_key:
-        keys = [k for k in args.api_key if k]
-        if len(keys) != len(args.api_key):
-            raise SystemExit("--api-key must not be empty")
+def api_keys(args, flag: str = "api_key", env: str = "SLICEFLEET_API_KEY") -> list[str] | None:
+    """The keys from the command line, else from ``$env``, else None (the config decides)."""
+    given = getattr(args, flag)
+    if given:
+        keys = [k for k in given if k]
+        if len(keys) != len(given):
+            raise SystemExit(f"--{flag.replace('_', '-')} must not be empty")
         return keys
-    env = os.environ.get("SLICEFLEET_API_KEY")
-    return [env] if env else None
+    value = os.environ.get(env)
+    return [value] if value else None
 
 
 def overrides(args) -> dict:
     table = {"scheduler.mode": args.mode, "replicas.num_replicas": args.replicas, "api.host": args.host,
-             "api.port": args.port, "api.api_keys": api_keys(args), "model.path": args.model,
+             "api.port": args.port, "api.api_keys": api_keys(args),
+             "api.admin_keys": api_keys(args, "admin_key", "SLICEFLEET_ADMIN_KEY"),
+             "api.scheduling_extensions": args.scheduling_extensions, "model.path": args.model,
              "model.name": args.served_model_name, "model.dtype": args.dtype}
     return {k: v for k, v in table.items() if v is not None}
 

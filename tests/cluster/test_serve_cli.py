@@ -56,6 +56,18 @@ def test_api_key_from_the_environment(monkeypatch):
         serve_cli.overrides(_serve_args(["--api-key", ""]))
 
 
+def test_admin_keys_and_scheduling_extensions(monkeypatch):
+    monkeypatch.delenv("SLICEFLEET_ADMIN_KEY", raising=False)
+    o = serve_cli.overrides(_serve_args([]))
+    assert "api.admin_keys" not in o and "api.scheduling_extensions" not in o  # the config decides
+    o = serve_cli.overrides(_serve_args(["--admin-key", "a1", "--admin-key", "a2", "--scheduling-extensions"]))
+    assert o["api.admin_keys"] == ["a1", "a2"] and o["api.scheduling_extensions"] is True
+    monkeypatch.setenv("SLICEFLEET_ADMIN_KEY", "from-env")
+    assert serve_cli.overrides(_serve_args([]))["api.admin_keys"] == ["from-env"]
+    with pytest.raises(SystemExit):
+        serve_cli.overrides(_serve_args(["--admin-key", ""]))
+
+
 def test_bad_values_are_refused():
     for argv in (["--dtype", "int4"], ["--log-level", "chatty"], ["--port", "x"]):
         with pytest.raises(SystemExit):
