@@ -109,7 +109,10 @@ class DispatcherCore:
         log.info("dispatcher epoch %d: restored %d unfinished requests from Redis", self.epoch, restored)
 
     def _admit_live(self, rids: list[str], now: float) -> int:
-        """Admit the requests among ``rids`` that are still unfinished in Redis; returns how many."""
+        """Admit the requests among ``rids`` that are still unfinished in Redis and not held here already;
+        returns how many."""
+        held = self.scheduler.pool.keys() | self.scheduler.running.keys()
+        rids = [rid for rid in rids if rid not in held]
         admitted = 0
         for rec, gen in self.store.records(rids):
             if rec is not None and rec.status != "done":
@@ -147,7 +150,11 @@ class DispatcherCore:
                 now = time.time()
                 if self._store_down:
                     self._store_down, self._store_back_at = False, now
-                    log.info("Redis answers again; replicas get %.0f s to beat before any is presumed lost",
+                    # An announcement read just before the outage may never have been admitted (the read
+                    # succeeded, the rest of the round failed): the live set still has it.
+                    found = self._admit_live(self.store.live_ids(), now)
+                    log.info("Redis answers again: %d unfinished requests found in the live set and not held here "
+                             "were admitted; replicas get %.0f s to beat before any is presumed lost", found,
                              LOSS_GRACE_AFTER_OUTAGE)
                 if now - last_replicas >= REPLICA_CHECK_EVERY:
                     if self._superseded():

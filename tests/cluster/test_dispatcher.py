@@ -371,3 +371,31 @@ def test_a_replica_reports_whether_it_keeps_kv_and_splits_its_budget_accordingly
     finally:
         worker._stop.set()
         core.stop()
+
+
+def test_an_announcement_read_just_before_a_redis_error_is_not_lost(redis_url, reference, monkeypatch):
+    """The round that read a request's announcement fails on Redis before admitting it (the entry was
+    delivered, so the stream will not give it again): once Redis answers, the live set brings it back."""
+    import redis
+
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": "scls", "slice_len": 8}})
+    store = StateStore(redis_url)
+    core = start(cfg, store)
+    worker = SliceWorker(cfg.model_dump())
+    real_records, failed = core.store.records, []
+
+    def records_failing_once(rids):
+        if rids and not failed:
+            failed.append(list(rids))
+            raise redis.ConnectionError("connection reset (simulated outage)")
+        return real_records(rids)
+
+    monkeypatch.setattr(core.store, "records", records_failing_once)
+    try:
+        store.submit(RequestRecord("a", [5, 6, 7, 8], 24, time.time()))
+        wait_until_done(store, timeout=120)
+        assert failed == [["a"]]  # the failure really hit this request's admission
+        assert store.generated("a") == reference([5, 6, 7, 8], 24)
+    finally:
+        worker._stop.set()
+        core.stop()
