@@ -562,6 +562,8 @@ def resumed_after(rec: FaultRecord, outcomes: list[Outcome], until: float = math
         if not after:
             if any(t >= until for t in times):
                 continue  # its stall ran into the next fault, which accounts for it
+            if outcomes[i].completed:
+                continue  # its last chunk was already out when the fault fired: it never stopped
             return None  # never moved again: lost, and counted as such
         prev = max([t for t in times if t <= rec.at], default=rec.at)
         longest, end = -1.0, after[0]

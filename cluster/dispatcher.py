@@ -152,6 +152,8 @@ class DispatcherCore:
                     self._store_down, self._store_back_at = False, now
                     # An announcement read just before the outage may never have been admitted (the read
                     # succeeded, the rest of the round failed): the live set still has it.
+                    while self._step_streams(pending=True):  # a slice result read then would wait for its
+                        pass                                    # batch's timeout (30 s) otherwise
                     found = self._admit_live(self.store.live_ids(), now)
                     log.info("Redis answers again: %d unfinished requests found in the live set and not held here "
                              "were admitted; replicas get %.0f s to beat before any is presumed lost", found,
@@ -192,14 +194,22 @@ class DispatcherCore:
                     "its %d requests over and stopped dispatching", self.epoch, current, len(held))
         return True
 
-    def _step_streams(self) -> None:
+    def _step_streams(self, pending: bool = False) -> bool:
+        """One read of the three streams and what it brings; ``pending``: instead, the entries delivered to this
+        consumer but never acknowledged (a round cut short by a Redis error). Returns whether any came."""
         k = self.store.k
-        resp = self.store.r.xreadgroup(GROUP, "dispatcher", {k.incoming: ">", k.results: ">", k.cancel: ">"},
-                                       count=512, block=50)
+        start = "0" if pending else ">"
+        resp = self.store.r.xreadgroup(GROUP, "dispatcher", {k.incoming: start, k.results: start, k.cancel: start},
+                                       count=512, block=None if pending else 50)
         now = time.time()
+        got = False
         for stream, entries in resp or []:
             stream = stream.decode()
             ids = [eid for eid, _ in entries]
+            if not ids:
+                continue
+            got = True
+            entries = [(eid, f) for eid, f in entries if f]  # a pending entry trimmed from its stream has no fields
             if stream == k.incoming:
                 self._admit_live([f[b"id"].decode() for _, f in entries], now)
             elif stream == k.cancel:
@@ -209,6 +219,7 @@ class DispatcherCore:
                 for _, f in entries:
                     self._apply(json.loads(f[b"result"]), now)
             self.store.r.xack(stream, GROUP, *ids)
+        return got
 
     def _cancel(self, rid: str) -> None:
         replica_id, batch_id = self.scheduler.replica_of(rid), self.scheduler.batch_of(rid)

@@ -394,7 +394,7 @@ class StateStore:
                                  block=None if pending else block_ms)
         if not resp:
             return []
-        return [(eid.decode(), json.loads(fields[b"batch"])) for eid, fields in resp[0][1]]
+        return [(eid.decode(), json.loads(fields[b"batch"])) for eid, fields in resp[0][1] if fields]
 
     def ack_work(self, replica_id: str, entry_id: str) -> None:
         self.r.xack(self.k.work(replica_id), "worker", entry_id)

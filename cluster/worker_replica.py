@@ -287,14 +287,19 @@ class SliceWorker:
     def _read_forever(self) -> None:
         """Continuous modes: read this replica's work stream into ``_inbox`` (acknowledged once queued: the
         rows' state lives in this process, and a replica that dies loses its rows to the pool anyway)."""
+        pending = True  # what was delivered before this loop (re)started but never queued
         while not self._stop.is_set():
             try:
                 for entry_id, msg in self.store.read_work(self.replica_id, self.replica_id, block_ms=200,
-                                                          count=256):
+                                                          count=256, pending=pending):
                     self._inbox.put(msg)
                     self.store.ack_work(self.replica_id, entry_id)
+                pending = False
             except Exception as exc:  # Redis restarting: the work loop reports it too; keep trying
+                # A read whose reply the crash swallowed left its entries delivered but never queued: read
+                # them again (placing a row twice only restarts it from what Redis holds).
                 log.warning("work stream read failed: %s", exc)
+                pending = True
                 time.sleep(0.5)
 
 

@@ -399,3 +399,38 @@ def test_an_announcement_read_just_before_a_redis_error_is_not_lost(redis_url, r
     finally:
         worker._stop.set()
         core.stop()
+
+
+def test_a_slice_result_read_just_before_a_redis_error_is_applied_once_redis_answers(redis_url, reference,
+                                                                                      monkeypatch):
+    """The round that read a result fails before applying it: the entry stays pending, and the dispatcher reads
+    its pending entries once Redis answers instead of waiting for the batch's timeout."""
+    import redis
+
+    from cluster import dispatcher as dispatcher_module
+
+    monkeypatch.setattr(dispatcher_module, "BATCH_TIMEOUT_SLACK", 600.0)  # the timeout cannot rescue it
+    cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": "scls", "slice_len": 8}})
+    store = StateStore(redis_url)
+    core = start(cfg, store)
+    worker = SliceWorker(cfg.model_dump())
+    real_apply, failed = core._apply, []
+
+    def apply_failing_once(msg, now):
+        if not failed and msg.get("outputs"):
+            failed.append(msg.get("batch_id"))
+            raise redis.ConnectionError("connection reset (simulated outage)")
+        return real_apply(msg, now)
+
+    monkeypatch.setattr(core, "_apply", apply_failing_once)
+    try:
+        store.submit(RequestRecord("b", [5, 6, 7, 9], 24, time.time()))
+        t0 = time.monotonic()
+        wait_until_done(store, timeout=120)
+        assert failed, "no result was hit"
+        assert store.generated("b") == reference([5, 6, 7, 9], 24)
+        assert core.counters["batches_timed_out"] == 0  # recovered from the pending entry, not the timeout
+        assert time.monotonic() - t0 < 25
+    finally:
+        worker._stop.set()
+        core.stop()
