@@ -111,7 +111,7 @@ def test_short_fault_run_loses_nothing_and_hits_requests_in_flight(tmp_path):
     assert run["lost"] == 0 and run["differing"] == 0, run["problems"]
     assert [f["kind"] for f in run["faults"]] == ["worker", "dispatcher", "redis"]
     for f in run["faults"]:
-        assert f["fired"] and len(f["in_flight"]) >= 2 and f["live_in_redis"] >= 1, f
+        assert f["fired"] and len(f["in_flight"]) >= 1 and f["live_in_redis"] >= 1, f
         assert f["restored_s"] is not None and f["resumed_s"] is not None, f
     worker = run["faults"][0]
     assert worker["on_victim"] and worker["requeued"] >= 1  # it died streaming rows that had to be placed again
