@@ -30,6 +30,8 @@ EPOCH_CHECK_EVERY = 1.0
 
 def slice_item(rec: RequestRecord, generated: list[int]):
     """The engine's view of a stored request: its whole history, the budget left, its stop rules."""
+    from dataclasses import fields
+
     from worker.protocol import SamplingParams, SliceItem
 
     return SliceItem(
@@ -39,10 +41,8 @@ def slice_item(rec: RequestRecord, generated: list[int]):
         max_new_tokens=rec.max_tokens - len(generated),
         eos_token_ids=() if rec.ignore_eos or rec.target_len is not None else None,
         stop_token_ids=tuple(rec.stop_token_ids),
-        sampling=SamplingParams(
-            temperature=rec.temperature, top_p=rec.top_p, seed=rec.seed, top_k=rec.top_k, min_p=rec.min_p,
-            repetition_penalty=rec.repetition_penalty, presence_penalty=rec.presence_penalty,
-            frequency_penalty=rec.frequency_penalty, min_tokens=rec.min_tokens),
+        # the record stores every sampling knob under the engine's own field name
+        sampling=SamplingParams(**{f.name: getattr(rec, f.name) for f in fields(SamplingParams)}),
         target_len=None if rec.target_len is None else rec.target_len - len(generated),
     )
 
