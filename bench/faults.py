@@ -395,6 +395,10 @@ def _fire(cluster: Cluster, kind: str, in_flight_rids: list[str]) -> dict:
     tells when the victim is back."""
     live = set(cluster.store.live_ids())
     fired = {"live_hits": sum(1 for r in in_flight_rids if r in live), "on_victim": []}
+    if not fired["live_hits"]:
+        # The client has not seen their last chunk yet, but the server has finished them: a fault now would hit
+        # nothing, so wait for requests that Redis still holds as live.
+        raise _NotYet("the requests in flight had already finished in Redis")
     if kind == "worker":
         # The replica that is streaming the most requests to their clients right now: its death must show.
         pids = cluster.worker_pids()
