@@ -90,7 +90,7 @@ def run_point(mode: str, replicas: int, pairs, rate: float, args, profile: Path 
             "request_throughput": d["request_throughput"], "output_token_throughput": d["output_token_throughput"],
             "latency_p50": d["latency_p50"], "latency_p99": d["latency_p99"], "load_imbalance": d["load_imbalance"],
             "valid_token_ratio": d["valid_token_ratio"], "mean_batch_size": d["mean_batch_size"],
-            "duration": d["duration"]}
+            "duration": d["duration"], "schedule_sha256": d["extra"]["schedule_sha256"]}
 
 
 def table(rows: list[dict]) -> str:
@@ -121,14 +121,17 @@ def main(argv=None) -> int:
         for mode in modes:
             prof = args.profile if (args.profile and n == largest) else None
             row = run_point(mode, n, pairs_all[:total], args.rate_per_replica * n, args, prof)
-            log.info("%s x%d: %d requests, %.2f req/s, imbalance %.3f, wall %.1f s", mode, n, total,
-                     row["request_throughput"], row["load_imbalance"], row["wall_seconds"])
+            log.info("%s x%d: %d requests, %.2f req/s, imbalance %.3f, wall %.1f s, schedule sha256 %s", mode, n,
+                     total, row["request_throughput"], row["load_imbalance"], row["wall_seconds"],
+                     row["schedule_sha256"])
             rows.append(row)
             (args.out / "scale.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                              "rows": rows}, indent=1))
     md = table(rows)
     (args.out / "scale.md").write_text(md + "\n")
     print(md)
+    for r in rows:  # compare with an earlier run's to show a change left every finish time as it was
+        print(f"schedule sha256 {r['mode']} x{r['replicas']}: {r['schedule_sha256']}")
     return 0
 
 

@@ -119,8 +119,8 @@ def run(args) -> int:
         report.extra.update(predictor=args.predictor, rate=args.rate, seed=args.seed,
                             sample="heldout" if heldout else "all",
                             oversampled=drawn_again)
-        log.info("%s: %d requests in %.1f virtual s (%.1f s wall)", mode, report.requests, report.duration,
-                 report.extra["wall_seconds"])
+        log.info("%s: %d requests in %.1f virtual s (%.1f s wall), schedule sha256 %s", mode, report.requests,
+                 report.duration, report.extra["wall_seconds"], report.extra["schedule_sha256"])
         reports.append(report)
     print(format_table(reports))
     if args.json_out:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
+from typing import Iterable
 
 import numpy as np
 
@@ -44,6 +46,17 @@ class RunReport:
 def imbalance(busy: list[float]) -> float:
     arr = np.asarray(busy, dtype=float)
     return float(arr.std() / arr.mean()) if len(arr) and arr.mean() > 0 else 0.0
+
+
+def schedule_fingerprint(finishes: Iterable[tuple[str, float]]) -> str:
+    """sha256 of every request's finish time, by request id, rounded to the microsecond.
+
+    Two runs with the same fingerprint finished every request at the same instant: a change meant to be
+    performance only (the simulator, the scheduler's bookkeeping) must leave it as it was. Rounding keeps a
+    change of float summation order in the last bits from counting as a different schedule.
+    """
+    text = "".join(f"{rid} {t:.6f}\n" for rid, t in sorted(finishes))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def summarize(mode: str, replicas: int, arrivals: list[float], finishes: list[float], first_tokens: list[float],

@@ -18,7 +18,7 @@ from balancer.estimators import BilinearLatencyModel, MemoryEstimator
 from balancer.scheduler import Scheduler
 from balancer.types import Mode, Request, SliceResult
 from cluster.sim.replica import ContinuousReplica, SliceReplica
-from cluster.sim.report import RunReport, summarize
+from cluster.sim.report import RunReport, schedule_fingerprint, summarize
 from cluster.sim.workload import SimRequest
 
 MAX_LANES = 4
@@ -200,6 +200,7 @@ class Simulation:
             early_returns=early,
             slices=sum(r.slices for r in reqs),
             extra={"wall_seconds": wall, "rejected": len(self.rejected),
+                   "schedule_sha256": schedule_fingerprint((r.id, r.finished_at) for r in reqs),
                    "kv_reused_rows": sum(getattr(r, "kv_reused_rows", 0) for r in self.replicas.values())},
         )
 

@@ -6,6 +6,7 @@ import pytest
 
 from balancer.config import SchedulerConfig
 from balancer.estimators import LinearKVMemory
+from cluster.sim.report import schedule_fingerprint
 from cluster.sim.simulator import simulate
 from cluster.sim.workload import arrival_times, build_workload, constant_predictor, oracle_predictor, synthetic_lengths
 from tests.balancer.helpers import LATENCY
@@ -78,3 +79,20 @@ def test_kv_reuse_removes_most_reprefill_work():
     assert reports[True].extra["kv_reused_rows"] > 0 and reports[False].extra["kv_reused_rows"] == 0
     assert reports[True].reprefill_tokens < 0.5 * reports[False].reprefill_tokens
     assert reports[True].useful_tokens == reports[False].useful_tokens
+
+
+def test_schedule_fingerprint_names_every_finish_time():
+    pairs = synthetic_lengths(200, seed=4)
+    workload = build_workload(pairs, arrival_times(200, 30.0, seed=4), oracle_predictor(pairs))
+    cfg = SchedulerConfig(mode="scls", slice_len=32, max_gen_len=512)
+    first, sim = simulate(cfg, LATENCY, MEMORY, workload, replicas=3)
+    again, _ = simulate(cfg, LATENCY, MEMORY, workload, replicas=3)
+    other, _ = simulate(cfg, LATENCY, MEMORY, workload, replicas=4)
+    assert first.extra["schedule_sha256"] == again.extra["schedule_sha256"]
+    assert first.extra["schedule_sha256"] != other.extra["schedule_sha256"]
+    finishes = [(f.request.id, f.request.finished_at) for f in sim.finished]
+    assert schedule_fingerprint(reversed(finishes)) == first.extra["schedule_sha256"]  # order of finishing: no matter
+    moved = [(rid, t + (1e-3 if i == 7 else 0.0)) for i, (rid, t) in enumerate(finishes)]
+    assert schedule_fingerprint(moved) != first.extra["schedule_sha256"]  # one request a millisecond later
+    # a change in the last bits (float summation order) is not a change of schedule
+    assert schedule_fingerprint([("r1", 2.0000001)]) == schedule_fingerprint([("r1", 2.00000012)])
