@@ -395,53 +395,6 @@ def test_api_keys(env):
         assert c.get("/health").status_code in (200, 503)  # probes need no key
 
 
-AUTH_ROUTES = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-               ("GET", "/v1/models/tiny-test"), ("GET", "/version"), ("GET", "/metrics"), ("GET", "/openapi.json"),
-               ("GET", "/health")]
-AUTH_BODIES = {"/v1/completions": {"prompt": "x", "max_tokens": 2},
-               "/v1/chat/completions": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}}
-
-
-def test_auth_table_route_by_key(env):
-    """Every route but /health needs a key once keys are configured; /metrics also takes its own keys.
-    Prints the table the reliability notes quote."""
-    c, _ = _client(env, api_keys=["k-user"], admin_keys=["k-admin"], metrics_keys=["k-prom"],
-                   scheduling_extensions=False)
-    keys = {"none": None, "wrong": "nope", "user": "k-user", "admin": "k-admin", "metrics": "k-prom"}
-    table = {}
-    with c:
-        for method, path in AUTH_ROUTES:
-            for name, key in keys.items():
-                headers = {"Authorization": f"Bearer {key}"} if key else {}
-                r = c.request(method, path, json=AUTH_BODIES.get(path), headers=headers)
-                table[method, path, name] = r.status_code
-    print("\n".join(f"{m} {p}: " + ", ".join(f"{n}={table[m, p, n]}" for n in keys) for m, p in AUTH_ROUTES))
-    health = table["GET", "/health", "none"]
-    for method, path in AUTH_ROUTES:
-        row = {n: table[method, path, n] for n in keys}
-        if path == "/health":
-            assert set(row.values()) == {health} and health in (200, 503)
-            continue
-        assert row["none"] == row["wrong"] == 401, (path, row)
-        assert row["user"] == row["admin"] == 200, (path, row)
-        assert row["metrics"] == (200 if path == "/metrics" else 401), (path, row)
-
-
-def test_scheduling_extensions_need_an_admin_key_or_config(env):
-    c, _ = _client(env, api_keys=["k-user"], admin_keys=["k-admin"], scheduling_extensions=False)
-    with c:
-        for extra in ({"priority": 5}, {"target_len": 2}, {"ignore_eos": True}):
-            body = {"prompt": "x", "max_tokens": 2, **extra}
-            r = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k-user"})
-            assert r.status_code == 403, r.text
-            assert r.json()["error"]["param"] == next(iter(extra))
-            r = c.post("/v1/completions", json=body, headers={"Authorization": "Bearer k-admin"})
-            assert r.status_code == 200, r.text
-    c, _ = _client(env, metrics_public=True, api_keys=["k-user"])
-    with c:
-        assert c.get("/metrics").status_code == 200 and c.get("/version").status_code == 401
-
-
 def _nested(depth: int) -> bytes:
     return b'{"prompt": "hi", "extra": ' + b"[" * depth + b"]" * depth + b"}"
 
