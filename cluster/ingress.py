@@ -346,8 +346,7 @@ class IngressService:
             model_dir = ensure_default_model()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         facts = model_facts(model_dir, tokenizer, cfg.model.max_context)
-        store = AsyncStateStore(cfg.redis.url, cfg.redis.key_prefix, cfg.redis.password,
-                                max_connections=cfg.api.max_inflight + 64)
+        store = AsyncStateStore.connect(cfg.redis, max_connections=cfg.api.max_inflight + 64)
         kwargs.setdefault("length_predictor", load_length_predictor(cfg))
         return cls(cfg, tokenizer, store, ready=ready, **{**facts, **kwargs})
 

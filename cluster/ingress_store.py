@@ -17,21 +17,29 @@ import weakref
 
 import redis.asyncio as aioredis
 
+from cluster.config import RedisSettings
 from cluster.state import Keys, RequestRecord
 
 ENTRY_FIELDS = ("tokens", "replica", "finish_reason")
 
 
 class AsyncStateStore:
-    def __init__(self, url: str, prefix: str = "sf", password: str | None = None, max_connections: int = 576):
+    def __init__(self, url: str, prefix: str = "sf", password: str | None = None, max_connections: int = 576,
+                 **tls):
+        """``tls``: redis-py's ``ssl_*`` options for a rediss:// URL (:meth:`connect` takes them from the config)."""
         self.url = url
-        self.password = password
+        self._options = {"password": password, **tls}
         self.max_connections = max_connections
         """Every request waiting for output holds one connection in a blocking XREAD, so this must exceed
         ``api.max_inflight`` (redis-py's default of 100 turned the 101st waiting request into a 503)."""
         self.k = Keys(prefix)
         self._clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis]" = (
             weakref.WeakKeyDictionary())
+
+    @classmethod
+    def connect(cls, settings: RedisSettings, **kwargs) -> "AsyncStateStore":
+        """The store ``settings`` (a config's ``redis``) describe: URL, prefix, password and TLS."""
+        return cls(settings.url, settings.key_prefix, **settings.connection_kwargs(), **kwargs)
 
     @property
     def r(self) -> aioredis.Redis:
@@ -41,7 +49,7 @@ class AsyncStateStore:
             # socket_timeout must exceed the longest XREAD BLOCK we issue (see read_output's block_ms cap).
             # A blocking pool waits for a free connection instead of failing with "Too many connections".
             pool = aioredis.BlockingConnectionPool.from_url(
-                self.url, password=self.password, decode_responses=True, socket_timeout=30,
+                self.url, **self._options, decode_responses=True, socket_timeout=30,
                 socket_connect_timeout=5, health_check_interval=10, max_connections=self.max_connections,
                 timeout=10)
             client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it too

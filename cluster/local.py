@@ -42,6 +42,12 @@ class LocalCluster:
             # Redis answers again, so a restart on the same port with the same AOF is a full recovery.
             self.redis = EmbeddedRedis.private(self.redis_dir).start().supervise()
             self.cfg = self.cfg.with_redis_url(self.redis.url)
+        else:
+            from cluster.state import wait_for_redis
+
+            # A Redis that cannot be used (down, plain vs TLS, untrusted certificate, wrong password) fails here
+            # with the reason, not as a health check that times out once every replica has started.
+            wait_for_redis(self.cfg.redis.url, **self.cfg.redis.connection_kwargs())
         from worker.make_model import ensure_default_model
 
         if not self.cfg.model.path:

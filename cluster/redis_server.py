@@ -14,6 +14,7 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,33 @@ def free_loopback_port() -> int:
             port = s.getsockname()[1]
         if port != RAY_GCS_PORT:
             return port
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs and error messages (any scheme; redis-py also
+    takes the password as a ``?password=`` query argument)."""
+    return _with_password(url, "***")
+
+
+def url_without_password(url: str) -> str:
+    """``url`` with no password in it (the user name stays)."""
+    return _with_password(url, None)
+
+
+def _with_password(url: str, replacement: str | None) -> str:
+    parts = urlsplit(url)
+    if parts.password is not None:
+        user = parts.username or ""
+        auth = f"{user}:{replacement}@" if replacement is not None else (f"{user}@" if user else "")
+        parts = parts._replace(netloc=auth + parts.netloc.rpartition("@")[2])
+    if "password" in parts.query:
+        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                 if k != "password" or replacement is not None]
+        query = [(k, replacement if k == "password" else v) for k, v in query]
+        parts = parts._replace(query=urlencode(query, safe="*/"))
+    # Not urlunsplit: it writes unix:///path back as unix:/path.
+    return f"{parts.scheme}://{parts.netloc}{parts.path}{'?' + parts.query if parts.query else ''}" + (
+        f"#{parts.fragment}" if parts.fragment else "")
 
 
 ACL_USER = "slicefleet"
@@ -61,7 +89,7 @@ class EmbeddedRedis:
     @property
     def safe_url(self) -> str:
         """The URL without its password, for logs."""
-        return f"redis://{ACL_USER + ':***@' if self.password else ''}127.0.0.1:{self.port}/0"
+        return safe_url(self.url)
 
     @property
     def url(self) -> str:

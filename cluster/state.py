@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
+
+from cluster.config import RedisSettings
+from cluster.redis_server import safe_url
 
 log = logging.getLogger(__name__)
 
@@ -222,12 +226,19 @@ class ReplicaInfo:
 class StateStore:
     """Synchronous access for the dispatcher and the workers (each runs its loop in a thread)."""
 
-    def __init__(self, url: str, prefix: str = "sf", password: str | None = None):
+    def __init__(self, url: str, prefix: str = "sf", password: str | None = None, **tls):
+        """``tls``: redis-py's ``ssl_*`` options for a rediss:// URL. :meth:`connect` takes the password and these
+        from the configuration, which is how the cluster's processes open it."""
         self.url = url
-        self.r = redis.Redis.from_url(url, password=password, socket_timeout=30, socket_connect_timeout=5,
+        self.r = redis.Redis.from_url(url, password=password, **tls, socket_timeout=30, socket_connect_timeout=5,
                                       health_check_interval=10, retry_on_timeout=True)
         self.k = Keys(prefix)
         self._apply = self.r.register_script(_APPLY_RESULT)
+
+    @classmethod
+    def connect(cls, settings: RedisSettings) -> "StateStore":
+        """The store ``settings`` (a config's ``redis``) describe: URL, prefix, password and TLS."""
+        return cls(settings.url, settings.key_prefix, **settings.connection_kwargs())
 
     def ping(self) -> bool:
         return bool(self.r.ping())
@@ -430,15 +441,40 @@ class StateStore:
         return [json.loads(x) for x in self.r.lrange(self.k.slice_log, 0, -1)]
 
 
-def wait_for_redis(url: str, password: str | None = None, timeout: float = 30.0) -> None:
-    """Block until the server answers PING (it may be restarting)."""
+def wait_for_redis(url: str, password: str | None = None, timeout: float = 30.0, **tls) -> None:
+    """Block until the server answers PING (it may be starting or restarting); ``tls`` as for :class:`StateStore`.
+
+    A wrong password or a certificate this client does not trust fails at once (waiting changes neither); the
+    error names the server (password masked) and, where the symptom is ambiguous, the likely cause."""
     deadline = time.monotonic() + timeout
-    client = redis.Redis.from_url(url, password=password, socket_connect_timeout=1)
-    while True:
-        try:
-            client.ping()
-            return
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    client = redis.Redis.from_url(url, password=password, **tls, socket_connect_timeout=1, socket_timeout=5)
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.AuthenticationError as exc:
+                raise redis.AuthenticationError(f"Redis at {safe_url(url)} refused the credentials: {exc}") from exc
+            except redis.ConnectionError as exc:
+                if isinstance(exc.__context__, ssl.SSLCertVerificationError):
+                    raise redis.ConnectionError(
+                        f"Redis at {safe_url(url)}: {exc} (the server's certificate is not one this client trusts: "
+                        "redis.tls_ca_file must be the CA that signed it; redis.tls_check_hostname checks that it "
+                        "names the URL's host)") from exc
+                if time.monotonic() > deadline:
+                    hint = ""
+                    if url.startswith("redis://") and _dropped(exc):
+                        hint = " (a server that only speaks TLS drops plain connections like this: is its URL rediss://?)"
+                    elif isinstance(exc.__context__, ssl.SSLError) and not tls.get("ssl_certfile"):
+                        hint = (" (a server that checks client certificates hangs up on a client without one: "
+                                "redis.tls_cert_file and redis.tls_key_file)")
+                    raise redis.ConnectionError(
+                        f"Redis at {safe_url(url)} did not answer within {timeout:g} s: {exc}{hint}") from exc
+                time.sleep(0.2)
+    finally:
+        client.close()
+
+
+def _dropped(exc: BaseException) -> bool:
+    """The server hung up on us (rather than nobody listening)."""
+    return isinstance(exc.__context__, (ConnectionResetError, BrokenPipeError)) or "closed by server" in str(exc)

@@ -81,7 +81,7 @@ class SliceWorker:
         """``replica_id``: resume as this replica (its stream and unacknowledged batches); default a new id."""
         cfg = SlicefleetConfig.model_validate(config)
         self.cfg = cfg
-        self.store = StateStore(cfg.redis.url, cfg.redis.key_prefix, cfg.redis.password)
+        self.store = StateStore.connect(cfg.redis)
         self.replica_id = replica_id or self._make_id()
         if cfg.engine.device == "cpu" and cfg.engine.nice and os.nice(0) < cfg.engine.nice:
             os.nice(cfg.engine.nice - os.nice(0))  # the control plane answers first when engines saturate the CPU
