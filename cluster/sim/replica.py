@@ -15,14 +15,17 @@ from balancer.types import Batch, FinishReason, Request, RequestOutcome, SliceRe
 from worker.lanes import GROUP_PAD_TOKENS, plan_lanes, prefill_groups
 
 
-def _finish(req: Request, new_tokens: int, true_len: int) -> FinishReason:
-    """Why a row stopped after ``new_tokens`` more tokens."""
-    produced = req.generated + new_tokens
+_EOS, _LENGTH, _SLICE_END = FinishReason.EOS, FinishReason.LENGTH, FinishReason.SLICE_END
+"""Module constants: an enum member looked up on its class costs a call, once per row of every batch."""
+
+
+def _finish(produced: int, true_len: int, max_tokens: int) -> FinishReason:
+    """Why a row stopped once it has ``produced`` tokens in all."""
     if produced >= true_len:
-        return FinishReason.EOS
-    if produced >= req.max_tokens:
-        return FinishReason.LENGTH
-    return FinishReason.SLICE_END
+        return _EOS
+    if produced >= max_tokens:
+        return _LENGTH
+    return _SLICE_END
 
 
 @dataclass
@@ -62,46 +65,53 @@ class SliceReplica:
         self.running = None
 
     def execute(self, batch: Batch) -> SliceResult:
-        longest = batch.max_input_len
-        new = [min(batch.steps, self.true_len[r.id] - r.generated, r.remaining) for r in batch.requests]
-        steps = max(new)  # the engine stops once every row has finished
-        outcomes = [RequestOutcome(r.id, k, _finish(r, k, self.true_len[r.id]))
-                    for r, k in zip(batch.requests, new)]
-        reused = set()
-        for r in batch.requests:  # a row's cache is taken by this run, whether it is still usable or not
-            kept = self.kv_rows.pop(r.id, None)
+        # One pass over the rows: at a million requests this runs for every batch of the run, and separate
+        # comprehensions for each figure cost more than the arithmetic.
+        true_len, kv_rows, keep = self.true_len, self.kv_rows, self.kv_cache_tokens > 0
+        outcomes = []
+        steps = new_total = 0
+        n_fresh = fresh_len = fresh_inputs = reprefill = reused = 0
+        for r in batch.requests:
+            rid, generated, target = r.id, r.generated, true_len[r.id]
+            input_len = r.prompt_len + generated
+            k = min(batch.steps, target - generated, max(r.max_tokens - generated, 0))
+            reason = _finish(generated + k, target, r.max_tokens)
+            outcomes.append(RequestOutcome(rid, k, reason))
+            steps = max(steps, k)  # the engine stops once every row has finished
+            new_total += k
+            kept = kv_rows.pop(rid, None)  # a row's cache is taken by this run, whether still usable or not
             if kept is not None:
                 self.kv_held -= kept
-                if kept == r.input_len:
-                    reused.add(r.id)
-        fresh = [r for r in batch.requests if r.id not in reused]
-        self.kv_reused_rows += len(reused)
-        if fresh:
-            fresh_len = max(r.input_len for r in fresh)
-            prefill = self.latency.prefill_time(len(fresh), fresh_len)
-        else:
-            fresh_len, prefill = 0, self.latency.prefill_time(batch.size, 1)
-        decode = self.latency.batch_time(batch.size, longest, steps) - self.latency.prefill_time(batch.size, longest)
-        self._keep(batch, new, outcomes)
+            if kept is not None and kept == input_len:
+                reused += 1
+            else:
+                n_fresh += 1
+                fresh_len = max(fresh_len, input_len)
+                fresh_inputs += input_len
+                if r.slices > 0:
+                    reprefill += input_len
+            if keep and reason is _SLICE_END:  # it will need another slice: keep its cache
+                kv_rows[rid] = input_len + k
+                self.kv_held += input_len + k
+        self.kv_reused_rows += reused
+        self._evict()
+        size, longest = batch.size, batch.max_input_len
+        prefill = (self.latency.prefill_time(n_fresh, fresh_len) if n_fresh
+                   else self.latency.prefill_time(size, 1))
+        decode = self.latency.batch_time(size, longest, steps) - self.latency.prefill_time(size, longest)
         return SliceResult(
             batch_id=batch.id,
             replica_id=self.id,
             outcomes=outcomes,
             elapsed=float(prefill + decode),
-            pad_tokens=sum(fresh_len - r.input_len for r in fresh),
-            invalid_tokens=sum(steps - k for k in new),
-            reprefill_tokens=sum(r.input_len for r in fresh if r.slices > 0),
-            kv_reused=not fresh,
+            pad_tokens=n_fresh * fresh_len - fresh_inputs,
+            invalid_tokens=size * steps - new_total,
+            reprefill_tokens=reprefill,
+            kv_reused=not n_fresh,
         )
 
-    def _keep(self, batch: Batch, new: list[int], outcomes: list[RequestOutcome]) -> None:
-        """Keep the caches of rows that will need another slice; evict least recently used beyond capacity."""
-        if self.kv_cache_tokens <= 0:
-            return
-        for r, k, o in zip(batch.requests, new, outcomes):
-            if not o.finish_reason.is_final:
-                self.kv_rows[r.id] = r.input_len + k
-                self.kv_held += r.input_len + k
+    def _evict(self) -> None:
+        """Drop the least recently used kept caches beyond capacity."""
         while self.kv_held > self.kv_cache_tokens and self.kv_rows:
             _, tokens = self.kv_rows.popitem(last=False)
             self.kv_held -= tokens
@@ -245,5 +255,6 @@ class ContinuousReplica:
     def _result(self, a: _Active, tokens: int) -> SliceResult:
         return SliceResult(a.batch.id, self.id,
                            [RequestOutcome(a.request.id, tokens,
-                                           _finish(a.request, tokens, self.true_len[a.request.id]))],
+                                           _finish(a.request.generated + tokens, self.true_len[a.request.id],
+                                                   a.request.max_tokens))],
                            elapsed=0.0)
