@@ -52,6 +52,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from cluster.config import SlicefleetConfig
 from cluster.ingress_store import AsyncStateStore
@@ -85,6 +86,9 @@ CPU for megabytes of text, during which other requests wait for the tokenizer)."
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 SUBMIT_RETRY_SECONDS = 5.0
 """How long a submit keeps retrying while the state store is unreachable (e.g. restarting)."""
+BODY_TIMEOUT_S = 30.0
+"""How long a request body may take to arrive (408 beyond): a client trickling a body would otherwise hold its
+slot forever. The proxy bounds the head the same way (:mod:`cluster.http_limits`)."""
 READY_TIMEOUT_S = 5.0
 """How long /health waits for the readiness callable (the dispatcher's ``ready``)."""
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -977,11 +981,18 @@ async def read_json(request: Request, max_bytes: int, max_depth: int) -> Any:
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _too_large(max_bytes)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s ({size} bytes came)",
+                       "invalid_request_error", None, "request_timeout") from None
+    except ClientDisconnect:
+        raise ApiError(499, "client closed the request", "client_closed", None, "client_closed") from None
     raw = b"".join(chunks)
     if json_depth(raw) > max_depth:
         raise bad_request(f"the request body nests deeper than {max_depth} levels", None, "invalid_json")

@@ -32,6 +32,11 @@ class LocalCluster:
     def start(self, timeout: float = 300.0) -> "LocalCluster":
         # Every Ray socket on 127.0.0.1 (DESIGN.md); set before Ray is imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Serve's proxy (uvicorn) has no timeout for a request head: without this a client holds a connection
+        # forever by sending nothing or a byte at a time. Read by the proxy process, so set before Ray starts.
+        from cluster.http_limits import CALLBACK, CALLBACK_ENV
+
+        os.environ.setdefault(CALLBACK_ENV, CALLBACK)
         import ray
         from ray import serve
 

@@ -27,6 +27,8 @@ code  type                        code field                   when
 404   invalid_request_error       model_not_found              ``model`` is not the served model
 404   invalid_request_error       not_found                    unknown route
 405   invalid_request_error       method_not_allowed           wrong HTTP method on a known route
+408   invalid_request_error       request_timeout              the body did not arrive within 30 s (the proxy
+                                                               closes a connection whose head takes 30 s)
 413   invalid_request_error       request_too_large            body over api.max_request_bytes (before reading it)
 415   invalid_request_error       unsupported_media_type       Content-Type is not application/json
 429   rate_limit_error            backlog_exceeded             predicted backlog > api.max_backlog_seconds

@@ -40,7 +40,7 @@ def _expected(path: str, key: str) -> int:
 EXTENSIONS = {"priority": {"priority": 5}, "target_len": {"target_len": 2}, "ignore_eos": {"ignore_eos": True}}
 
 
-def _markdown(title: str, rows: dict[str, dict[str, object]]) -> str:
+def markdown_table(title: str, rows: dict[str, dict[str, object]]) -> str:
     columns = list(next(iter(rows.values())))
     lines = [f"| {title} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(str(row[c]) for c in columns) + " |" for name, row in rows.items()]
@@ -81,7 +81,7 @@ def test_every_route_by_key(env):
     with _client(env, api_keys=[USER], admin_keys=[ADMIN], metrics_keys=[SCRAPER]) as c:
         got = {f"{m} {p}": {k: _call(c, m, p, key).status_code for k, key in KEYS.items()} for m, p in ROUTES}
     TABLES.append("Route by key (api.api_keys, api.admin_keys and api.metrics_keys set):\n\n"
-                  + _markdown("route", got))
+                  + markdown_table("route", got))
     want = {f"{m} {p}": {k: _expected(p, k) for k in KEYS} for m, p in ROUTES}
     assert got == want
 
@@ -110,7 +110,7 @@ def test_scheduling_extensions_need_an_admin_key_unless_enabled(env):
         for name, extra in EXTENSIONS.items():
             got[name]["API key, scheduling_extensions: true"] = _call(
                 c, "POST", "/v1/completions", USER, {**BODIES["/v1/completions"], **extra}).status_code
-    TABLES.append("Scheduling extensions on POST /v1/completions:\n\n" + _markdown("field", got))
+    TABLES.append("Scheduling extensions on POST /v1/completions:\n\n" + markdown_table("field", got))
     assert got == {name: {"API key": 403, "admin key": 200, "API key, scheduling_extensions: true": 200}
                    for name in EXTENSIONS}
 
@@ -126,7 +126,7 @@ def test_metrics_settings(env):
             got[name] = {f"/metrics, {k}": _call(c, "GET", "/metrics", key).status_code
                          for k, key in (("no key", None), ("API key", USER), ("metrics key", SCRAPER))}
             got[name]["/version, metrics key"] = _call(c, "GET", "/version", SCRAPER).status_code
-    TABLES.append("GET /metrics by setting:\n\n" + _markdown("api settings", got))
+    TABLES.append("GET /metrics by setting:\n\n" + markdown_table("api settings", got))
     assert got == {
         "api_keys only": {"/metrics, no key": 401, "/metrics, API key": 200, "/metrics, metrics key": 401,
                           "/version, metrics key": 401},
