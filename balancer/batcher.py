@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from balancer.estimators import MemoryEstimator, SliceTimeEstimator
+from balancer.estimators import BilinearLatencyModel, LinearKVMemory, MemoryEstimator, SliceTimeEstimator
 from balancer.types import Request
 
 
@@ -46,14 +46,82 @@ def row_caps(lengths: np.ndarray, steps: int, memory: MemoryEstimator, max_batch
     return caps
 
 
+class ShapeCosts:
+    """What the DP asks of the estimators, asked once per shape and kept: for one slice length, the row cap
+    of each longest input, and for each length the costs over every batch size.
+
+    Rounds of a long run see the same few thousand input lengths again and again, and NumPy's per-call
+    overhead on a pool of a few dozen requests costs more than the arithmetic, so a cost matrix built afresh
+    each round was a quarter of the simulator's time. Each row is computed by the same estimator call on a
+    NumPy row as the matrix would, so the DP sees bit-identical costs.
+
+    Keep one only while the estimators are pure functions of the shape: see ``cacheable``.
+    """
+
+    def __init__(self, time: SliceTimeEstimator, memory: MemoryEstimator, steps: int, max_batch_size: int):
+        self.time, self.memory, self.steps, self.max_batch_size = time, memory, steps, max_batch_size
+        self._sizes = np.arange(1, max_batch_size + 1, dtype=np.int64)
+        self._caps: dict[int, int] = {}
+        self._whole: dict[int, list[float]] = {}
+        self._decode: dict[int, list[float]] = {}
+        self._prefill: dict[int, list[float]] = {}
+
+    @staticmethod
+    def cacheable(time: SliceTimeEstimator, memory: MemoryEstimator) -> bool:
+        """Whether the estimators always answer the same for the same shape (frozen, closed form). The live
+        dispatcher's online latency estimator refits itself between rounds, so it is not."""
+        return type(time) is BilinearLatencyModel and type(memory) is LinearKVMemory
+
+    def matches(self, time: SliceTimeEstimator, memory: MemoryEstimator, steps: int, max_batch_size: int) -> bool:
+        return (self.time is time and self.memory is memory and self.steps == steps
+                and self.max_batch_size == max_batch_size)
+
+    def cap(self, length: int) -> int:
+        """Largest batch allowed when its longest row has ``length`` tokens (memory and the size cap)."""
+        cap = self._caps.get(length)
+        if cap is None:
+            cap = self._caps[length] = min(self.max_batch_size, self.memory.max_batch_size(length, self.steps))
+        return cap
+
+    def whole(self, length: int) -> list[float]:
+        """[s - 1]: a batch of s rows padded to ``length``, prefill and decode."""
+        row = self._whole.get(length)
+        if row is None:
+            row = self._whole[length] = np.asarray(self.time.batch_time(self._sizes, length, self.steps),
+                                                   dtype=float).tolist()
+        return row
+
+    def decode(self, length: int) -> list[float]:
+        """[s - 1]: the decode steps alone of s rows whose longest context starts at ``length``."""
+        row = self._decode.get(length)
+        if row is None:
+            longest = float(length)
+            row = self._decode[length] = np.asarray(
+                self.time.batch_time(self._sizes, longest, self.steps) - self.time.batch_time(self._sizes, longest, 0),
+                dtype=float).tolist()
+        return row
+
+    def prefill(self, length: int) -> list[float]:
+        """[k]: the prefill of k rows padded to ``length`` (0.0 for none)."""
+        row = self._prefill.get(length)
+        if row is None:
+            row = self._prefill[length] = [0.0] + np.asarray(self.time.batch_time(self._sizes, length, 0),
+                                                             dtype=float).tolist()
+        return row
+
+
 def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, memory: MemoryEstimator,
-                 max_batch_size: int, kv_kept: bool = False) -> BatchPlan:
+                 max_batch_size: int, kv_kept: bool = False, costs: ShapeCosts | None = None) -> BatchPlan:
     """Split ``requests`` into batches of least total estimated time under the memory bound.
 
     ``kv_kept``: rows with a kept KV cache (``kv_replica`` set) resume by feeding one token, so only the
     fresh rows of a batch pay a prefill padded to their longest (the engines feed the two kinds apart).
+    ``costs``: the per-shape costs kept from earlier rounds (same ``time``, ``memory``, ``steps`` and
+    ``max_batch_size``); without it the costs are computed afresh as one matrix. Both give the same plan.
     """
     ordered = sorted(requests, key=lambda r: (r.input_len, r.id))
+    if costs is not None:
+        return _plan_with_kept_costs(ordered, costs, kv_kept)
     lengths = np.array([r.input_len for r in ordered], dtype=np.int64)
     caps = row_caps(lengths, steps, memory, max_batch_size)
     unfit = [r for r, c in zip(ordered, caps) if c < 1]
@@ -76,16 +144,50 @@ def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, 
     else:
         cost = np.broadcast_to(np.asarray(time.batch_time(sizes[None, :], lengths[:, None], steps), dtype=float),
                                (n, width)).tolist()
-    best, take = _least_total_splits(cost, np.minimum(caps, width).tolist())
+    return _split(ordered, cost, np.minimum(caps, width).tolist(), unfit)
 
+
+def _plan_with_kept_costs(ordered: list[Request], costs: ShapeCosts, kv_kept: bool) -> BatchPlan:
+    """``plan_batches`` from kept per-shape rows: cost[j] is only as long as the DP reads it."""
+    lengths = [r.input_len for r in ordered]
+    caps = [costs.cap(length) for length in lengths]
+    unfit = [r for r, c in zip(ordered, caps) if c < 1]
+    if unfit:
+        ordered = [r for r, c in zip(ordered, caps) if c >= 1]
+        lengths = [length for length, c in zip(lengths, caps) if c >= 1]
+        caps = [c for c in caps if c >= 1]
+    if not ordered:
+        return BatchPlan([], 0.0, unfit)
+    if not kv_kept:
+        return _split(ordered, [costs.whole(length) for length in lengths], caps, unfit)
+    # As _costs_with_kept_caches: decode at the longest context, plus the fresh rows' prefill padded to the
+    # last fresh row of the window, plus one token for each resumed row (same operations, same order).
+    resumed_prefill = costs.prefill(1)
+    cost = []
+    seen_fresh = [0]  # seen_fresh[i]: fresh rows among the first i
+    last_fresh = 1  # the length of the latest fresh row so far (any length while there is none: 0 of them pay)
+    for j, (r, length, cap) in enumerate(zip(ordered, lengths, caps)):
+        if r.kv_replica is None:
+            last_fresh = length
+        seen_fresh.append(seen_fresh[-1] + (r.kv_replica is None))
+        fresh_prefill, top, m = costs.prefill(last_fresh), seen_fresh[-1], min(cap, j + 1)
+        # s rows ending at j hold top - seen_fresh[j + 1 - s] fresh ones
+        window_starts = reversed(seen_fresh[j + 1 - m:j + 1])
+        cost.append([d + (fresh_prefill[top - before] + resumed_prefill[s - top + before])
+                     for s, d, before in zip(range(1, m + 1), costs.decode(length), window_starts)])
+    return _split(ordered, cost, caps, unfit)
+
+
+def _split(ordered: list[Request], cost: list[list[float]], caps: list[int], unfit: list[Request]) -> BatchPlan:
+    best, take = _least_total_splits(cost, caps)
     groups: list[list[Request]] = []
-    j = n
+    j = len(ordered)
     while j > 0:
         s = take[j]
         groups.append(ordered[j - s:j])
         j -= s
     groups.reverse()
-    return BatchPlan(groups, best[n], unfit)
+    return BatchPlan(groups, best[len(ordered)], unfit)
 
 
 def _costs_with_kept_caches(time: SliceTimeEstimator, lengths: np.ndarray, fresh: np.ndarray, sizes: np.ndarray,

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 from balancer import continuous_slices as cs
-from balancer.batcher import plan_batches, split_for_parallelism
+from balancer.batcher import ShapeCosts, plan_batches, split_for_parallelism
 from balancer.config import SchedulerConfig
 from balancer.estimators import MemoryEstimator, SliceTimeEstimator
 from balancer.ordering import make_ordering, select
@@ -57,6 +57,7 @@ class Scheduler:
         self._batch_of: dict[str, str] = {}  # running request id -> its batch id
         self._boundary: list[Batch] = []  # continuous slices: leases renewed in place, not yet announced
         self._rr_cursor = 0
+        self._shape_costs: ShapeCosts | None = None  # the DP's per-shape costs, kept across rounds
         self._batch_ids = itertools.count()
         self.batch_prefix = "b"
         """Batch ids are ``{batch_prefix}{n}``; a restarted dispatcher sets a new prefix so ids never repeat."""
@@ -255,7 +256,7 @@ class Scheduler:
         # only if the DP makes more batches than there are slots.
         candidates = pool if len(pool) <= limit else select(pool, self.ordering, now, cfg.max_wait, limit=limit)
         plan = plan_batches(candidates, cfg.slice_len, self.time, self.memory, cfg.max_batch_size,
-                            kv_kept=cfg.kv_reuse)
+                            kv_kept=cfg.kv_reuse, costs=self._kept_shape_costs())
         groups = split_for_parallelism(
             plan.groups, min(self._index.idle, free),
             lambda g: float(self.time.batch_time(len(g), max(r.input_len for r in g), cfg.slice_len)),
@@ -270,6 +271,18 @@ class Scheduler:
         # A request near the end of its budget may not fit a full slice's memory but fits its last few steps.
         batches += [self._make_batch([r], r.remaining) for r in plan.unfit][:max(free - len(batches), 0)]
         return batches
+
+    def _kept_shape_costs(self) -> ShapeCosts | None:
+        """The DP's per-shape costs kept across rounds, while the estimators and settings stay the same
+        (the dispatcher may swap in a new memory estimator); None where the estimators may change their
+        answers (the live dispatcher's online latency estimator)."""
+        cfg = self.config
+        if not ShapeCosts.cacheable(self.time, self.memory):
+            return None
+        kept = self._shape_costs
+        if kept is None or not kept.matches(self.time, self.memory, cfg.slice_len, cfg.max_batch_size):
+            kept = self._shape_costs = ShapeCosts(self.time, self.memory, cfg.slice_len, cfg.max_batch_size)
+        return kept
 
     def _static_batches(self, now: float, free: int) -> list[Batch]:
         cfg = self.config

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer.batcher import plan_batches, split_for_parallelism
+from balancer.batcher import ShapeCosts, plan_batches, split_for_parallelism
 from balancer.estimators import BilinearLatencyModel
 from tests.balancer.helpers import LATENCY, memory, request
 
@@ -121,3 +121,39 @@ def test_split_for_parallelism_reaches_worker_count_without_losing_anyone():
     assert sorted(r.id for g in groups for r in g) == sorted(r.id for r in reqs)
     # Cannot split singletons further.
     assert len(split_for_parallelism([[reqs[0]]], 3, cost=len)) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pools=st.lists(st.lists(st.tuples(st.integers(1, 3000), st.booleans()), min_size=1, max_size=40),
+                   min_size=1, max_size=3),
+    steps=st.integers(1, 64),
+    budget=st.integers(200, 20_000),
+    cap=st.integers(1, 32),
+    kv_kept=st.booleans(),
+    latency=models,
+)
+def test_kept_shape_costs_give_the_same_plan_as_a_fresh_matrix(pools, steps, budget, cap, kv_kept, latency):
+    """The scheduler keeps the DP's per-shape costs across rounds; every round must plan exactly as a cost
+    matrix built afresh does: same groups, same unfit requests, the same total to the last bit."""
+    mem = memory(budget)
+    kept = ShapeCosts(latency, mem, steps, cap)
+    for k, pool in enumerate(pools):  # several rounds through one ShapeCosts: its rows are reused
+        reqs = [request(100 * k + i, prompt_len=n) for i, (n, _) in enumerate(pool)]
+        for r, (_, cached) in zip(reqs, pool):
+            r.kv_replica = "a" if cached else None
+        fresh = plan_batches(reqs, steps, latency, mem, cap, kv_kept=kv_kept)
+        reused = plan_batches(reqs, steps, latency, mem, cap, kv_kept=kv_kept, costs=kept)
+        assert [[r.id for r in g] for g in reused.groups] == [[r.id for r in g] for g in fresh.groups]
+        assert [r.id for r in reused.unfit] == [r.id for r in fresh.unfit]
+        assert reused.total_time == fresh.total_time
+
+
+def test_shape_costs_are_kept_only_for_estimators_that_cannot_change():
+    assert ShapeCosts.cacheable(LATENCY, memory(1000))
+
+    class Refitting:  # like the live dispatcher's online estimator: its answers change between rounds
+        def batch_time(self, n, max_input_len, steps):
+            return LATENCY.batch_time(n, max_input_len, steps)
+
+    assert not ShapeCosts.cacheable(Refitting(), memory(1000))
