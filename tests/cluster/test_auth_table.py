@@ -79,7 +79,10 @@ def _call(client: TestClient, method: str, path: str, key: str | None, body: dic
 
 def test_every_route_by_key(env):
     with _client(env, api_keys=[USER], admin_keys=[ADMIN], metrics_keys=[SCRAPER]) as c:
-        got = {f"{m} {p}": {k: _call(c, m, p, key).status_code for k, key in KEYS.items()} for m, p in ROUTES}
+        responses = {f"{m} {p}": {k: _call(c, m, p, key) for k, key in KEYS.items()} for m, p in ROUTES}
+    got = {route: {k: r.status_code for k, r in row.items()} for route, row in responses.items()}
+    refusals = [r.json()["error"]["code"] for row in responses.values() for r in row.values() if r.status_code == 401]
+    assert set(refusals) == {"invalid_api_key"}
     TABLES.append("Route by key (api.api_keys, api.admin_keys and api.metrics_keys set):\n\n"
                   + markdown_table("route", got))
     want = {f"{m} {p}": {k: _expected(p, k) for k in KEYS} for m, p in ROUTES}
