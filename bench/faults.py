@@ -106,6 +106,8 @@ class Outcome:
     finish_reason: str | None = None
     usage: dict | None = None
     error: str = ""
+    retry_after: str | None = None
+    """The Retry-After header of a refusal (what a 429 must carry)."""
     sent: float = 0.0
     done: float | None = None
     chunk_times: list[float] = field(default_factory=list)
@@ -134,6 +136,7 @@ async def send(client, url: str, model: str, req: FaultRequest, t0: float, out: 
         async with client.stream("POST", url + "/v1/completions", json=body, timeout=timeout) as resp:
             out.status = resp.status_code
             if resp.status_code != 200:
+                out.retry_after = resp.headers.get("retry-after")
                 out.error = (await resp.aread()).decode(errors="replace")[:300]
                 return
             out.accepted = True
@@ -216,7 +219,7 @@ class Cluster:
     """``slicefleet serve`` in a child process, and what the faults need to find inside it."""
 
     def __init__(self, workdir: Path, mode: str, replicas: int, slice_len: int, max_gen_len: int,
-                 external_redis: bool, log_path: Path):
+                 external_redis: bool, log_path: Path, extra: dict | None = None):
         from cluster.redis_server import EmbeddedRedis, free_loopback_port
 
         self.workdir, self.mode, self.replicas = workdir, mode, replicas
@@ -226,6 +229,8 @@ class Cluster:
         cfg = {"api": {"host": "127.0.0.1", "port": self.port},
                "scheduler": {"mode": mode, "slice_len": slice_len, "max_gen_len": max_gen_len},
                "replicas": {"num_replicas": replicas}}
+        for section, values in (extra or {}).items():  # further settings, e.g. api.max_backlog_seconds
+            cfg.setdefault(section, {}).update(values)
         if self.own_redis is not None:
             cfg["redis"] = {"url": self.own_redis.url}
         self.config_path = workdir / "cluster.yaml"
@@ -545,9 +550,14 @@ async def drive(cluster: Cluster, model: str, requests: list[FaultRequest], kind
         wall = time.perf_counter() - t0
     if bar is not None:
         bar.close()
+    fill_resumed(records, outcomes)
+    return outcomes, records, wall
+
+
+def fill_resumed(records: list[FaultRecord], outcomes: list[Outcome]) -> None:
+    """Each fault's resumed time, once the run is over; a stall that runs into the next fault is that one's."""
     for rec, nxt in zip(records, records[1:] + [None]):
         rec.resumed_s = resumed_after(rec, outcomes, nxt.at if nxt is not None and nxt.at is not None else math.inf)
-    return outcomes, records, wall
 
 
 def resumed_after(rec: FaultRecord, outcomes: list[Outcome], until: float = math.inf) -> float | None:

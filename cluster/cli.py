@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench.cli", ("benchmark a running OpenAI endpoint (--base-url), or SCLS against SLS, ILS and "
                             "vLLM on clusters it starts")),
     "faults": ("bench.faults", "kill a worker, the dispatcher or Redis under seeded load and compare with a clean run"),
+    "overload": ("bench.overload", ("measure capacity, then 3x it for a minute: 429s with Retry-After, latency of the "
+                                    "admitted, peak RSS per process, time back to normal")),
+    "soak": ("bench.soak", ("steady load at a share of capacity for 30 min with a worker killed every 5 min: memory per "
+                            "process, Redis memory and keys, requests lost, over time")),
 }
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
