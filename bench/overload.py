@@ -115,7 +115,8 @@ def run_overload(args) -> dict:
     rss = pressure.rss_series(sampler.rss)
     result["rss_peaks"] = pressure.peaks(rss)
     result["rss"] = {str(pid): s for pid, s in rss.items()}
-    result["backlog"] = [[round(t, 2), b, d] for t, b, d in sampler.backlog]
+    result["backlog"] = sampler.backlog
+    result["backlog_peak_s"] = max((b for _, b, *_ in sampler.backlog if isinstance(b, (int, float))), default=None)
     result["redis"] = sampler.redis
     result["requests"] = pressure.compact(outcomes)
     result["problems"] = verdict(result)
@@ -149,6 +150,10 @@ def markdown(result: dict) -> str:
              f"admission: api.max_backlog_seconds {st['max_backlog_seconds']:g}, api.max_inflight {st['max_inflight']}",
              ""]
     lines += pressure.table(PHASE_HEADERS, phase_rows(result))
+    reasons = ", ".join(f"{s['name']}: " + ", ".join(f"{k} {v}" for k, v in s["429_reasons"].items())
+                        for s in result["phases"] if s["429_reasons"]) or "none"
+    lines += ["", f"429s by reason: {reasons}; the dispatcher's predicted backlog peaked at "
+                  f"{pressure.fmt(result.get('backlog_peak_s'))} s (429 above {st['max_backlog_seconds']:g} s)"]
     lines += ["", "back to normal after the overload: " + (
         f"{back:.0f} s (first {st['window']:.0f} s window from which p50 and p99 stay within "
         f"{st['factor']:g}x the baseline's)" if back is not None else "not within the recovery phase"), ""]
@@ -216,7 +221,7 @@ def plot(result: dict, out: Path) -> None:
     b3 = a3.twinx()
     b3.scatter([r[0] for r in reqs if r[5] is not None], [r[5] for r in reqs if r[5] is not None], s=2,
                color="0.7", label="TTFT of an admitted request (by send time)")
-    bl = [(t, b) for t, b, _ in result["backlog"] if isinstance(b, (int, float))]
+    bl = [(t, b) for t, b, *_ in result["backlog"] if isinstance(b, (int, float))]
     b3.plot([t for t, _ in bl], [b for _, b in bl], color="tab:purple",
             label=f"dispatcher's predicted backlog (429 above {result['settings']['max_backlog_seconds']:g} s)")
     b3.set_ylabel("seconds")

@@ -160,6 +160,17 @@ def ttft(o: Outcome) -> float | None:
     return o.chunk_times[0] - o.sent if o.chunk_times else None
 
 
+def refusal_code(o: Outcome) -> str:
+    """The error code of a refusal's body (``too_many_requests``: the in-flight limit; ``backlog_exceeded``: the
+    predicted backlog); ``unknown`` when the body is not the API's error JSON (or was cut)."""
+    import json
+
+    try:
+        return str(json.loads(o.error)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "unknown"
+
+
 def phase_stats(outcomes: list[Outcome], start: float, end: float) -> dict:
     """Figures of the requests sent in [start, end). Refused (429) is not lost: only an accepted request that
     did not complete is."""
@@ -178,6 +189,7 @@ def phase_stats(outcomes: list[Outcome], start: float, end: float) -> dict:
         "refused_429": len(refused), "share_429": len(refused) / len(sent) if sent else 0.0,
         "429_without_retry_after": sum(1 for o in refused if not o.retry_after),
         "retry_after_values": dict(Counter(o.retry_after for o in refused if o.retry_after)),
+        "429_reasons": dict(Counter(refusal_code(o) for o in refused)),
         "other_failures": dict(other),
         "goodput": sum(1 for o in completed if o.done < end) / span,
         "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99),
@@ -279,6 +291,11 @@ def redis_figures(store) -> dict:
             "live": int(r.scard(store.k.live))}
 
 
+DISPATCHER_FIELDS = ("backlog_seconds", "pool_depth", "running", "slice_time_mape")
+"""What admission compares with its bound, the requests waiting in the dispatcher's pool and running on the
+replicas, and how far off its slice-time predictions are (mean absolute share)."""
+
+
 class Sampler:
     """A thread that reads every cluster process's RSS every ``every`` seconds, the dispatcher's backlog with
     it, and Redis's figures every ``redis_every`` seconds. A failed read is a missed sample, never an error
@@ -288,8 +305,8 @@ class Sampler:
         self.cluster, self.t0, self.every, self.redis_every = cluster, t0, every, redis_every
         self.rss: list[tuple[float, int, str, int]] = []
         """(t, pid, role, bytes)"""
-        self.backlog: list[tuple[float, float | None, int | None]] = []
-        """(t, the dispatcher's predicted backlog seconds, requests in its pool)"""
+        self.backlog: list[list] = []
+        """[t, *DISPATCHER_FIELDS of the dispatcher's snapshot]"""
         self.redis: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pressure-sampler", daemon=True)
@@ -307,7 +324,7 @@ class Sampler:
                 log.debug("rss sample failed: %s", exc)
             try:
                 snap = self.cluster.store.metrics_snapshot() or {}
-                self.backlog.append((t, snap.get("backlog_seconds"), snap.get("pool_depth")))
+                self.backlog.append([round(t, 2), *(snap.get(k) for k in DISPATCHER_FIELDS)])
             except Exception as exc:  # noqa: BLE001 - Redis restarting
                 log.debug("snapshot read failed: %s", exc)
             if t >= next_redis:

@@ -172,7 +172,7 @@ def run_soak(args) -> dict:
     series = pressure.rss_series(sampler.rss)
     result.update({"phase": {"start": soak.start, "end": soak.end, "rate": rate}, "kill_times": kill_times,
                    "kills": [asdict(r) for r in records], "rss": {str(p): s for p, s in series.items()},
-                   "redis": sampler.redis, "backlog": [[round(t, 2), b, d] for t, b, d in sampler.backlog],
+                   "redis": sampler.redis, "backlog": sampler.backlog,
                    "requests": pressure.compact(outcomes)})
     (out / "results.json").write_text(json.dumps(result))  # the raw figures first, whatever the analysis does
     result["total"] = pressure.phase_stats(outcomes, soak.start, soak.end)

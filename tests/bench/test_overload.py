@@ -19,18 +19,22 @@ def done(sent, lat, first=0.1):
                    chunk_times=[sent + first, sent + lat])
 
 
-def refused(sent, retry="3"):
-    return Outcome(0, status=429, retry_after=retry, sent=sent, done=sent + 0.01, error="overloaded")
+TOO_MANY = '{"error":{"message":"at its limit","type":"rate_limit_error","param":null,"code":"too_many_requests"}}'
+
+
+def refused(sent, retry="3", error=TOO_MANY):
+    return Outcome(0, status=429, retry_after=retry, sent=sent, done=sent + 0.01, error=error)
 
 
 def test_phase_stats_counts_refused_lost_and_other_failures_apart():
-    outcomes = [done(1.0, 2.0), done(2.0, 4.0, first=0.5), refused(3.0), refused(4.0, retry=None),
+    outcomes = [done(1.0, 2.0), done(2.0, 4.0, first=0.5), refused(3.0), refused(4.0, retry=None, error="{cut"),
                 Outcome(0, status=200, accepted=True, sent=5.0, done=9.0, error="ReadError"),  # lost
                 Outcome(0, status=503, sent=6.0, done=6.1), Outcome(0, status=None, sent=7.0, done=8.0),
                 done(10.0, 1.0)]  # sent after the phase: not counted
     s = pressure.phase_stats(outcomes, 0.0, 10.0)
     assert (s["offered"], s["accepted"], s["completed"], s["lost"]) == (7, 3, 2, 1)
     assert (s["refused_429"], s["429_without_retry_after"], s["retry_after_values"]) == (2, 1, {"3": 1})
+    assert s["429_reasons"] == {"too_many_requests": 1, "unknown": 1}
     assert s["share_429"] == pytest.approx(2 / 7) and s["offered_rate"] == pytest.approx(0.7)
     assert s["other_failures"] == {"HTTP 503": 1, "no response": 1}
     assert s["latency_p50"] == pytest.approx(3.0) and s["ttft_p50"] == pytest.approx(0.3)
