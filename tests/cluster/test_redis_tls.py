@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import yaml
 from pydantic import ValidationError
 
 from cluster.config import RedisSettings, load_config
@@ -28,6 +30,7 @@ from cluster.redis_server import free_loopback_port, safe_url, url_without_passw
 from cluster.state import RequestRecord, StateStore, wait_for_redis
 
 PASSWORD = "tls-test-password-8c1f"
+DEPLOY_DOC = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
 
 
 # ---- configuration (no server) ------------------------------------------------------------------------
@@ -85,6 +88,45 @@ def test_the_password_setting_wins_over_the_urls():
 def test_safe_url_masks_and_url_without_password_drops_the_password(url, masked, bare):
     assert safe_url(url) == masked
     assert url_without_password(url) == bare
+
+
+def _documented_blocks() -> tuple[dict, dict]:
+    """The config block and the Helm values block of docs/deploy.md's "Redis password and TLS"."""
+    section = DEPLOY_DOC.read_text().split("## Redis password and TLS\n", 1)[1].split("\n## ", 1)[0]
+    config, values = (yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.S))
+    return config, values
+
+
+def test_the_documented_config_block_loads(tmp_path, monkeypatch):
+    config, _ = _documented_blocks()
+    (tmp_path / "slicefleet.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("SLICEFLEET_REDIS_PASSWORD", "from-the-environment")
+    redis_settings = load_config(tmp_path / "slicefleet.yaml").redis
+    assert redis_settings.tls and redis_settings.password == "from-the-environment"
+    assert redis_settings.tls_ca_file == "/etc/slicefleet/redis-tls/ca.crt" and redis_settings.tls_key_file
+
+
+def test_the_documented_helm_values_give_every_ray_pod_the_tls_files_and_settings(tmp_path):
+    """The chart needs no TLS template of its own: extraVolumes reach every Ray pod and extraConfig is merged
+    into the Serve app's args."""
+    pytest.importorskip("helm_sdkpy", reason="the Helm library (scripts/setup.sh installs it)")
+    from tests.deploy.helm_render import render
+    from tests.deploy.helpers import validate_slicefleet_args
+
+    _, values = _documented_blocks()
+    rayservice = render(values).one("RayService")["spec"]
+    ray = rayservice["rayClusterConfig"]
+    pods = [ray["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in ray["workerGroupSpecs"]]
+    args = yaml.safe_load(rayservice["serveConfigV2"])["applications"][0]["args"]
+    for pod in pods:
+        assert {"name": "redis-tls", "secret": {"secretName": "my-redis-tls"}} in pod["volumes"]
+        (container,) = pod["containers"]
+        assert {"name": "redis-tls", "mountPath": "/etc/slicefleet/redis-tls", "readOnly": True} in container["volumeMounts"]
+        env = {e["name"]: e.get("value", "from-a-secret") for e in container["env"]}
+        cfg = validate_slicefleet_args(args, env, tmp_path).redis
+        assert cfg.url == "rediss://redis.internal.example:6380/0" and cfg.password == "from-a-secret"
+        assert (cfg.tls_ca_file, cfg.tls_cert_file, cfg.tls_key_file) == tuple(
+            f"/etc/slicefleet/redis-tls/{name}" for name in ("ca.crt", "tls.crt", "tls.key"))
 
 
 # ---- a real TLS-only server ---------------------------------------------------------------------------
