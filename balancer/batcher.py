@@ -65,6 +65,7 @@ class ShapeCosts:
         self._whole: dict[int, list[float]] = {}
         self._decode: dict[int, list[float]] = {}
         self._prefill: dict[int, list[float]] = {}
+        self._resumed: dict[int, list[float]] = {}
 
     @staticmethod
     def cacheable(time: SliceTimeEstimator, memory: MemoryEstimator) -> bool:
@@ -99,6 +100,14 @@ class ShapeCosts:
             row = self._decode[length] = np.asarray(
                 self.time.batch_time(self._sizes, longest, self.steps) - self.time.batch_time(self._sizes, longest, 0),
                 dtype=float).tolist()
+        return row
+
+    def resumed_only(self, length: int) -> list[float]:
+        """[s - 1]: s resumed rows (each feeds one token) decoded from ``length``: no fresh row to prefill."""
+        row = self._resumed.get(length)
+        if row is None:
+            resumed = self.prefill(1)
+            row = self._resumed[length] = [d + (0.0 + resumed[s]) for s, d in enumerate(self.decode(length), 1)]
         return row
 
     def prefill(self, length: int) -> list[float]:
@@ -165,16 +174,24 @@ def _plan_with_kept_costs(ordered: list[Request], costs: ShapeCosts, kv_kept: bo
     resumed_prefill = costs.prefill(1)
     cost = []
     seen_fresh = [0]  # seen_fresh[i]: fresh rows among the first i
-    last_fresh = 1  # the length of the latest fresh row so far (any length while there is none: 0 of them pay)
+    last_fresh, last_fresh_len = -1, 0  # the latest fresh row so far, and its length
     for j, (r, length, cap) in enumerate(zip(ordered, lengths, caps)):
         if r.kv_replica is None:
-            last_fresh = length
+            last_fresh, last_fresh_len = j, length
         seen_fresh.append(seen_fresh[-1] + (r.kv_replica is None))
-        fresh_prefill, top, m = costs.prefill(last_fresh), seen_fresh[-1], min(cap, j + 1)
-        # s rows ending at j hold top - seen_fresh[j + 1 - s] fresh ones
-        window_starts = reversed(seen_fresh[j + 1 - m:j + 1])
-        cost.append([d + (fresh_prefill[top - before] + resumed_prefill[s - top + before])
-                     for s, d, before in zip(range(1, m + 1), costs.decode(length), window_starts)])
+        m = min(cap, j + 1)
+        # Windows of up to j - last_fresh rows hold resumed rows only: their costs depend on the length alone.
+        # Most of a pool is resumed rows (a request arrives fresh once and comes back for each slice after).
+        row = costs.resumed_only(length)
+        clean = j - last_fresh
+        if clean < m:
+            fresh_prefill, top = costs.prefill(last_fresh_len), seen_fresh[-1]
+            # s rows ending at j hold top - seen_fresh[j + 1 - s] fresh ones
+            window_starts = reversed(seen_fresh[j + 1 - m:j + 1 - clean])
+            row = row[:clean] + [d + (fresh_prefill[top - before] + resumed_prefill[s - top + before])
+                                 for s, d, before in zip(range(clean + 1, m + 1), costs.decode(length)[clean:],
+                                                         window_starts)]
+        cost.append(row)
     return _split(ordered, cost, caps, unfit)
 
 
