@@ -579,3 +579,15 @@ def test_docs_list_the_default_manifests_and_metrics():
     metrics_doc = (REPO / "docs" / "metrics.md").read_text()
     for metric in DASHBOARD_METRICS:
         assert f"`{metric}`" in metrics_doc, metric
+
+
+def test_every_serve_proxy_gets_the_head_deadline_and_nginx_passes_the_api_body_limit(rendered, gpu):
+    """Each Ray pod runs a Serve proxy, and uvicorn there times out nothing while a head arrives: the chart
+    installs cluster.http_limits on all of them. Behind nginx, its body limit must not undercut the app's."""
+    from cluster.config import ApiSettings
+    from cluster.http_limits import CALLBACK, CALLBACK_ENV
+
+    for container in ray_containers(rendered):
+        assert pod_env(rendered, container)[CALLBACK_ENV] == CALLBACK
+    limit = gpu.one("Ingress")["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert limit.endswith("m") and int(limit[:-1]) * 2**20 > ApiSettings().max_request_bytes

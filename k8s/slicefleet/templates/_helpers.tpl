@@ -146,6 +146,9 @@ ${SLICEFLEET_API_KEY_<i>} placeholders read.
 {{- end }}
 - name: TOKENIZERS_PARALLELISM
   value: "false"
+{{- /* Serve's proxy times out nothing while a request head arrives: cluster/http_limits.py adds the deadline. */}}
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: "cluster.http_limits:install"
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
