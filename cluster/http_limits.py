@@ -13,7 +13,7 @@ proxy's process before its server starts and points uvicorn's default ``auto`` p
 opens (or the next request's first byte arrives on a kept-alive one) its head must be complete within
 ``$SLICEFLEET_HTTP_HEAD_TIMEOUT_S`` seconds (default 30), else the connection is closed, with a 408 and an
 OpenAI-shaped error body when part of a first request had arrived. Bodies are the ingress's business
-(``cluster.ingress.BODY_TIMEOUT_S``); a streaming response is never cut, the timer stops when the head is in.
+(``cluster.openai_validation.BODY_TIMEOUT_S``); a streaming response is never cut, the timer stops when the head is in.
 """
 
 from __future__ import annotations

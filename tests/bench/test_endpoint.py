@@ -34,7 +34,7 @@ def server():
     from transformers import AutoTokenizer
 
     from cluster.config import SlicefleetConfig
-    from cluster.ingress import build_api
+    from cluster.http_app import build_api
     from cluster.redis_server import EmbeddedRedis, free_loopback_port
     from tests.cluster.test_ingress_support import ANSWER_TEXT, FakeDispatcher, make_service, wait_until
     from worker.make_model import ensure_default_model

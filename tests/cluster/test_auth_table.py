@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from cluster.ingress import build_api
+from cluster.http_app import build_api
 from cluster.state import ReplicaInfo
 from tests.cluster.test_ingress_support import fake_backend, make_config, make_service
 

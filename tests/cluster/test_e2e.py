@@ -138,7 +138,7 @@ def test_chat_and_streaming(cluster, reference):
     resp = httpx.post(f"{cluster.url}/v1/chat/completions", timeout=300,
                       json={"model": MODEL, "messages": messages, "max_tokens": 24})
     assert resp.status_code == 200, resp.text
-    from cluster.ingress import render_chat
+    from cluster.openai_validation import render_chat
 
     ids = render_chat(tok, messages)
     expected = reference(tuple(ids), 24)

@@ -10,7 +10,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from cluster.ingress import build_api
+from cluster.http_app import build_api
 from cluster.redis_server import EmbeddedRedis, free_loopback_port
 from cluster.state import ReplicaInfo, RequestRecord
 from tests.cluster.test_ingress_support import (
@@ -466,7 +466,7 @@ def test_max_inflight_answers_429_with_retry_after(env):
 
 
 def test_json_depth_counts_brackets_outside_strings():
-    from cluster.ingress import json_depth
+    from cluster.openai_validation import json_depth
 
     assert json_depth(b'{"a": [1, {"b": "[[[[{{{"}]}') == 3
     assert json_depth(b'"\\"[[["') == 0

@@ -10,7 +10,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 
-from cluster.ingress import build_api  # noqa: E402
+from cluster.http_app import build_api  # noqa: E402
 from tests.cluster.test_ingress_support import fake_backend, make_config, make_service  # noqa: E402
 
 PREFIX = "fz"

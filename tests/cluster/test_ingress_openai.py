@@ -13,7 +13,7 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from cluster.ingress import build_api  # noqa: E402
+from cluster.http_app import build_api  # noqa: E402
 from cluster.redis_server import free_loopback_port  # noqa: E402
 from tests.cluster.test_ingress_support import (  # noqa: E402
     ANSWER_TEXT,

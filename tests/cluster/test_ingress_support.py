@@ -22,7 +22,8 @@ import pytest
 import redis
 
 from cluster.config import SlicefleetConfig
-from cluster.ingress import IngressService, TextAssembler, model_facts
+from cluster.ingress import IngressService, model_facts
+from cluster.output_relay import TextAssembler
 from cluster.ingress_store import AsyncStateStore
 from cluster.metrics import IngressMetrics
 from cluster.state import ReplicaInfo, RequestRecord, StateStore

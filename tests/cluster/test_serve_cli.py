@@ -146,7 +146,7 @@ def backend(tmp_path_factory):
 def test_served_model_name_is_the_id_the_api_answers_to(backend, monkeypatch):
     """--served-model-name reaches the ingress through model.name: /v1/models lists it, requests naming it are
     served, requests naming the default id are refused; --api-key guards both."""
-    from cluster.ingress import build_api
+    from cluster.http_app import build_api
     from tests.cluster.test_ingress_support import make_service
 
     monkeypatch.delenv("SLICEFLEET_API_KEY", raising=False)
