@@ -242,6 +242,8 @@ class Cluster:
         self.redis_url: str | None = self.own_redis.url if self.own_redis else None
         self.prefix = "sf"
         self._store = None
+        self.code_dir: Path | None = None
+        """Where serve runs (its packages are imported from there first); None: the harness's working directory."""
 
     def start(self, timeout: float = 600.0) -> None:
         import httpx
@@ -250,7 +252,8 @@ class Cluster:
         self._log = open(self.log_path, "ab")
         # Its own session: Ctrl-C at the harness reaches the cluster once, through stop().
         self.proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", str(self.config_path)],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     cwd=self.code_dir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -244,6 +244,7 @@ def plot(result: dict, out: Path) -> None:
 
 
 def run(args) -> int:
+    pressure.stop_on_sigterm()
     result = run_overload(args)
     print(markdown(result))
     print(f"results: {Path(args.out) / 'results.json'}, results.md, overload_latency.png, overload_rss.png")

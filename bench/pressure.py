@@ -417,10 +417,39 @@ def cluster_settings(args) -> dict:
     return {"api": {k: v for k, v in api.items() if v is not None}}
 
 
+PACKAGES = ("balancer", "predictor", "worker", "cluster", "bench")
+
+
+def snapshot_code(dest: Path) -> Path:
+    """A copy of the packages as they are now. Serve starts each replacement replica (after a kill) from the
+    files on disk, and Ray's workers import from the driver's working directory first: run from this copy, a
+    long run cannot mix two versions of the code when the working tree changes under it (a soak here once
+    wedged when replicas started after an edit could not read the older dispatcher's messages)."""
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    for pkg in PACKAGES:
+        shutil.copytree(root / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (and SIGINT, which a shell ignores in a background job) unwind the harness like Ctrl-C, so that
+    its ``finally`` stops the cluster it started."""
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def start_cluster(args, workdir: Path, out: Path) -> Cluster:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request drowns the harness's own
     cluster = Cluster(workdir, args.mode, args.replicas, args.slice_len, max(args.max_tokens, args.slice_len),
                       False, out / "cluster.log", extra=cluster_settings(args))
+    cluster.code_dir = snapshot_code(workdir / "code")
     cluster.start()
     return cluster
 

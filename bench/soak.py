@@ -291,6 +291,7 @@ def plot(result: dict, out: Path) -> None:
 
 
 def run(args) -> int:
+    pressure.stop_on_sigterm()
     result = run_soak(args)
     print(markdown(result))
     print(f"results: {Path(args.out) / 'results.json'}, results.md, soak_rss.png, soak_redis.png, soak_load.png")
