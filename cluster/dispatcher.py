@@ -9,23 +9,20 @@ from the live set, and carries on.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-
-import redis
 
 from balancer.estimators import LinearKVMemory
 from balancer.scheduler import Scheduler, UnservableRequest
 from balancer.types import FinishReason, Request, RequestOutcome, SliceResult
 from cluster.config import SlicefleetConfig
+from cluster.messages import BatchOrder, Progress, Release, ResultMessage, SliceReport, WorkMessage
 from cluster.metrics import REQUEST_LATENCY_BUCKETS, SnapshotHistogram
-from cluster.state import RequestRecord, StateStore
+from cluster.state import STORE_UNAVAILABLE, RequestRecord, StateStore
 
 log = logging.getLogger("slicefleet.dispatcher")
 
-GROUP = "dispatcher"
 REPLICA_CHECK_EVERY = 0.5
 LOSS_GRACE_AFTER_OUTAGE = 10.0
 """Seconds after Redis comes back during which no replica is presumed dead. A Redis restart (or an outage
@@ -42,20 +39,19 @@ def to_request(rec: RequestRecord, generated: int, max_gen_len: int) -> Request:
                    predicted_len=rec.predicted_len, generated=generated, slices=rec.slices, priority=rec.priority)
 
 
-def slice_result(msg: dict) -> SliceResult:
+def slice_result(msg: SliceReport) -> SliceResult:
     return SliceResult(
-        batch_id=msg["batch_id"],
-        replica_id=msg["replica_id"],
-        # "total": a continuous-batching row whose earlier tokens were already published as progress.
-        outcomes=[RequestOutcome(o["id"], int(o.get("total", len(o["tokens"]))), FinishReason(o["finish"]))
-                  for o in msg["outputs"]],
-        elapsed=float(msg.get("elapsed", 0.0)),
-        prefill_time=float(msg.get("prefill_time", 0.0)),
-        decode_step_times=list(msg.get("decode_step_times", [])),
-        pad_tokens=int(msg.get("pad_tokens", 0)),
-        invalid_tokens=int(msg.get("invalid_tokens", 0)),
-        reprefill_tokens=int(msg.get("reprefill_tokens", 0)),
-        kv_reused=bool(msg.get("kv_reused", False)),
+        batch_id=msg.batch_id,
+        replica_id=msg.replica_id,
+        # new_tokens counts a continuous-batching row's tokens already published as progress too
+        outcomes=[RequestOutcome(o.id, o.new_tokens, FinishReason(o.finish)) for o in msg.outputs],
+        elapsed=msg.elapsed,
+        prefill_time=msg.prefill_time,
+        decode_step_times=list(msg.decode_step_times),
+        pad_tokens=msg.pad_tokens,
+        invalid_tokens=msg.invalid_tokens,
+        reprefill_tokens=msg.reprefill_tokens,
+        kv_reused=msg.kv_reused,
     )
 
 
@@ -96,8 +92,7 @@ class DispatcherCore:
     def start(self) -> None:
         self.epoch = self.store.new_epoch()
         self.scheduler.batch_prefix = f"e{self.epoch}.b"  # never reuse an earlier incarnation's batch ids
-        for stream in (self.store.k.incoming, self.store.k.results, self.store.k.cancel):
-            self.store.ensure_group(stream, GROUP)
+        self.store.ensure_dispatch_groups()
         self._rebuild()
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
         self._thread.start()
@@ -158,10 +153,12 @@ class DispatcherCore:
                     log.info("Redis answers again: %d unfinished requests found in the live set and not held here "
                              "were admitted; replicas get %.0f s to beat before any is presumed lost", found,
                              LOSS_GRACE_AFTER_OUTAGE)
+                # Every round, not every replica check: until it notices, a superseded dispatcher reads (from
+                # the one consumer group) announcements and results that are its successor's.
+                if self._superseded():
+                    self._stop.wait()  # fenced: idle until stopped, and healthy (see ``fenced``)
+                    return
                 if now - last_replicas >= REPLICA_CHECK_EVERY:
-                    if self._superseded():
-                        self._stop.wait()  # fenced: idle until stopped, and healthy (see ``fenced``)
-                        return
                     self._check_replicas(now)
                     self._expire_batches(now)
                     last_replicas = now
@@ -169,7 +166,7 @@ class DispatcherCore:
                 if now - last_metrics >= METRICS_EVERY:
                     self.store.publish_metrics(self.snapshot(now))
                     last_metrics = now
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except STORE_UNAVAILABLE as exc:
                 log.warning("Redis unavailable (%s); retrying", exc)
                 self._store_down = True
                 time.sleep(0.5)
@@ -197,29 +194,24 @@ class DispatcherCore:
     def _step_streams(self, pending: bool = False) -> bool:
         """One read of the three streams and what it brings; ``pending``: instead, the entries delivered to this
         consumer but never acknowledged (a round cut short by a Redis error). Returns whether any came."""
-        k = self.store.k
-        start = "0" if pending else ">"
-        resp = self.store.r.xreadgroup(GROUP, "dispatcher", {k.incoming: start, k.results: start, k.cancel: start},
-                                       count=512, block=None if pending else 50)
+        batches = self.store.read_dispatch(pending=pending)
         now = time.time()
-        got = False
-        for stream, entries in resp or []:
-            stream = stream.decode()
-            ids = [eid for eid, _ in entries]
-            if not ids:
-                continue
-            got = True
-            entries = [(eid, f) for eid, f in entries if f]  # a pending entry trimmed from its stream has no fields
-            if stream == k.incoming:
-                self._admit_live([f[b"id"].decode() for _, f in entries], now)
-            elif stream == k.cancel:
-                for _, f in entries:
-                    self._cancel(f[b"id"].decode())
+        for name, ids, payloads in batches:
+            if name == "incoming":
+                self._admit_live(payloads, now)
+            elif name == "cancel":
+                for rid in payloads:
+                    self._cancel(rid)
             else:
-                for _, f in entries:
-                    self._apply(json.loads(f[b"result"]), now)
-            self.store.r.xack(stream, GROUP, *ids)
-        return got
+                for msg in payloads:
+                    if msg.epoch > self.epoch:
+                        # A newer dispatcher's batch reported before this one noticed it was superseded: put it
+                        # back on the stream for that dispatcher (dropped as stale, its batch would wait 30 s).
+                        self.store.post_result(msg)
+                    else:
+                        self._apply(msg, now)
+            self.store.ack_dispatch(name, ids)
+        return bool(batches)
 
     def _cancel(self, rid: str) -> None:
         replica_id, batch_id = self.scheduler.replica_of(rid), self.scheduler.batch_of(rid)
@@ -239,36 +231,32 @@ class DispatcherCore:
     def _release(self, replica_id: str, rids: list[str], close: dict[str, str] | None = None) -> None:
         """Tell a replica to free what it holds for ``rids`` (a running row, or a KV cache kept after a slice);
         ``close``: request id -> the lease to report closed (a cancellation)."""
-        message = {"release": rids, "epoch": self.epoch}
-        if close:
-            message["batch_ids"] = close
-        self._post(replica_id, message)
+        self._post(replica_id, Release(rids, self.epoch, close or {}))
 
-    def _post(self, replica_id: str, message: dict) -> None:
+    def _post(self, replica_id: str, message: WorkMessage) -> None:
         """Post to a replica's work stream: batched with the round's other posts while a round is planned."""
         if self._posts is not None:
             self._posts.append((replica_id, message))
         else:
             self.store.post_batch(replica_id, message)
 
-    def _apply(self, msg: dict, now: float) -> None:
-        if msg.get("progress"):  # tokens of rows still running, streamed before their slice ends
-            outcomes = [(o["id"], o["tokens"], "", o["at"]) for o in msg["outputs"]
-                        if o["epoch"] == self.epoch and self.scheduler.owns(o["batch_id"])
-                        and not self.scheduler.is_aborted(o["id"])]
-            if outcomes and self.store.apply_result(None, msg["replica_id"], outcomes, slice_end=False) == 2:
-                log.warning("progress from %s skipped: tokens before it are missing", msg["replica_id"])
+    def _apply(self, msg: ResultMessage, now: float) -> None:
+        if isinstance(msg, Progress):  # tokens of rows still running, streamed before their slice ends
+            outcomes = [(o.id, o.tokens, "", o.at) for o in msg.outputs
+                        if o.epoch == self.epoch and self.scheduler.owns(o.batch_id)
+                        and not self.scheduler.is_aborted(o.id)]
+            if outcomes and self.store.apply_result(None, msg.replica_id, outcomes, slice_end=False) == 2:
+                log.warning("progress from %s skipped: tokens before it are missing", msg.replica_id)
             return
-        batch_id = msg["batch_id"]
-        if msg.get("epoch") != self.epoch or not self.scheduler.owns(batch_id):
+        batch_id = msg.batch_id
+        if msg.epoch != self.epoch or not self.scheduler.owns(batch_id):
             self.counters["stale_results"] += 1
             return
         result = slice_result(msg)
         # Aborted rows (cancelled, or gone from Redis) only close the scheduler's bookkeeping.
-        outcomes = [(o["id"], o["tokens"], "" if o["finish"] == FinishReason.SLICE_END.value else o["finish"],
-                     o.get("at", -1))
-                    for o in msg["outputs"]
-                    if not self.scheduler.is_aborted(o["id"]) and o["finish"] != FinishReason.ABORTED.value]
+        outcomes = [(o.id, o.tokens, "" if o.finish == FinishReason.SLICE_END.value else o.finish, o.at)
+                    for o in msg.outputs
+                    if not self.scheduler.is_aborted(o.id) and o.finish != FinishReason.ABORTED.value]
         status = self.store.apply_result(batch_id, result.replica_id, outcomes) if outcomes else 1
         if status != 1:
             # 0: Redis already holds this batch's tokens, so our counts are behind; 2: some tokens before these
@@ -283,7 +271,7 @@ class DispatcherCore:
         finished = self.scheduler.on_slice_done(result, now)
         self._account(batch_id, msg, result, finished)
 
-    def _account(self, batch_id: str, msg: dict, result: SliceResult, finished: list[Request]) -> None:
+    def _account(self, batch_id: str, msg: SliceReport, result: SliceResult, finished: list[Request]) -> None:
         c = self.counters
         c["slices_run"] += len(result.outcomes)
         c["batches_run"] += 1
@@ -305,16 +293,16 @@ class DispatcherCore:
                 c["actual_slice_seconds_sum"] += result.elapsed
                 c["abs_pct_error_sum"] += abs(est - result.elapsed) / result.elapsed
                 c["slices_estimated"] += 1
-            if msg.get("n"):
+            if msg.n:
                 self._observe_timing(msg, result)
 
-    def _observe_timing(self, msg: dict, result: SliceResult) -> None:
+    def _observe_timing(self, msg: SliceReport, result: SliceResult) -> None:
         """Refit the latency model online, and log the timing so a profile can be refit offline from it."""
-        n, max_input_len = int(msg["n"]), int(msg["max_input_len"])
+        n, max_input_len = msg.n, msg.max_input_len
         if hasattr(self.latency, "observe_result"):
             steps = len(result.decode_step_times) or max((o.new_tokens for o in result.outcomes), default=0)
             self.latency.observe_result(result, n=n, max_input_len=max_input_len, steps=steps)
-        self.store.log_slice({"n": n, "max_input_len": max_input_len, "resumed_rows": int(msg.get("resumed_rows", 0)),
+        self.store.log_slice({"n": n, "max_input_len": max_input_len, "resumed_rows": msg.resumed_rows,
                               "prefill_time": result.prefill_time, "decode_step_times": result.decode_step_times,
                               "elapsed": result.elapsed, "replica_id": result.replica_id})
 
@@ -392,10 +380,7 @@ class DispatcherCore:
                 for holder in {r.kv_replica for r in b.requests} - {a.replica_id, None}:
                     if holder in self.scheduler.replicas:
                         self._release(holder, [r.id for r in b.requests if r.kv_replica == holder])
-            message = {"batch_id": b.id, "epoch": self.epoch, "steps": b.steps, "request_ids": b.request_ids}
-            if a.continues:
-                message["continues"] = True
-            self._post(a.replica_id, message)
+            self._post(a.replica_id, BatchOrder(b.id, self.epoch, b.steps, b.request_ids, continues=a.continues))
 
     # ---- views ---------------------------------------------------------------------------------------
     def snapshot(self, now: float) -> dict:

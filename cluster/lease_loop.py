@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from balancer.types import FinishReason
+from cluster.messages import BatchOrder, Progress, ProgressRow, Release, RowReport, SliceReport, WorkMessage
 
 log = logging.getLogger("slicefleet.worker")
 
@@ -73,10 +74,10 @@ class LeaseLoop:
         """Tokens decoded for rows that then moved away, not yet reported."""
 
     # ---- messages from the dispatcher ------------------------------------------------------------------
-    def handle_all(self, msgs: list[dict]) -> None:
+    def handle_all(self, msgs: list[WorkMessage]) -> None:
         """Handle messages in order, reading the records of every admission among them in one round trip."""
-        wanted = [rid for m in msgs if "request_ids" in m and (not m.get("continues") or m["request_ids"][0]
-                                                                 not in self.rows) for rid in m["request_ids"]]
+        wanted = [rid for m in msgs if isinstance(m, BatchOrder)
+                  and (not m.continues or m.request_ids[0] not in self.rows) for rid in m.request_ids]
         if wanted:
             items, gone = self.load(wanted)
             self._loaded = {it.request_id: it for it in items} | {rid: None for rid in gone}
@@ -86,21 +87,21 @@ class LeaseLoop:
         finally:
             self._loaded = {}
 
-    def handle(self, msg: dict) -> None:
-        if msg.get("epoch", 0) < self.epoch:
+    def handle(self, msg: WorkMessage) -> None:
+        if msg.epoch < self.epoch:
             return  # from a dispatcher that is gone: the current one placed (or will place) these again
-        if "release" in msg:
+        if isinstance(msg, Release):
             self._release(msg)
-        elif msg.get("continues"):
+        elif msg.continues:
             self._renew(msg)
         else:
             self._admit(msg)
 
-    def _admit(self, msg: dict) -> None:
-        for rid in msg["request_ids"]:
+    def _admit(self, msg: BatchOrder) -> None:
+        for rid in msg.request_ids:
             if rid in self.rows:  # placed again (a restarted dispatcher): start over from what Redis holds
                 self._drop(rid)
-        ids = msg["request_ids"]
+        ids = msg.request_ids
         if all(rid in self._loaded for rid in ids):
             items = [self._loaded[rid] for rid in ids if self._loaded[rid] is not None]
             gone = [rid for rid in ids if self._loaded[rid] is None]
@@ -108,32 +109,31 @@ class LeaseLoop:
             items, gone = self.load(ids)
         for item in items:
             self.engine.add(item)
-            self.rows[item.request_id] = Row(before=item.generated, batch_id=msg["batch_id"], epoch=msg["epoch"],
-                                             lease_end=msg["steps"])
+            self.rows[item.request_id] = Row(before=item.generated, batch_id=msg.batch_id, epoch=msg.epoch,
+                                             lease_end=msg.steps)
         if gone:
-            self._post_closed(msg["batch_id"], msg["epoch"], gone)
+            self._post_closed(msg.batch_id, msg.epoch, gone)
 
-    def _renew(self, msg: dict) -> None:
-        [rid] = msg["request_ids"]
+    def _renew(self, msg: BatchOrder) -> None:
+        [rid] = msg.request_ids
         row = self.rows.get(rid)
         if row is None:  # dropped meanwhile (grace ran out, or this replica restarted): admit from Redis
             self._admit(msg)
             return
         if row.batch_id is not None:
-            log.warning("lease %s for %s ignored: it already holds %s", msg["batch_id"], rid, row.batch_id)
+            log.warning("lease %s for %s ignored: it already holds %s", msg.batch_id, rid, row.batch_id)
             return
-        row.batch_id, row.epoch = msg["batch_id"], msg["epoch"]
-        row.lease_start, row.lease_end = row.lease_end, row.lease_end + msg["steps"]
+        row.batch_id, row.epoch = msg.batch_id, msg.epoch
+        row.lease_start, row.lease_end = row.lease_end, row.lease_end + msg.steps
 
-    def _release(self, msg: dict) -> None:
-        closes = msg.get("batch_ids") or {}
-        for rid in msg["release"]:
+    def _release(self, msg: Release) -> None:
+        for rid in msg.request_ids:
             if rid in self.rows:
                 self._drop(rid)
             elif hasattr(self.engine, "drop"):
                 self.engine.drop([rid])
-        for rid, batch_id in closes.items():  # a cancellation: close its lease so the dispatcher frees the row
-            self._post_closed(batch_id, msg["epoch"], [rid])
+        for rid, batch_id in msg.close.items():  # a cancellation: close its lease so the dispatcher frees the row
+            self._post_closed(batch_id, msg.epoch, [rid])
 
     def _drop(self, rid: str) -> None:
         row = self.rows.pop(rid)
@@ -194,17 +194,17 @@ class LeaseLoop:
                 messages.append(self._report(rid, row, tokens[:row.lease_end], FinishReason.SLICE_END.value))
                 after.append(lambda row=row: self._lease_used_up(row, now))
             elif len(tokens) > row.published and (row.published == 0 or self.steps % self.stream_every == 0):
-                progress.append({"id": rid, "batch_id": row.batch_id, "epoch": row.epoch,
-                                 "at": row.before + row.published, "tokens": list(tokens[row.published:])})
+                progress.append(ProgressRow(rid, row.batch_id, row.epoch, row.before + row.published,
+                                            list(tokens[row.published:])))
         if progress:
-            messages.append({"progress": True, "replica_id": self.replica_id, "outputs": progress})
+            messages.append(Progress(self.replica_id, progress))
         if not messages:
             return
         self.store.post_results(messages)
         for apply in after:
             apply()
         for o in progress:
-            self.rows[o["id"]].published += len(o["tokens"])
+            self.rows[o.id].published += len(o.tokens)
 
     @staticmethod
     def _lease_used_up(row: Row, now: float) -> None:
@@ -227,22 +227,20 @@ class LeaseLoop:
             return row.final.new_token_ids
         return self.engine.produced().get(rid, [])
 
-    def _report(self, rid: str, row: Row, tokens: list[int], finish: str) -> dict:
+    def _report(self, rid: str, row: Row, tokens: list[int], finish: str) -> SliceReport:
         """A lease's closing report: its last tokens, its finish, and the engine's waste not yet reported (so the
         cluster's valid-token ratio sees it; counted once per flush, on the first report)."""
         stats = getattr(self.engine, "stats", None)
         pad, invalid = getattr(stats, "pad_tokens", 0), getattr(stats, "invalid_tokens", 0)
-        message = {
-            "batch_id": row.batch_id, "epoch": row.epoch, "replica_id": self.replica_id, "elapsed": 0.0,
-            "outputs": [{"id": rid, "tokens": list(tokens[row.published:]), "finish": finish,
-                         "total": len(tokens) - row.lease_start, "at": row.before + row.published}],
-            "pad_tokens": pad - self._pad_reported,
-            "invalid_tokens": self._invalid + invalid - self._invalid_reported,
-        }
+        message = SliceReport(
+            row.batch_id, row.epoch, self.replica_id,
+            outputs=[RowReport(rid, list(tokens[row.published:]), finish, total=len(tokens) - row.lease_start,
+                               at=row.before + row.published)],
+            pad_tokens=pad - self._pad_reported,
+            invalid_tokens=self._invalid + invalid - self._invalid_reported,
+        )
         self._pad_reported, self._invalid_reported, self._invalid = pad, invalid, 0
         return message
 
     def _post_closed(self, batch_id: str, epoch: int, rids: list[str]) -> None:
-        self.store.post_result({"batch_id": batch_id, "epoch": epoch, "replica_id": self.replica_id,
-                                "elapsed": 0.0, "outputs": [{"id": rid, "tokens": [], "finish": "aborted"}
-                                                            for rid in rids]})
+        self.store.post_result(SliceReport.closed(batch_id, epoch, self.replica_id, rids))

@@ -35,6 +35,7 @@ from typing import Any
 import redis
 
 from cluster.config import RedisSettings
+from cluster.messages import ResultMessage, UnknownMessage, WorkMessage, decode_result, decode_work, encode
 from cluster.redis_server import safe_url
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,15 @@ class ReplicaInfo:
     """Its engine keeps requests' KV caches between slices (so the dispatcher may count on cache holders)."""
 
 
+STORE_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
+"""What a store call raises while Redis is down or restarting: callers retry on these and fail on anything else."""
+
+
+def stream_gone(exc: BaseException) -> bool:
+    """Whether a stream read failed because the stream (and its consumer group) no longer exists."""
+    return isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc)
+
+
 class StateStore:
     """Synchronous access for the dispatcher and the workers (each runs its loop in a thread)."""
 
@@ -383,41 +393,99 @@ class StateStore:
         pipe.execute()
 
     # ---- work streams --------------------------------------------------------------------------------
-    def post_batch(self, replica_id: str, message: dict) -> None:
-        self.r.xadd(self.k.work(replica_id), {"batch": json.dumps(message)})
+    def post_batch(self, replica_id: str, message: WorkMessage) -> None:
+        self.r.xadd(self.k.work(replica_id), {"batch": encode(message)})
 
-    def post_batches(self, posts: list[tuple[str, dict]]) -> None:
+    def post_batches(self, posts: list[tuple[str, WorkMessage]]) -> None:
         """(replica id, message) pairs in one round trip, in order."""
         pipe = self.r.pipeline(transaction=False)
         for replica_id, message in posts:
-            pipe.xadd(self.k.work(replica_id), {"batch": json.dumps(message)})
+            pipe.xadd(self.k.work(replica_id), {"batch": encode(message)})
         pipe.execute()
 
     def read_work(self, replica_id: str, consumer: str, block_ms: int | None, count: int = 1,
-                  pending: bool = False) -> list[tuple[str, dict]]:
+                  pending: bool = False) -> list[tuple[str, WorkMessage]]:
         """Next batches for a replica; ``block_ms`` None returns at once (0 would block forever).
 
         ``pending``: instead, the batches already delivered to this consumer but never acknowledged (its
-        loop failed between reading a batch and posting the result, e.g. while Redis restarted).
+        loop failed between reading a batch and posting the result, e.g. while Redis restarted). A message
+        this code cannot read (a newer dispatcher's) is logged, acknowledged and skipped.
         """
         stream = self.k.work(replica_id)
         resp = self.r.xreadgroup("worker", consumer, {stream: "0" if pending else ">"}, count=count,
                                  block=None if pending else block_ms)
         if not resp:
             return []
-        return [(eid.decode(), json.loads(fields[b"batch"])) for eid, fields in resp[0][1] if fields]
+        out = []
+        for eid, fields in resp[0][1]:
+            if not fields:  # a pending entry trimmed from its stream
+                continue
+            try:
+                out.append((eid.decode(), decode_work(fields[b"batch"])))
+            except UnknownMessage as exc:
+                log.error("work message %s skipped: %s", eid.decode(), exc)
+                self.ack_work(replica_id, eid.decode())
+        return out
 
     def ack_work(self, replica_id: str, entry_id: str) -> None:
         self.r.xack(self.k.work(replica_id), "worker", entry_id)
 
-    def post_result(self, message: dict) -> None:
-        self.r.xadd(self.k.results, {"result": json.dumps(message)})
+    def take_cpu_slot(self) -> int:
+        """0, 1, 2, ... for the replicas that ask in turn (engines pinned to distinct cores)."""
+        return self.r.incr(f"{self.k.p}:cpu_slot") - 1
 
-    def post_results(self, messages: list[dict]) -> None:
+    # ---- the dispatcher's streams: arrivals, cancellations, results --------------------------------------
+    DISPATCH_GROUP = "dispatcher"
+
+    def _dispatch_streams(self) -> dict[str, str]:
+        return {"incoming": self.k.incoming, "cancel": self.k.cancel, "results": self.k.results}
+
+    def ensure_dispatch_groups(self) -> None:
+        for stream in self._dispatch_streams().values():
+            self.ensure_group(stream, self.DISPATCH_GROUP)
+
+    def read_dispatch(self, pending: bool = False, block_ms: int = 50) -> list[tuple[str, list[str], list]]:
+        """One read of the dispatcher's three streams. For each that brought entries: its name (``incoming``,
+        ``cancel`` or ``results``), the entry ids to acknowledge (:meth:`ack_dispatch`) once they are handled,
+        and what they carry (request ids; for ``results``, :class:`~cluster.messages.ResultMessage`).
+
+        ``pending``: instead, the entries delivered to the dispatcher but never acknowledged (a round cut short
+        by a Redis error). A result this code cannot read is logged and acknowledged with the rest."""
+        names = {v: k for k, v in self._dispatch_streams().items()}
+        start = "0" if pending else ">"
+        resp = self.r.xreadgroup(self.DISPATCH_GROUP, "dispatcher", {s: start for s in names}, count=512,
+                                 block=None if pending else block_ms)
+        out = []
+        for stream, entries in resp or []:
+            name = names[stream.decode()]
+            ids = [eid.decode() for eid, _ in entries]
+            if not ids:
+                continue
+            payloads = []
+            for eid, f in entries:
+                if not f:  # a pending entry trimmed from its stream
+                    continue
+                if name != "results":
+                    payloads.append(f[b"id"].decode())
+                    continue
+                try:
+                    payloads.append(decode_result(f[b"result"]))
+                except UnknownMessage as exc:
+                    log.error("result %s skipped: %s", eid.decode(), exc)
+            out.append((name, ids, payloads))
+        return out
+
+    def ack_dispatch(self, name: str, ids: list[str]) -> None:
+        self.r.xack(self._dispatch_streams()[name], self.DISPATCH_GROUP, *ids)
+
+    def post_result(self, message: ResultMessage) -> None:
+        self.r.xadd(self.k.results, {"result": encode(message)})
+
+    def post_results(self, messages: list[ResultMessage]) -> None:
         """Several results in one round trip, in order."""
         pipe = self.r.pipeline(transaction=False)
         for message in messages:
-            pipe.xadd(self.k.results, {"result": json.dumps(message)})
+            pipe.xadd(self.k.results, {"result": encode(message)})
         pipe.execute()
 
     def publish_metrics(self, snapshot: dict) -> None:

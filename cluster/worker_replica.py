@@ -17,7 +17,8 @@ import uuid
 
 from cluster.config import SlicefleetConfig
 from cluster.lease_loop import LeaseLoop
-from cluster.state import RequestRecord, ReplicaInfo, StateStore
+from cluster.messages import BatchOrder, Progress, ProgressRow, Release, RowReport, SliceReport
+from cluster.state import STORE_UNAVAILABLE, RequestRecord, ReplicaInfo, StateStore, stream_gone
 
 log = logging.getLogger("slicefleet.worker")
 
@@ -47,31 +48,21 @@ def slice_item(rec: RequestRecord, generated: list[int]):
     )
 
 
-def result_message(batch_id: str, epoch: int, replica_id: str, res, n: int, max_input_len: int) -> dict:
-    return {
-        "batch_id": batch_id,
-        "epoch": epoch,
-        "replica_id": replica_id,
-        "outputs": [{"id": o.request_id, "tokens": list(o.new_token_ids), "finish": o.finish_reason.value}
-                    for o in res.outputs],
-        "elapsed": res.elapsed,
-        "prefill_time": res.prefill_time,
-        "decode_step_times": list(res.decode_step_times),
-        "pad_tokens": res.pad_tokens,
-        "invalid_tokens": res.invalid_tokens,
-        "reprefill_tokens": res.reprefill_tokens,
-        "kv_reused": res.kv_reused,
-        "resumed_rows": sum(o.kv_reused for o in res.outputs),
-        "n": n,
-        "max_input_len": max_input_len,
-    }
-
-
-def gone_message(batch: dict, replica_id: str, gone: list[str]) -> dict:
-    """A result closing the requests of ``batch`` that were gone from Redis (cancelled, expired) when it came
-    up: nothing ran for them, and the dispatcher only needs to drop them from its bookkeeping."""
-    return {"batch_id": batch["batch_id"], "epoch": batch["epoch"], "replica_id": replica_id, "elapsed": 0.0,
-            "outputs": [{"id": rid, "tokens": [], "finish": "aborted"} for rid in gone]}
+def slice_report(order: BatchOrder, replica_id: str, res, n: int, max_input_len: int) -> SliceReport:
+    return SliceReport(
+        order.batch_id, order.epoch, replica_id,
+        outputs=[RowReport(o.request_id, list(o.new_token_ids), o.finish_reason.value) for o in res.outputs],
+        elapsed=res.elapsed,
+        prefill_time=res.prefill_time,
+        decode_step_times=list(res.decode_step_times),
+        pad_tokens=res.pad_tokens,
+        invalid_tokens=res.invalid_tokens,
+        reprefill_tokens=res.reprefill_tokens,
+        kv_reused=res.kv_reused,
+        resumed_rows=sum(o.kv_reused for o in res.outputs),
+        n=n,
+        max_input_len=max_input_len,
+    )
 
 
 class SliceWorker:
@@ -139,7 +130,7 @@ class SliceWorker:
             return None
         if os.environ.get("SLICEFLEET_VLLM_CPU_BIND"):
             return os.environ["SLICEFLEET_VLLM_CPU_BIND"]
-        slot = (self.store.r.incr(f"{cfg.redis.key_prefix}:cpu_slot") - 1) % (os.cpu_count() or 1)
+        slot = self.store.take_cpu_slot() % (os.cpu_count() or 1)
         return str(slot)
 
     @classmethod
@@ -197,13 +188,11 @@ class SliceWorker:
             try:
                 self._continuous_loop() if self.continuous else self._slice_loop()
             except Exception as exc:
-                import redis
-
-                if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                if isinstance(exc, STORE_UNAVAILABLE):
                     log.warning("Redis unavailable (%s); retrying", exc)
                     time.sleep(0.5)
                     continue
-                if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
+                if stream_gone(exc):
                     # our work stream was deleted (we were presumed dead): register again rather than restart
                     log.warning("work stream gone (%s); registering again", exc)
                     self._forgotten.set()
@@ -231,26 +220,26 @@ class SliceWorker:
             entries = self.store.read_work(self.replica_id, self.replica_id, block_ms=500, count=8, pending=pending)
             pending = False
             for entry_id, msg in entries:
-                if msg["epoch"] < self.store.epoch():
+                if msg.epoch < self.store.epoch():
                     self.store.ack_work(self.replica_id, entry_id)  # placed by a dispatcher that is gone
                     continue
-                if "release" in msg:  # a kept KV cache whose request finished, was cancelled or moved away
-                    self.engine.drop(msg["release"])
+                if isinstance(msg, Release):  # a kept KV cache whose request finished, was cancelled or moved away
+                    self.engine.drop(msg.request_ids)
                     self.store.ack_work(self.replica_id, entry_id)
                     continue
-                items, gone = self._load(msg["request_ids"])
+                items, gone = self._load(msg.request_ids)
+                closed = SliceReport.closed(msg.batch_id, msg.epoch, self.replica_id, gone)
                 if items:
                     stream = SliceStreamer(self.store, msg, self.replica_id, items, self.cfg.engine.stream_every)
-                    res = self.engine.run_slice(items, msg["steps"], on_step=stream.on_step)
+                    res = self.engine.run_slice(items, msg.steps, on_step=stream.on_step)
                     self.busy_seconds += res.elapsed
                     longest = max(len(i.token_ids) for i in items)
-                    message = result_message(msg["batch_id"], msg["epoch"], self.replica_id, res, len(items),
-                                             longest)
-                    stream.trim(message)
-                    message["outputs"] += gone_message(msg, self.replica_id, gone)["outputs"]
+                    report = slice_report(msg, self.replica_id, res, len(items), longest)
+                    stream.trim(report)
+                    report.outputs += closed.outputs
                 else:
-                    message = gone_message(msg, self.replica_id, gone)
-                self.store.post_result(message)
+                    report = closed
+                self.store.post_result(report)
                 self.store.ack_work(self.replica_id, entry_id)
 
     def _continuous_loop(self) -> None:
@@ -310,8 +299,8 @@ class SliceStreamer:
     result then carries only what was not streamed (``trim``), with ``total`` for the scheduler's counts.
     """
 
-    def __init__(self, store, msg: dict, replica_id: str, items, every: int):
-        self.store, self.msg, self.replica_id, self.every = store, msg, replica_id, max(every, 1)
+    def __init__(self, store, order: BatchOrder, replica_id: str, items, every: int):
+        self.store, self.order, self.replica_id, self.every = store, order, replica_id, max(every, 1)
         self.before = {it.request_id: it.generated for it in items}
         self.sent = dict.fromkeys(self.before, 0)
         self.steps = 0
@@ -322,15 +311,14 @@ class SliceStreamer:
                if len(toks) > self.sent[rid] and (self.sent[rid] == 0 or self.steps % self.every == 0)]
         if not due:
             return
-        self.store.post_result({"progress": True, "replica_id": self.replica_id,
-                                "outputs": [{"id": rid, "batch_id": self.msg["batch_id"], "epoch": self.msg["epoch"],
-                                             "at": self.before[rid] + self.sent[rid],
-                                             "tokens": list(toks[self.sent[rid]:])} for rid, toks in due]})
+        self.store.post_result(Progress(self.replica_id, [
+            ProgressRow(rid, self.order.batch_id, self.order.epoch, self.before[rid] + self.sent[rid],
+                        list(toks[self.sent[rid]:])) for rid, toks in due]))
         for rid, toks in due:
             self.sent[rid] = len(toks)
 
-    def trim(self, message: dict) -> None:
-        for o in message["outputs"]:
-            sent = self.sent.get(o["id"], 0)
-            o["total"], o["at"] = len(o["tokens"]), self.before[o["id"]] + sent
-            o["tokens"] = o["tokens"][sent:]
+    def trim(self, report: SliceReport) -> None:
+        for o in report.outputs:
+            sent = self.sent.get(o.id, 0)
+            o.total, o.at = len(o.tokens), self.before[o.id] + sent
+            o.tokens = o.tokens[sent:]

@@ -11,6 +11,7 @@ import pytest
 
 from cluster.config import SlicefleetConfig
 from cluster.dispatcher import DispatcherCore, build_estimators
+from cluster.messages import BatchOrder, Progress, RowReport, SliceReport, decode_result
 from cluster.redis_server import EmbeddedRedis
 from cluster.state import RequestRecord, StateStore
 from cluster.worker_replica import SliceWorker
@@ -109,8 +110,8 @@ def test_results_of_an_earlier_epoch_are_ignored(redis_url):
     core = start(cfg, store)
     try:
         store.submit(RequestRecord("r", [5, 6, 7], 10, time.time()))
-        store.post_result({"batch_id": "e0.b0", "epoch": core.epoch - 1, "replica_id": "ghost",
-                           "outputs": [{"id": "r", "tokens": [1, 2, 3], "finish": "eos"}], "elapsed": 0.1})
+        store.post_result(SliceReport("e0.b0", core.epoch - 1, "ghost", [RowReport("r", [1, 2, 3], "eos")],
+                                      elapsed=0.1))
         deadline = time.monotonic() + 10
         while core.counters["stale_results"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -126,25 +127,23 @@ def test_a_batch_delivered_but_never_answered_is_run_when_the_worker_loop_starts
     store.submit(RequestRecord("r", [5, 6, 7], 4, time.time()))
     # A worker that read its batch and died before answering: the entry is delivered, never acknowledged.
     store.ensure_group(store.k.work("w"), "worker")
-    store.post_batch("w", {"batch_id": "e0.b7", "epoch": 0, "steps": 4, "request_ids": ["r"]})
+    store.post_batch("w", BatchOrder("e0.b7", 0, 4, ["r"]))
     assert store.read_work("w", "w", block_ms=None)
     worker = SliceWorker(cfg.model_dump(), replica_id="w")  # the same replica, restarted
     try:
         deadline = time.monotonic() + 30
-        import json
-
         def results():
-            return [json.loads(f[b"result"]) for _, f in store.r.xrange(store.k.results)]
+            return [decode_result(f[b"result"]) for _, f in store.r.xrange(store.k.results)]
 
-        while not any("batch_id" in m for m in results()) and time.monotonic() < deadline:
+        while not any(isinstance(m, SliceReport) for m in results()) and time.monotonic() < deadline:
             time.sleep(0.05)
         # The first token was streamed at once; the slice's result carries the rest, from that position on.
-        [progress, *_] = [m for m in results() if m.get("progress")]
-        [result] = [m for m in results() if "batch_id" in m]
-        assert progress["outputs"][0]["at"] == 0 and len(progress["outputs"][0]["tokens"]) == 1
-        streamed = [t for m in results() if m.get("progress") for t in m["outputs"][0]["tokens"]]
-        assert result["batch_id"] == "e0.b7" and result["outputs"][0]["total"] == 4
-        assert streamed + result["outputs"][0]["tokens"] == reference([5, 6, 7], 4)
+        [progress, *_] = [m for m in results() if isinstance(m, Progress)]
+        [result] = [m for m in results() if isinstance(m, SliceReport)]
+        assert progress.outputs[0].at == 0 and len(progress.outputs[0].tokens) == 1
+        streamed = [t for m in results() if isinstance(m, Progress) for t in m.outputs[0].tokens]
+        assert result.batch_id == "e0.b7" and result.outputs[0].total == 4
+        assert streamed + result.outputs[0].tokens == reference([5, 6, 7], 4)
         assert store.r.xpending(store.k.work("w"), "worker")["pending"] == 0
     finally:
         worker._stop.set()
@@ -417,8 +416,8 @@ def test_a_slice_result_read_just_before_a_redis_error_is_applied_once_redis_ans
     real_apply, failed = core._apply, []
 
     def apply_failing_once(msg, now):
-        if not failed and msg.get("outputs"):
-            failed.append(msg.get("batch_id"))
+        if not failed and isinstance(msg, SliceReport):
+            failed.append(msg.batch_id)
             raise redis.ConnectionError("connection reset (simulated outage)")
         return real_apply(msg, now)
 

@@ -6,12 +6,13 @@ from types import SimpleNamespace
 
 from balancer.types import FinishReason
 from cluster.lease_loop import LeaseLoop
+from cluster.messages import BatchOrder, Progress
 from worker.protocol import ItemOutput, SliceItem
 
 
 class Store:
     def __init__(self):
-        self.posted: list[dict] = []
+        self.posted: list = []
 
     def post_results(self, messages):
         self.posted += messages
@@ -46,22 +47,22 @@ def test_waste_between_reports_is_reported_once_even_across_progress_only_flushe
     store, engine = Store(), Engine()
     loop = LeaseLoop(store, engine, "w", lambda ids: ([SliceItem(i, [1, 2], 2, 100) for i in ids], []),
                      stream_every=1)
-    loop.handle_all([{"batch_id": "b1", "epoch": 0, "steps": 3, "request_ids": ["r"]}])
+    loop.handle_all([BatchOrder("b1", 0, 3, ["r"])])
     engine.stats.pad_tokens, engine.stats.invalid_tokens = 5, 2
     loop.step()
     loop.flush()  # progress only: the waste waits for the next report
-    assert store.posted[-1].get("progress") and loop.rows["r"].published == 1
+    assert isinstance(store.posted[-1], Progress) and loop.rows["r"].published == 1
     loop.step()
     loop.step()
     loop.flush()  # the lease of 3 tokens is used up: a slice report
     report = store.posted[-1]
-    assert report["batch_id"] == "b1" and report["outputs"][0]["finish"] == FinishReason.SLICE_END.value
-    assert report["outputs"][0]["at"] == 1 and report["outputs"][0]["total"] == 3
-    assert (report["pad_tokens"], report["invalid_tokens"]) == (5, 2)
+    assert report.batch_id == "b1" and report.outputs[0].finish == FinishReason.SLICE_END.value
+    assert report.outputs[0].at == 1 and report.outputs[0].total == 3
+    assert (report.pad_tokens, report.invalid_tokens) == (5, 2)
     engine.stats.pad_tokens = 6
-    loop.handle_all([{"batch_id": "b2", "epoch": 0, "steps": 3, "request_ids": ["r"], "continues": True}])
+    loop.handle_all([BatchOrder("b2", 0, 3, ["r"], continues=True)])
     loop.rows["r"].final = ItemOutput("r", list(engine.tokens["r"]) + [7], FinishReason.EOS)
     loop.flush()
     final = store.posted[-1]
-    assert final["batch_id"] == "b2" and final["outputs"][0]["finish"] == "eos"
-    assert (final["pad_tokens"], final["invalid_tokens"]) == (1, 0) and "r" not in loop.rows
+    assert final.batch_id == "b2" and final.outputs[0].finish == "eos"
+    assert (final.pad_tokens, final.invalid_tokens) == (1, 0) and "r" not in loop.rows
