@@ -1,7 +1,8 @@
 """End to end on vLLM replicas: Slicefleet's continuous slices with ``engine.backend: vllm`` (each worker replica
 owns a vLLM engine in a child process), real Ray Serve, real Redis.
 
-Outputs must equal one unsliced greedy run of the same vLLM engine, token for token, also when a worker is
+Outputs must equal one unsliced greedy run of the same vLLM engine (a vLLM OpenAI server of the same model, which
+is also the peer of the openai-client comparisons), token for token, also when a worker is
 killed mid-slice and its requests continue on the other replica. Skipped without the vLLM venv
 (``SLICEFLEET_WITH_VLLM=1 scripts/setup.sh`` builds it; CI does).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import time
 
+import httpx
 import pytest
 
 from tests.cluster.test_e2e import MODEL, PROMPTS, complete, serve_actor
@@ -21,33 +23,49 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def vllm_reference():
-    """Greedy output of one unsliced run on a vLLM engine of its own (same model, same venv)."""
-    from transformers import AutoTokenizer
-
+def vllm_peer(tmp_path_factory):
+    """A vLLM OpenAI server of the same model (same venv): the unsliced reference and the peer the official
+    openai client compares against. Started first, so the cluster's vLLM children start beside it."""
+    from bench.vllm_peer import start_servers, stop_servers
+    from cluster.redis_server import free_loopback_port
     from worker.make_model import ensure_default_model
-    from worker.protocol import SliceItem
-    from worker.vllm_engine import VLLMEngine
 
-    python = vllm_python_or_skip()
-    path = ensure_default_model()
-    eng = VLLMEngine(path, python=python, max_model_len=2048, max_concurrency=8, kv_cache_gib=1, cpu_bind="0")
-    tok = AutoTokenizer.from_pretrained(path)
-    cache: dict = {}
-
-    def generate(prompt: str, max_tokens: int) -> list[int]:
-        if (prompt, max_tokens) not in cache:
-            ids = tok(prompt, add_special_tokens=True)["input_ids"]
-            (out,) = eng.run([SliceItem("ref", ids, len(ids), max_tokens)])
-            cache[prompt, max_tokens] = out.new_token_ids
-        return cache[prompt, max_tokens]
-
-    yield generate
-    eng.close()
+    venv = vllm_python_or_skip().parent.parent
+    procs, urls = start_servers(venv, ensure_default_model(), 1, MODEL, base_port=free_loopback_port(),
+                                log_dir=tmp_path_factory.mktemp("vllm-peer"), timeout=600)
+    yield urls[0]
+    stop_servers(procs)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, vllm_reference):
+def vllm_reference(vllm_peer):
+    """Greedy token ids of one unsliced vLLM run per (prompt, max_tokens), from the peer server (vLLM's
+    ``return_token_ids``); ``prefetch`` asks for many at once, as the server batches them."""
+    cache: dict = {}
+
+    def one(job):
+        prompt, max_tokens = job
+        resp = httpx.post(f"{vllm_peer}/v1/completions", timeout=600,
+                          json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                "return_token_ids": True})
+        resp.raise_for_status()
+        return resp.json()["choices"][0]["token_ids"]
+
+    def prefetch(jobs):
+        todo = [j for j in dict.fromkeys(jobs) if j not in cache]
+        with cf.ThreadPoolExecutor(max(1, len(todo))) as pool:
+            cache.update(zip(todo, pool.map(one, todo)))
+
+    def generate(prompt: str, max_tokens: int) -> list[int]:
+        prefetch([(prompt, max_tokens)])
+        return cache[prompt, max_tokens]
+
+    generate.prefetch = prefetch
+    return generate
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, vllm_peer):
     c = start_cluster(tmp_path_factory, **{"engine.backend": "vllm"})
     yield c
     c.stop()
@@ -61,6 +79,7 @@ def store(cluster):
 
 
 def _check(store, vllm_reference, jobs, responses):
+    vllm_reference.prefetch(jobs)
     for (prompt, max_tokens), resp in zip(jobs, responses):
         rid = resp.json()["id"].split("-", 1)[1]
         assert store.generated(rid) == vllm_reference(prompt, max_tokens), rid
@@ -100,20 +119,12 @@ def test_a_killed_vllm_worker_loses_nothing(cluster, store, vllm_reference):
 
 
 @pytest.fixture(scope="module")
-def clients(cluster, tmp_path_factory):
-    """(Slicefleet's client, a vLLM server's client): the same request must get the same answer from both."""
+def clients(cluster, vllm_peer):
+    """(Slicefleet's client, the vLLM server's client): the same request must get the same answer from both."""
     openai = pytest.importorskip("openai")
-    from bench.vllm_peer import start_servers, stop_servers
-    from cluster.redis_server import free_loopback_port
-    from worker.make_model import ensure_default_model
-
-    venv = vllm_python_or_skip().parent.parent
-    procs, urls = start_servers(venv, ensure_default_model(), 1, MODEL, base_port=free_loopback_port(),
-                                log_dir=tmp_path_factory.mktemp("vllm-peer"), timeout=600)
     sf = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0, timeout=600)
-    peer = openai.OpenAI(base_url=f"{urls[0]}/v1", api_key="unused", max_retries=0, timeout=600)
-    yield sf, peer
-    stop_servers(procs)
+    peer = openai.OpenAI(base_url=f"{vllm_peer}/v1", api_key="unused", max_retries=0, timeout=600)
+    return sf, peer
 
 
 def _both(clients, **kw):
