@@ -8,8 +8,8 @@ member, so mixing far-apart lengths only adds padding.
 
 best[j] = min over s in 1..cap(L_j) of best[j - s] + cost(s, L_j)
 
-The costs for every (j, s) come from one vectorised call to the estimator; the recurrence is then a short
-loop per row.
+The costs for every (j, s) come from one vectorised call to the estimator, or, when the scheduler keeps a
+``ShapeCosts`` across rounds, from rows per length computed once; the recurrence is then a short loop per row.
 """
 
 from __future__ import annotations
@@ -238,10 +238,12 @@ def _least_total_splits(cost: list[list[float]], caps: list[int]) -> tuple[list[
     best = [0.0] * (n + 1)
     take = [0] * (n + 1)
     for j in range(1, n + 1):
-        row = cost[j - 1]
-        least, size = math.inf, 0
-        for s in range(1, min(caps[j - 1], j) + 1):
-            total = best[j - s] + row[s - 1]
+        least, size, s = math.inf, 0, 0
+        # zip over best[j - 1], best[j - 2], ... and cost[j - 1] instead of indexing both by s: this loop runs
+        # for every request of every round, and the index arithmetic was a third of it
+        for before, row_cost in zip(reversed(best[j - min(caps[j - 1], j):j]), cost[j - 1]):
+            s += 1
+            total = before + row_cost
             if total < least:
                 least, size = total, s
         best[j], take[j] = least, size

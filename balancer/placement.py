@@ -21,7 +21,7 @@ from typing import Protocol
 from balancer.types import Assignment, Batch
 
 
-@dataclass
+@dataclass(slots=True)
 class ReplicaState:
     """The scheduler's view of one replica."""
 

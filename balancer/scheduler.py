@@ -336,7 +336,8 @@ class Scheduler:
         if self.config.mode is Mode.CONTINUOUS_SLICES:
             batch.est_time = cs.row_work(self.time, requests[0], self.config.max_running, fresh=fresh)
             return batch
-        expected_steps = min(steps, max(int(math.ceil(r.predicted_remaining)) for r in requests))
+        # the ceiling of the largest prediction is the largest ceiling (one ceil instead of one per row)
+        expected_steps = min(steps, math.ceil(max(r.predicted_remaining for r in requests)))
         batch.est_time = float(self.time.batch_time(n, longest, expected_steps))
         if self.config.kv_reuse:
             batch.cheaper_on = self._cache_holder_costs(batch)
@@ -359,16 +360,19 @@ class Scheduler:
         finished: list[Request] = []
         continuing = 0
         renew = self.config.mode is Mode.CONTINUOUS_SLICES
+        holder = replica_id if self.config.kv_reuse and replica.keeps_kv else None  # where unfinished rows' KV stays
+        running, batch_of, pool, aborted = self.running, self._batch_of, self.pool, self._aborted
         for req in batch.requests:
-            self.running.pop(req.id, None)
-            self._batch_of.pop(req.id, None)
-            if req.id in self._aborted:
-                self._aborted.discard(req.id)
+            rid = req.id
+            running.pop(rid, None)
+            batch_of.pop(rid, None)
+            if rid in aborted:
+                aborted.discard(rid)
                 continue
-            outcome = outcomes.get(req.id)
+            outcome = outcomes.get(rid)
             if outcome is None:  # the replica said nothing of it: serve it again, nothing was lost
                 req.pool_since = now
-                self.pool[req.id] = req
+                pool[rid] = req
                 continuing += 1
                 continue
             req.generated += outcome.new_tokens
@@ -388,8 +392,8 @@ class Scheduler:
                 continuing += 1
             else:
                 req.pool_since = now
-                req.kv_replica = replica_id if self.config.kv_reuse and replica.keeps_kv else None
-                self.pool[req.id] = req
+                req.kv_replica = holder
+                pool[rid] = req
                 continuing += 1
         if renew:
             self._refresh_expected_free(replica, now)
@@ -443,7 +447,8 @@ class Scheduler:
 
     def _refresh_expected_free(self, replica: ReplicaState, now: float) -> None:
         """After a batch left the replica: re-estimate when it is free, and re-index it."""
-        left = sum(cost_on(b, replica.id) for b in replica.inflight.values())
+        rid = replica.id
+        left = sum(b.cheaper_on.get(rid, b.est_time) for b in replica.inflight.values())  # cost_on, inlined: hot
         if self.config.mode is Mode.ILS:  # requests share the continuous batch rather than queueing
             left /= max(self.config.ils_max_concurrency, 1)
         replica.expected_free_at = now + left

@@ -2,6 +2,9 @@
 
 The balancer only ever sees lengths and times. Token ids, sampling parameters and text live in the
 worker and cluster layers, keyed by ``Request.id``.
+
+They are slotted: a simulated million-request run makes millions of them, and a slotted object is built
+about three times as fast as one with a ``__dict__``, and is smaller.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class Mode(str, enum.Enum):
     at each slice boundary either keeps its row (no re-prefill, no gap) or moves where it finishes sooner."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """What the scheduler knows of one request."""
 
@@ -94,7 +97,7 @@ class Request:
         return self.finish_reason is not None and self.finish_reason.is_final
 
 
-@dataclass
+@dataclass(slots=True)
 class Batch:
     """Requests that run together for ``steps`` decode steps at most."""
 
@@ -124,7 +127,7 @@ class Batch:
         return [r.id for r in self.requests]
 
 
-@dataclass
+@dataclass(slots=True)
 class Assignment:
     """A batch placed on a replica, with the dispatcher's expectation of when it runs."""
 
@@ -139,7 +142,7 @@ class Assignment:
     """The replica that ran this request's previous slice and must now release it (continuous slices)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutcome:
     """What one slice did for one request."""
 
@@ -149,7 +152,7 @@ class RequestOutcome:
     """``SLICE_END`` when the request needs another slice."""
 
 
-@dataclass
+@dataclass(slots=True)
 class SliceResult:
     """What a replica reports after running a batch (one slice in SCLS)."""
 

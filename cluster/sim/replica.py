@@ -117,7 +117,7 @@ class SliceReplica:
             self.kv_held -= tokens
 
 
-@dataclass
+@dataclass(slots=True)
 class _Active:
     request: Request
     target: int

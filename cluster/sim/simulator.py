@@ -24,7 +24,7 @@ from cluster.sim.workload import SimRequest
 MAX_LANES = 4
 """The continuous engine's lanes (``worker.continuous.MAX_LANES``; not imported: that module needs torch)."""
 
-_ARRIVAL, _DONE, _SEGMENT, _TICK = 0, 1, 2, 3
+_DONE, _SEGMENT, _TICK = 1, 2, 3
 
 DEFAULT_DISPATCH_INTERVAL = 0.05
 """Seconds between scheduling rounds: the live dispatcher's loop wakes about this often (its stream read
@@ -35,7 +35,7 @@ DEFAULT_KV_CACHE_TOKENS = 40_000
 default model's 12 KiB per token."""
 
 
-@dataclass
+@dataclass(slots=True)
 class FinishedRecord:
     request: Request
     true_len: int
@@ -92,17 +92,27 @@ class Simulation:
 
     def _run(self) -> RunReport:
         started = wallclock.perf_counter()
-        for r in self.workload:
-            self._push(r.arrival, _ARRIVAL, r)
+        # Arrivals are known up front: they wait in a sorted list rather than in the event heap, which then holds
+        # only what is in flight (a few events per replica, not a million requests). They keep the order the
+        # heap gave them: by time, in workload order (a stable sort), and ahead of every other event of the
+        # same instant (they were pushed first, so their sequence numbers were the smallest).
+        arrivals = sorted(self.workload, key=lambda r: r.arrival)
+        arrived, events = 0, self._events
         bar = None
         if self.progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(self.workload), desc=f"simulate {self.config.mode.value}", unit="req")
-        while self._events:
-            now = self._events[0][0]
-            while self._events and self._events[0][0] == now:
-                _, _, kind, payload = heapq.heappop(self._events)
+        while arrived < len(arrivals) or events:
+            if arrived < len(arrivals) and (not events or arrivals[arrived].arrival <= events[0][0]):
+                now = arrivals[arrived].arrival
+            else:
+                now = events[0][0]
+            while arrived < len(arrivals) and arrivals[arrived].arrival == now:
+                self._arrive(arrivals[arrived], now)
+                arrived += 1
+            while events and events[0][0] == now:
+                _, _, kind, payload = heapq.heappop(events)
                 done_before = len(self.finished)
                 self._handle(kind, payload, now)
                 if bar is not None:
@@ -132,16 +142,16 @@ class Simulation:
                     self._apply(result, now)
             self._kick(replica, now)
 
+    def _arrive(self, r: SimRequest, now: float) -> None:
+        req = Request(r.id, r.prompt_len, self.config.max_gen_len, r.arrival, predicted_len=r.predicted_len)
+        try:
+            self.scheduler.add_request(req, now)
+        except ValueError:
+            self.rejected.append(r.id)
+
     def _handle(self, kind: int, payload, now: float) -> None:
         if kind == _TICK:
             self._tick_pending = False
-        elif kind == _ARRIVAL:
-            r: SimRequest = payload
-            req = Request(r.id, r.prompt_len, self.config.max_gen_len, r.arrival, predicted_len=r.predicted_len)
-            try:
-                self.scheduler.add_request(req, now)
-            except ValueError:
-                self.rejected.append(r.id)
         elif kind == _DONE:
             replica_id, result = payload
             replica = self.replicas[replica_id]

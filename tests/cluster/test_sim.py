@@ -96,3 +96,13 @@ def test_schedule_fingerprint_names_every_finish_time():
     assert schedule_fingerprint(moved) != first.extra["schedule_sha256"]  # one request a millisecond later
     # a change in the last bits (float summation order) is not a change of schedule
     assert schedule_fingerprint([("r1", 2.0000001)]) == schedule_fingerprint([("r1", 2.00000012)])
+
+
+def test_arrivals_are_taken_in_time_order_whatever_the_workload_order():
+    pairs = synthetic_lengths(300, seed=6)
+    workload = build_workload(pairs, arrival_times(300, 40.0, seed=6), oracle_predictor(pairs))
+    cfg = SchedulerConfig(mode="scls", slice_len=32, max_gen_len=512)
+    in_order, _ = simulate(cfg, LATENCY, MEMORY, workload, replicas=3)
+    shuffled, _ = simulate(cfg, LATENCY, MEMORY, workload[::2] + workload[1::2], replicas=3)
+    assert shuffled.extra["schedule_sha256"] == in_order.extra["schedule_sha256"]
+    assert shuffled.requests == 300
