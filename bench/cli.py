@@ -432,7 +432,7 @@ def run_live_mode(args, mode: str, placement: str, requests, schedules, slo, res
     startup = time.perf_counter() - t_start
     log.info("%s: cluster up in %.0f s at %s", label, startup, cluster.url)
     try:
-        store = StateStore(cluster.cfg.redis.url, cluster.cfg.redis.key_prefix, cluster.cfg.redis.password)
+        store = StateStore.connect(cluster.cfg.redis)
         read = store.metrics_snapshot
         for rate, offsets in schedules:
             load = wait_for_quiet(args.wait_load, args.wait_max)

