@@ -118,6 +118,8 @@ def run_overload(args) -> dict:
     result["backlog"] = sampler.backlog
     result["backlog_peak_s"] = max((b for _, b, *_ in sampler.backlog if isinstance(b, (int, float))), default=None)
     result["redis"] = sampler.redis
+    result["loadavg"] = sampler.loadavg
+    result["load_during"] = pressure.load_summary(sampler.loadavg, plan[0].start, plan[-1].end)
     result["requests"] = pressure.compact(outcomes)
     result["problems"] = verdict(result)
     (out / "results.json").write_text(json.dumps(result))
@@ -144,16 +146,18 @@ def phase_rows(result: dict) -> list[list[str]]:
 def markdown(result: dict) -> str:
     cap, st = result["capacity"], result["settings"]
     back = result["back_to_normal_s"]
+    load = result.get("load_during", {})
     lines = [f"capacity: {cap['req_per_s']:.2f} req/s" + (" (given)" if cap.get("given") else
                                                           f" (measured: {st['capacity_concurrency']} clients, "
                                                           f"{st['capacity_seconds']:.0f} s)"),
              f"admission: api.max_backlog_seconds {st['max_backlog_seconds']:g}, api.max_inflight {st['max_inflight']}",
-             ""]
+             (f"machine load average (1 min) during the phases: median {pressure.fmt(load.get('median'))}, "
+              f"max {pressure.fmt(load.get('max'))} on {result['machine']['cores']} cores"), ""]
     lines += pressure.table(PHASE_HEADERS, phase_rows(result))
     reasons = ", ".join(f"{s['name']}: " + ", ".join(f"{k} {v}" for k, v in s["429_reasons"].items())
                         for s in result["phases"] if s["429_reasons"]) or "none"
-    lines += ["", f"429s by reason: {reasons}; the dispatcher's predicted backlog peaked at "
-                  f"{pressure.fmt(result.get('backlog_peak_s'))} s (429 above {st['max_backlog_seconds']:g} s)"]
+    lines += ["", (f"429s by reason: {reasons}; the dispatcher's predicted backlog peaked at "
+                   f"{pressure.fmt(result.get('backlog_peak_s'))} s (429 above {st['max_backlog_seconds']:g} s)")]
     lines += ["", "back to normal after the overload: " + (
         f"{back:.0f} s (first {st['window']:.0f} s window from which p50 and p99 stay within "
         f"{st['factor']:g}x the baseline's)" if back is not None else "not within the recovery phase"), ""]

@@ -275,19 +275,21 @@ def cluster_pids(cluster: Cluster) -> list[int]:
 
 def redis_figures(store) -> dict:
     """Redis's own memory, its key count, keys by kind (the part after the prefix: req, gen, out, hb, ...) and
-    the length of every stream that is not per request (those grow unless trimmed)."""
+    the length and bytes (``MEMORY USAGE``) of every stream that is not per request (those grow unless trimmed)."""
     r, prefix = store.r, store.k.p
     info = r.info("memory")
     kinds: Counter = Counter()
     for key in r.scan_iter(count=1000):
         parts = key.decode(errors="replace").split(":")
         kinds[parts[1] if len(parts) > 1 and parts[0] == prefix else "foreign"] += 1
-    streams = {}
+    streams, stream_bytes = {}, {}
     for name in ("incoming", "results", "cancel", "slice_log"):
         key = f"{prefix}:{name}"
-        streams[name] = int(r.xlen(key)) if r.type(key) == b"stream" else 0
+        is_stream = r.type(key) == b"stream"
+        streams[name] = int(r.xlen(key)) if is_stream else 0
+        stream_bytes[name] = int(r.memory_usage(key) or 0) if is_stream else 0
     return {"used_memory": int(info["used_memory"]), "used_memory_rss": int(info.get("used_memory_rss", 0)),
-            "dbsize": int(r.dbsize()), "keys": dict(kinds), "streams": streams,
+            "dbsize": int(r.dbsize()), "keys": dict(kinds), "streams": streams, "stream_bytes": stream_bytes,
             "live": int(r.scard(store.k.live))}
 
 
@@ -308,6 +310,8 @@ class Sampler:
         self.backlog: list[list] = []
         """[t, *DISPATCHER_FIELDS of the dispatcher's snapshot]"""
         self.redis: list[dict] = []
+        self.loadavg: list[tuple[float, float]] = []
+        """(t, the machine's 1-minute load average): on a shared machine, what else ran shows here"""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pressure-sampler", daemon=True)
 
@@ -320,6 +324,7 @@ class Sampler:
                     size = rss_bytes(pid)
                     if size is not None:
                         self.rss.append((t, pid, role(cmdline(pid)), size))
+                self.loadavg.append((round(t, 2), os.getloadavg()[0]))
             except Exception as exc:  # noqa: BLE001
                 log.debug("rss sample failed: %s", exc)
             try:
@@ -373,6 +378,12 @@ def peaks(series: dict[int, dict]) -> list[dict]:
                     "first_mb": series[top]["mb"][0], "last_mb": series[top]["mb"][-1],
                     "peak_sum_mb": max(total.values())})
     return sorted(out, key=lambda r: -r["peak_sum_mb"])
+
+
+def load_summary(samples: list[tuple[float, float]], lo: float, hi: float) -> dict:
+    """Median and peak of the machine's load average while [lo, hi]."""
+    values = [v for t, v in samples if lo <= t <= hi]
+    return {"median": percentile(values, 50), "max": max(values, default=None)}
 
 
 def compact(outcomes: list[Outcome]) -> list[list]:

@@ -93,8 +93,9 @@ def segments(start: float, end: float, every: float) -> list[tuple[float, float]
 
 
 def timeline(outcomes: list, totals: dict, redis: list[dict], kills: list[dict], start: float, end: float,
-             every: float) -> list[dict]:
-    """Per segment: the requests sent in it, the kill in it, and memory at its end."""
+             every: float, loadavg: list[tuple[float, float]] = ()) -> list[dict]:
+    """Per segment: the requests sent in it, the kill in it, memory at its end, and the machine's load average
+    (median) during it."""
     rows = []
     for lo, hi in segments(start, end, every):
         redis_at = at_or_before(redis, hi, key=lambda r: r["t"]) or {}
@@ -104,7 +105,8 @@ def timeline(outcomes: list, totals: dict, redis: list[dict], kills: list[dict],
             rss[name] = None if point is None else point[1]
         rows.append({"from_s": lo - start, "to_s": hi - start, **pressure.phase_stats(outcomes, lo, hi),
                      "kills": [k for k in kills if k["at"] is not None and lo <= k["at"] < hi],
-                     "rss_mb": rss, "redis_used_memory": redis_at.get("used_memory"),
+                     "rss_mb": rss, "load_median": pressure.load_summary(list(loadavg), lo, hi)["median"],
+                     "redis_used_memory": redis_at.get("used_memory"),
                      "redis_dbsize": redis_at.get("dbsize"), "redis_keys": redis_at.get("keys", {})})
     return rows
 
@@ -172,15 +174,16 @@ def run_soak(args) -> dict:
     series = pressure.rss_series(sampler.rss)
     result.update({"phase": {"start": soak.start, "end": soak.end, "rate": rate}, "kill_times": kill_times,
                    "kills": [asdict(r) for r in records], "rss": {str(p): s for p, s in series.items()},
-                   "redis": sampler.redis, "backlog": sampler.backlog,
+                   "redis": sampler.redis, "backlog": sampler.backlog, "loadavg": sampler.loadavg,
                    "requests": pressure.compact(outcomes)})
     (out / "results.json").write_text(json.dumps(result))  # the raw figures first, whatever the analysis does
     result["total"] = pressure.phase_stats(outcomes, soak.start, soak.end)
+    result["load_during"] = pressure.load_summary(sampler.loadavg, soak.start, soak.end)
     totals = role_totals(series, soak.start, soak.end + (result["drained_s"] or 0) + 60)
     result["rss_growth"] = {name: growth(points) for name, points in totals.items()}
     result["rss_peaks"] = pressure.peaks(series)
     result["timeline"] = timeline(outcomes, totals, sampler.redis, result["kills"], soak.start, soak.end,
-                                  args.kill_every)
+                                  args.kill_every, sampler.loadavg)
     result["windows"] = pressure.windows(outcomes, soak.start, soak.end, args.window, args.window / 2)
     result["problems"] = verdict(result)
     (out / "results.json").write_text(json.dumps(result))
@@ -208,7 +211,7 @@ def markdown(result: dict) -> str:
     lines.append("")
     roles = [r for r in MAIN_ROLES if any(row["rss_mb"].get(r) is not None for row in result["timeline"])]
     head = ["minutes", "offered", "completed", "lost", "e2e p50 / p99 s", "kill: rows back, resumed / restored s"]
-    head += [f"{r} MiB" for r in roles] + ["Redis used_memory MiB", "Redis keys"]
+    head += [f"{r} MiB" for r in roles] + ["Redis used_memory MiB", "Redis keys", "load avg"]
     rows = []
     for row in result["timeline"]:
         kill = "; ".join(f"{k['requeued']}, {f(k['resumed_s'])} / {f(k['restored_s'])}" for k in row["kills"]) or "–"
@@ -216,7 +219,7 @@ def markdown(result: dict) -> str:
                      str(row["lost"]), f"{f(row['latency_p50'])} / {f(row['latency_p99'])}", kill]
                     + [f(row["rss_mb"][r], 0) for r in roles]
                     + [f(row["redis_used_memory"] / pressure.MB if row["redis_used_memory"] else None),
-                       str(row["redis_dbsize"])])
+                       str(row["redis_dbsize"]), pressure.fmt(row.get("load_median"))])
     lines += pressure.table(head, rows)
     lines += ["", "RSS per role over the soak (sum of its processes, MiB):", ""]
     lines += pressure.table(["role", "first", "last", "peak", "slope MiB/h"],

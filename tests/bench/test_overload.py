@@ -139,7 +139,7 @@ def made_up_result(refusals: int, back: float | None) -> dict:
     phases[1]["latency_p99"] = 30.0
     series = pressure.windows(outcomes, 0.0, 30.0, 5.0, 1.0)
     rss = pressure.rss_series([(t, 10, "worker", (300 + t) * pressure.MB) for t in range(30)])
-    return {"settings": {"factor": 1.5, "overload": 3.0, "recovery_seconds": 10.0, "window": 5.0,
+    return {"machine": {"cores": 2}, "load_during": {"median": 1.5, "max": 2.0}, "settings": {"factor": 1.5, "overload": 3.0, "recovery_seconds": 10.0, "window": 5.0,
                          "capacity_concurrency": 64, "capacity_seconds": 60.0, "max_backlog_seconds": 600.0,
                          "max_inflight": 512, "overload_seconds": 10.0},
             "capacity": {"req_per_s": 2.0}, "phases": phases, "windows": series, "back_to_normal_s": back,
@@ -159,6 +159,7 @@ def test_verdict_and_report_on_a_made_up_run(tmp_path):
     result["problems"] = overload.verdict(result)
     text = overload.markdown(result)
     assert "| overload | 3x |" in text and "back to normal after the overload: 4 s" in text and "| worker | 1 |" in text
+    assert "median 1.5, max 2.0 on 2 cores" in text
     overload.plot(result, tmp_path)
     assert (tmp_path / "overload_latency.png").stat().st_size > 10_000
     assert (tmp_path / "overload_rss.png").stat().st_size > 10_000

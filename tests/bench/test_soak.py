@@ -53,13 +53,15 @@ def test_timeline_puts_each_kill_and_memory_figure_in_its_segment():
     outcomes[25] = Outcome(25, status=200, accepted=True, sent=25.0, done=30.0, error="ReadError")  # lost
     redis = [{"t": float(t), "used_memory": 1000 * t, "dbsize": t, "keys": {"req": t}} for t in range(0, 41, 10)]
     kills = [{"at": 22.0, "requeued": 3, "resumed_s": 4.0, "restored_s": 6.0}]
-    rows = soak.timeline(outcomes, soak.role_totals(series(), 0.0, 40.0), redis, kills, 0.0, 40.0, 20.0)
+    load = [(float(t), 1.0 if t < 20 else 3.0) for t in range(40)]
+    rows = soak.timeline(outcomes, soak.role_totals(series(), 0.0, 40.0), redis, kills, 0.0, 40.0, 20.0, load)
     assert [(r["from_s"], r["to_s"]) for r in rows] == [(0.0, 20.0), (20.0, 40.0)]
     assert [r["offered"] for r in rows] == [20, 20] and [r["lost"] for r in rows] == [0, 1]
     assert rows[0]["kills"] == [] and rows[1]["kills"] == kills
     assert rows[0]["rss_mb"]["worker"] == 1100.0 and rows[1]["rss_mb"]["worker"] == 1050.0
     assert rows[0]["rss_mb"]["redis"] is None  # no Redis process in the made-up samples
     assert (rows[1]["redis_used_memory"], rows[1]["redis_dbsize"]) == (40000, 40)
+    assert [r["load_median"] for r in rows] == [1.0, 3.0]
 
 
 def made_up_result(lost: int = 0) -> dict:
