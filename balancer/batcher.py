@@ -157,7 +157,7 @@ def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, 
 
 
 def _plan_with_kept_costs(ordered: list[Request], costs: ShapeCosts, kv_kept: bool) -> BatchPlan:
-    """``plan_batches`` from kept per-shape rows: cost[j] is only as long as the DP reads it."""
+    """``plan_batches`` from the rows kept per length instead of a cost matrix."""
     lengths = [r.input_len for r in ordered]
     caps = [costs.cap(length) for length in lengths]
     unfit = [r for r, c in zip(ordered, caps) if c < 1]
@@ -169,34 +169,56 @@ def _plan_with_kept_costs(ordered: list[Request], costs: ShapeCosts, kv_kept: bo
         return BatchPlan([], 0.0, unfit)
     if not kv_kept:
         return _split(ordered, [costs.whole(length) for length in lengths], caps, unfit)
-    # As _costs_with_kept_caches: decode at the longest context, plus the fresh rows' prefill padded to the
-    # last fresh row of the window, plus one token for each resumed row (same operations, same order).
+    best, take = _least_total_splits_with_kept_caches(ordered, lengths, caps, costs)
+    return _groups(ordered, best, take, unfit)
+
+
+def _least_total_splits_with_kept_caches(ordered: list[Request], lengths: list[int], caps: list[int],
+                                         costs: ShapeCosts) -> tuple[list[float], list[int]]:
+    """``_least_total_splits`` over the costs ``_costs_with_kept_caches`` gives, each computed as the recurrence
+    reads it (same operations, same order, so the same bits) instead of as a matrix first.
+
+    A window of resumed rows only costs what a row kept per length says; most windows are such, as most of a
+    pool is resumed rows (a request arrives fresh once and comes back for each slice after). A window that
+    reaches a fresh row adds the fresh rows' prefill, padded to the last fresh row of the window.
+    """
+    n = len(ordered)
+    best = [0.0] * (n + 1)
+    take = [0] * (n + 1)
     resumed_prefill = costs.prefill(1)
-    cost = []
-    seen_fresh = [0]  # seen_fresh[i]: fresh rows among the first i
-    last_fresh, last_fresh_len = -1, 0  # the latest fresh row so far, and its length
-    for j, (r, length, cap) in enumerate(zip(ordered, lengths, caps)):
-        if r.kv_replica is None:
+    seen_fresh = [0] * (n + 1)  # seen_fresh[i]: fresh rows among the first i
+    last_fresh, last_fresh_len = 0, 0  # the latest fresh row so far (1-based, 0: none yet), and its length
+    for j in range(1, n + 1):
+        length, fresh = lengths[j - 1], ordered[j - 1].kv_replica is None
+        if fresh:
             last_fresh, last_fresh_len = j, length
-        seen_fresh.append(seen_fresh[-1] + (r.kv_replica is None))
-        m = min(cap, j + 1)
-        # Windows of up to j - last_fresh rows hold resumed rows only: their costs depend on the length alone.
-        # Most of a pool is resumed rows (a request arrives fresh once and comes back for each slice after).
-        row = costs.resumed_only(length)
-        clean = j - last_fresh
+        seen_fresh[j] = seen_fresh[j - 1] + fresh
+        m = min(caps[j - 1], j)
+        clean = min(j - last_fresh, m)  # windows of up to this many rows hold resumed rows only
+        least, size, s = math.inf, 0, 0
+        for before, row_cost in zip(reversed(best[j - clean:j]), costs.resumed_only(length)):
+            s += 1
+            total = before + row_cost
+            if total < least:
+                least, size = total, s
         if clean < m:
-            fresh_prefill, top = costs.prefill(last_fresh_len), seen_fresh[-1]
-            # s rows ending at j hold top - seen_fresh[j + 1 - s] fresh ones
-            window_starts = reversed(seen_fresh[j + 1 - m:j + 1 - clean])
-            row = row[:clean] + [d + (fresh_prefill[top - before] + resumed_prefill[s - top + before])
-                                 for s, d, before in zip(range(clean + 1, m + 1), costs.decode(length)[clean:],
-                                                         window_starts)]
-        cost.append(row)
-    return _split(ordered, cost, caps, unfit)
+            fresh_prefill, decode, top = costs.prefill(last_fresh_len), costs.decode(length), seen_fresh[j]
+            for s in range(clean + 1, m + 1):
+                n_fresh = top - seen_fresh[j - s]
+                total = best[j - s] + (decode[s - 1] + (fresh_prefill[n_fresh] + resumed_prefill[s - n_fresh]))
+                if total < least:
+                    least, size = total, s
+        best[j], take[j] = least, size
+    return best, take
 
 
 def _split(ordered: list[Request], cost: list[list[float]], caps: list[int], unfit: list[Request]) -> BatchPlan:
     best, take = _least_total_splits(cost, caps)
+    return _groups(ordered, best, take, unfit)
+
+
+def _groups(ordered: list[Request], best: list[float], take: list[int], unfit: list[Request]) -> BatchPlan:
+    """The split the recurrence chose, read back from its last row."""
     groups: list[list[Request]] = []
     j = len(ordered)
     while j > 0:

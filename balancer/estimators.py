@@ -42,6 +42,10 @@ class LengthPredictor(Protocol):
     def predict(self, prompts: list[str], prompt_lens: list[int]) -> list[float]: ...
 
 
+_KEPT_SHAPES = 1 << 18
+"""Most single-shape estimates a model keeps (about 40 MB); past it they are forgotten and asked afresh."""
+
+
 @dataclass(frozen=True)
 class BilinearLatencyModel:
     """SCLS's serving-time form, evaluated in closed form.
@@ -62,6 +66,12 @@ class BilinearLatencyModel:
     g: float
     h: float
 
+    def __post_init__(self) -> None:
+        # Single-shape estimates, kept: a simulated run asks for the same few hundred thousand shapes millions
+        # of times. The model is immutable, so they never go stale. Not a field: equality, hashing, repr and
+        # as_dict ignore it.
+        object.__setattr__(self, "_kept", {})
+
     def prefill_time(self, n, length):
         return self.a * n * length + self.b * n + self.c * length + self.d
 
@@ -69,6 +79,17 @@ class BilinearLatencyModel:
         return self.e * n * context_len + self.f * n + self.g * context_len + self.h
 
     def batch_time(self, n, max_input_len: int, steps: int):
+        if type(n) is int and type(max_input_len) is int:  # one shape (not arrays): look it up first
+            key = (n, max_input_len, steps)
+            kept = self._kept.get(key)
+            if kept is None:
+                if len(self._kept) >= _KEPT_SHAPES:
+                    self._kept.clear()
+                kept = self._kept[key] = self._batch_time(n, max_input_len, steps)
+            return kept
+        return self._batch_time(n, max_input_len, steps)
+
+    def _batch_time(self, n, max_input_len: int, steps: int):
         # n and max_input_len broadcast (the DP batcher passes a column of lengths and a row of sizes). Every
         # product below has a float coefficient, so ints and integer arrays need no conversion; lists do.
         if isinstance(n, (list, tuple)):

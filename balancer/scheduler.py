@@ -22,7 +22,7 @@ from balancer.batcher import ShapeCosts, plan_batches, split_for_parallelism
 from balancer.config import SchedulerConfig
 from balancer.estimators import MemoryEstimator, SliceTimeEstimator
 from balancer.ordering import make_ordering, select
-from balancer.placement import OpenReplicas, ReplicaState, cost_on, make_placement
+from balancer.placement import OpenReplicas, ReplicaState, make_placement
 from balancer.types import Assignment, Batch, FinishReason, Mode, Request, SliceResult
 
 
@@ -259,7 +259,8 @@ class Scheduler:
                             kv_kept=cfg.kv_reuse, costs=self._kept_shape_costs())
         groups = split_for_parallelism(
             plan.groups, min(self._index.idle, free),
-            lambda g: float(self.time.batch_time(len(g), max(r.input_len for r in g), cfg.slice_len)),
+            # a group is a run of the length-sorted candidates (or half of one): its last row is its longest
+            lambda g: float(self.time.batch_time(len(g), g[-1].input_len, cfg.slice_len)),
         )
         if len(groups) > free:
             # Keep the groups holding the most urgent requests; the rest wait in the pool for the next round.
@@ -309,7 +310,8 @@ class Scheduler:
         Rows whose cache is kept there skip the re-prefill: their prefill shrinks to one token each, while the
         decode steps stay (every row still attends over its padded context).
         """
-        holders = {r.kv_replica for r in batch.requests if r.kv_replica is not None}
+        holders = {r.kv_replica for r in batch.requests}
+        holders.discard(None)
         if not holders:
             return {}
         n = batch.size
@@ -380,9 +382,10 @@ class Scheduler:
             if outcome.new_tokens > 0 and req.first_token_at is None:
                 req.first_token_at = now
             reason = outcome.finish_reason
-            if not reason.is_final and req.remaining <= 0:
-                reason = FinishReason.LENGTH
-            if reason.is_final:
+            final = reason.is_final
+            if not final and req.generated >= req.max_tokens:  # no budget left
+                reason, final = FinishReason.LENGTH, True
+            if final:
                 req.finish_reason = reason
                 req.finished_at = now
                 finished.append(req)

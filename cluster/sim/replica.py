@@ -14,7 +14,6 @@ from balancer.estimators import BilinearLatencyModel
 from balancer.types import Batch, FinishReason, Request, RequestOutcome, SliceResult
 from worker.lanes import GROUP_PAD_TOKENS, plan_lanes, prefill_groups
 
-
 _EOS, _LENGTH, _SLICE_END = FinishReason.EOS, FinishReason.LENGTH, FinishReason.SLICE_END
 """Module constants: an enum member looked up on its class costs a call, once per row of every batch."""
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from operator import itemgetter
 
 import numpy as np
 
@@ -55,7 +56,8 @@ def schedule_fingerprint(finishes: Iterable[tuple[str, float]]) -> str:
     performance only (the simulator, the scheduler's bookkeeping) must leave it as it was. Rounding keeps a
     change of float summation order in the last bits from counting as a different schedule.
     """
-    text = "".join(f"{rid} {t:.6f}\n" for rid, t in sorted(finishes))
+    # sorted by id alone (ids are unique): a million tuples sort faster by a key than compared whole
+    text = "".join(f"{rid} {t:.6f}\n" for rid, t in sorted(finishes, key=itemgetter(0)))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

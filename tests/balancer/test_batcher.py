@@ -9,11 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer.batcher import ShapeCosts, plan_batches, split_for_parallelism
-from balancer.estimators import BilinearLatencyModel
-from tests.balancer.helpers import LATENCY, memory, request
-
-coef = st.floats(min_value=0.0, max_value=1e-2, allow_nan=False)
-models = st.builds(BilinearLatencyModel, coef, coef, coef, coef, coef, coef, coef, coef)
+from tests.balancer.helpers import LATENCY, memory, models, request
 
 
 def brute_force(lengths: list[int], steps: int, latency, mem, cap: int) -> float:
