@@ -7,7 +7,7 @@ Redis), measures the cluster's capacity for the request mix (a saturated closed 
 was offered and accepted, the share refused with 429 (and whether every 429 carried Retry-After), other
 failures, lost requests (accepted but never completed: must be 0) and the p50 / p99 end-to-end latency and
 TTFT of the admitted ones; and how long after the overload ended a sliding window of requests saw their p50
-and p99 back within ``--factor`` times the baseline's. Every process of the cluster (serve, Ray, Serve's
+and p99 back within ``--factor`` times normal (what the baseline's windows of the same width stayed under). Every process of the cluster (serve, Ray, Serve's
 actors, Redis) has its RSS read about once a second; the report gives each role's peak.
 
     python -m bench.overload --out runs/overload        # or: slicefleet overload ...
@@ -40,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=float, default=10.0,
                    help="width of the sliding latency window (requests by send time), seconds")
     p.add_argument("--factor", type=float, default=1.5,
-                   help="back to normal: a window's p50 and p99 within this many times the baseline's")
+                   help="back to normal: a window's p50 and p99 within this many times the normal reference")
+    p.add_argument("--reference-quantile", type=float, default=90.0,
+                   help="the normal reference: this percentile of the p50s and of the p99s of the baseline's windows")
     p.add_argument("--min-window-requests", type=int, default=5,
                    help="windows with fewer completed requests do not count for back to normal")
     p.add_argument("--redis-every", type=float, default=5.0, help="seconds between samples of Redis's figures")
@@ -53,13 +55,16 @@ def verdict(result: dict) -> list[str]:
     problems = [f"{s['name']}: {s['lost']} accepted requests lost" for s in result["phases"] if s["lost"]]
     problems += [f"{s['name']}: {s['429_without_retry_after']} answers 429 without Retry-After"
                  for s in result["phases"] if s["429_without_retry_after"]]
+    problems += [f"{s['name']}: the harness sent its requests up to {s['send_lag_max']:.1f} s late (p99 "
+                 f"{s['send_lag_p99']:.1f} s): the load came in bursts" for s in result["phases"]
+                 if (s.get("send_lag_p99") or 0) > 1.0]
     over, base = ph["overload"], ph["baseline"]
     if not over["refused_429"] and (over["latency_p99"] or 0) > result["settings"]["factor"] * (base["latency_p99"] or 0):
         problems.append(f"nothing refused at {result['settings']['overload']:g}x capacity: the excess queued "
                         f"(p99 {over['latency_p99']:.1f} s against {base['latency_p99']:.1f} s at baseline)")
     if result["back_to_normal_s"] is None:
-        problems.append(f"latency not back within {result['settings']['factor']:g}x the baseline's before the "
-                        f"recovery phase ended ({result['settings']['recovery_seconds']:.0f} s)")
+        problems.append(f"latency not back within {result['settings']['factor']:g}x normal before the recovery "
+                        f"phase ended ({result['settings']['recovery_seconds']:.0f} s)")
     return problems
 
 
@@ -104,14 +109,15 @@ def run_overload(args) -> dict:
                 result["drained_s"] = time.perf_counter() - t0 - plan[-1].end
         finally:
             cluster.stop()
-    result["phases"] = [{"name": ph.name, "rate": ph.rate, **pressure.phase_stats(outcomes, ph.start, ph.end)}
-                        for ph in plan]
+    result["phases"] = [{"name": ph.name, "rate": ph.rate, **pressure.phase_stats(outcomes, ph.start, ph.end),
+                         **pressure.send_lag(outcomes, requests, ph.start, ph.end)} for ph in plan]
     series = pressure.windows(outcomes, plan[0].start, plan[-1].end, args.window, 1.0)
-    base = result["phases"][0]
     result["windows"] = series
-    result["back_to_normal_s"] = pressure.back_to_normal(
-        series, plan[1].end, base["latency_p50"] or 0.0, base["latency_p99"] or 0.0, args.factor,
-        args.min_window_requests)
+    ref = pressure.normal_reference(series, plan[0].start, plan[0].end, args.window, args.reference_quantile,
+                                    args.min_window_requests)
+    result["normal_reference"] = {"p50": ref[0], "p99": ref[1]}
+    result["back_to_normal_s"] = pressure.back_to_normal(series, plan[1].end, *ref, args.factor,
+                                                         args.min_window_requests)
     rss = pressure.rss_series(sampler.rss)
     result["rss_peaks"] = pressure.peaks(rss)
     result["rss"] = {str(pid): s for pid, s in rss.items()}
@@ -130,7 +136,8 @@ def run_overload(args) -> dict:
 
 # ---- the report -------------------------------------------------------------------------------------------
 PHASE_HEADERS = ["phase", "load", "offered", "offered req/s", "accepted", "429 (share)", "429 w/o Retry-After",
-                 "other failures", "lost", "completed", "e2e p50 / p99 s", "TTFT p50 / p99 s"]
+                 "other failures", "lost", "completed", "e2e p50 / p99 s", "TTFT p50 / p99 s",
+                 "send lag p99 / max s"]
 
 
 def phase_rows(result: dict) -> list[list[str]]:
@@ -140,7 +147,8 @@ def phase_rows(result: dict) -> list[list[str]]:
              f"{s['refused_429']} ({100 * s['share_429']:.0f} %)", str(s["429_without_retry_after"]),
              ", ".join(f"{k} {v}" for k, v in sorted(s["other_failures"].items())) or "0", str(s["lost"]),
              str(s["completed"]), f"{f(s['latency_p50'])} / {f(s['latency_p99'])}",
-             f"{f(s['ttft_p50'], 2)} / {f(s['ttft_p99'], 2)}"] for s in result["phases"]]
+             f"{f(s['ttft_p50'], 2)} / {f(s['ttft_p99'], 2)}",
+             f"{f(s.get('send_lag_p99'), 2)} / {f(s.get('send_lag_max'), 2)}"] for s in result["phases"]]
 
 
 def markdown(result: dict) -> str:
@@ -158,9 +166,12 @@ def markdown(result: dict) -> str:
                         for s in result["phases"] if s["429_reasons"]) or "none"
     lines += ["", (f"429s by reason: {reasons}; the dispatcher's predicted backlog peaked at "
                    f"{pressure.fmt(result.get('backlog_peak_s'))} s (429 above {st['max_backlog_seconds']:g} s)")]
+    ref = result["normal_reference"]
     lines += ["", "back to normal after the overload: " + (
-        f"{back:.0f} s (first {st['window']:.0f} s window from which p50 and p99 stay within "
-        f"{st['factor']:g}x the baseline's)" if back is not None else "not within the recovery phase"), ""]
+        f"{back:.0f} s" if back is not None else "not within the recovery phase") + (
+        f" (the first {st['window']:.0f} s window from which p50 and p99 stay within {st['factor']:g}x normal: "
+        f"{pressure.fmt(ref['p50'], 2)} s and {pressure.fmt(ref['p99'], 2)} s, the {st['reference_quantile']:g}th "
+        "percentile of the baseline's windows)"), ""]
     lines += pressure.rss_table(result["rss_peaks"])
     lines += [f"\n- {p}" for p in result["problems"]]
     return "\n".join(lines) + "\n"
@@ -200,10 +211,10 @@ def plot(result: dict, out: Path) -> None:
     lat = [(r[0], r[4]) for r in reqs if r[4] is not None]
     a2.scatter([x for x, _ in lat], [y for _, y in lat], s=3, color="0.6", label="admitted request (by send time)")
     pressure.plot_windows(a2, result["windows"], result["settings"]["window"])
-    base = result["phases"][0]
-    if base["latency_p99"]:
-        a2.axhline(result["settings"]["factor"] * base["latency_p99"], color="tab:red", ls=":",
-                   label=f"{result['settings']['factor']:g}x baseline p99")
+    factor, ref = result["settings"]["factor"], result["normal_reference"]
+    for key, color in (("p50", "tab:blue"), ("p99", "tab:red")):
+        if ref[key] == ref[key]:  # not NaN: the baseline had windows
+            a2.axhline(factor * ref[key], color=color, ls=":", label=f"{factor:g}x normal {key}")
     if result["back_to_normal_s"] is not None:
         a2.axvline(plan[1].end + result["back_to_normal_s"], color="k", ls="--", label="back to normal")
     a2.set_ylabel("end-to-end latency (s)")

@@ -87,11 +87,28 @@ def model_name() -> str:
     return SlicefleetConfig().model.name
 
 
-def client(timeout: float):
-    import httpx
+class Clients:
+    """HTTP clients for many concurrent streams, request ``i`` on client ``i % shards``. httpx's connection pool
+    (httpcore 1.0) does work quadratic in its connections each time a request starts or ends: with 500 streams
+    open on one client the harness's event loop stalled for seconds and sent its schedule in bursts. Spread over
+    ``shards`` clients, every pool stays small."""
 
-    return httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-                             timeout=timeout)
+    def __init__(self, timeout: float, shards: int = 16):
+        self.timeout, self.shards = timeout, shards
+        self.clients: list = []
+
+    async def __aenter__(self) -> Clients:  # noqa: PYI034 - the class is not subclassed
+        import httpx
+
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=8)
+        self.clients = [httpx.AsyncClient(limits=limits, timeout=self.timeout) for _ in range(self.shards)]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.gather(*(c.aclose() for c in self.clients))
+
+    def __getitem__(self, i: int):
+        return self.clients[i % len(self.clients)]
 
 
 async def open_loop(cluster: Cluster, requests: list[FaultRequest], outcomes: list[Outcome], t0: float,
@@ -99,13 +116,14 @@ async def open_loop(cluster: Cluster, requests: list[FaultRequest], outcomes: li
     """Send each request at its offset whatever happened to the earlier ones (an open loop, as real clients
     are), appending its outcome to ``outcomes`` as it goes out, and wait for every answer."""
     model = model_name()
-    async with client(timeout) as http:
+    async with Clients(timeout) as http:
         tasks = []
         for req in requests:
             await asyncio.sleep(max(0.0, t0 + req.offset - time.perf_counter()))
             out = Outcome(req.index)
             outcomes.append(out)
-            tasks.append(asyncio.create_task(_counted(send(http, cluster.url, model, req, t0, out, timeout), bar)))
+            tasks.append(asyncio.create_task(_counted(send(http[req.index], cluster.url, model, req, t0, out,
+                                                           timeout), bar)))
         await asyncio.gather(*tasks)
 
 
@@ -122,7 +140,7 @@ async def closed_loop(cluster: Cluster, pool: list[FaultRequest], concurrency: i
     outcomes: list[Outcome] = []
     end = time.perf_counter() + seconds
 
-    async def one_client(http) -> None:
+    async def one_client(http) -> None:  # one connection pool each: a closed loop's clients are independent
         while time.perf_counter() < end:
             i = len(outcomes)
             out = Outcome(i)
@@ -131,8 +149,8 @@ async def closed_loop(cluster: Cluster, pool: list[FaultRequest], concurrency: i
             if not out.completed:
                 await asyncio.sleep(1.0)  # a refusal answers at once: do not spin on it
 
-    async with client(timeout) as http:
-        await asyncio.gather(*(one_client(http) for _ in range(concurrency)))
+    async with Clients(timeout, shards=concurrency) as http:
+        await asyncio.gather(*(one_client(http[i]) for i in range(concurrency)))
     return outcomes
 
 
@@ -198,6 +216,13 @@ def phase_stats(outcomes: list[Outcome], start: float, end: float) -> dict:
     }
 
 
+def send_lag(outcomes: list[Outcome], requests: list[FaultRequest], start: float, end: float) -> dict:
+    """How late the harness sent the requests planned in [start, end): an open loop that falls behind its
+    schedule offers its load in bursts, not at the rate asked for (``outcomes[i]`` is ``requests[i]``'s)."""
+    lag = [o.sent - r.offset for o, r in zip(outcomes, requests) if start <= r.offset < end]
+    return {"send_lag_p99": percentile(lag, 99), "send_lag_max": max(lag, default=None)}
+
+
 def windows(outcomes: list[Outcome], start: float, end: float, width: float, step: float) -> list[dict]:
     """Sliding windows by send time: for each window [t, t + width) within [start, end), the completed
     requests sent in it and their p50 / p99 end-to-end latency, plus completions per second by finish time."""
@@ -216,11 +241,26 @@ def windows(outcomes: list[Outcome], start: float, end: float, width: float, ste
     return out
 
 
+def normal_reference(series: list[dict], start: float, end: float, width: float, q: float,
+                     min_n: int) -> tuple[float, float]:
+    """What normal latency is for windows of this width: the ``q``-th percentile of the p50s and of the p99s of
+    the windows that lie inside [start, end] (the baseline). A window's p99 over a few dozen requests is
+    nearly its maximum, and on a shared machine the baseline's own windows spread: held to the phase's p50
+    and p99, a tenth of the baseline's own windows looked abnormal here."""
+    import numpy as np
+
+    inside = [w for w in series if w["t"] >= start - 1e-9 and w["t"] + width <= end + 1e-9 and w["n"] >= min_n]
+    if not inside:
+        return math.nan, math.nan
+    return float(np.percentile([w["p50"] for w in inside], q)), float(np.percentile([w["p99"] for w in inside], q))
+
+
 def back_to_normal(series: list[dict], after: float, p50: float, p99: float, factor: float,
                    min_n: int) -> float | None:
     """Seconds from ``after`` until requests see normal latency again: the start of the first window (from
     ``after`` on, with at least ``min_n`` requests) from which every later such window has p50 and p99 within
-    ``factor`` times ``p50`` and ``p99``. None when the last window is still above (not back in the run)."""
+    ``factor`` times ``p50`` and ``p99`` (the normal reference). None when the last window is still above (not
+    back in the run)."""
     seen = [w for w in series if w["t"] >= after - 1e-9 and w["n"] >= min_n]
     back = None
     for w in seen:

@@ -177,7 +177,8 @@ def run_soak(args) -> dict:
                    "redis": sampler.redis, "backlog": sampler.backlog, "loadavg": sampler.loadavg,
                    "requests": pressure.compact(outcomes)})
     (out / "results.json").write_text(json.dumps(result))  # the raw figures first, whatever the analysis does
-    result["total"] = pressure.phase_stats(outcomes, soak.start, soak.end)
+    result["total"] = {**pressure.phase_stats(outcomes, soak.start, soak.end),
+                       **pressure.send_lag(outcomes, requests, soak.start, soak.end)}
     result["load_during"] = pressure.load_summary(sampler.loadavg, soak.start, soak.end)
     totals = role_totals(series, soak.start, soak.end + (result["drained_s"] or 0) + 60)
     result["rss_growth"] = {name: growth(points) for name, points in totals.items()}
@@ -203,11 +204,12 @@ def markdown(result: dict) -> str:
     lines = [(f"capacity {cap:.2f} req/s, load {st['load']:g}x = {result['phase']['rate']:.2f} req/s for "
               f"{st['minutes']:g} min, a worker killed every {st['kill_every']:.0f} s"), ""]
     lines += pressure.table(["offered", "accepted", "completed", "lost", "429", "other failures", "e2e p50 / p99 s",
-                    "TTFT p50 / p99 s"],
+                    "TTFT p50 / p99 s", "send lag p99 / max s"],
                    [[str(total["offered"]), str(total["accepted"]), str(total["completed"]), str(total["lost"]),
                      str(total["refused_429"]), ", ".join(f"{k} {v}" for k, v in total["other_failures"].items()) or "0",
                      f"{f(total['latency_p50'])} / {f(total['latency_p99'])}",
-                     f"{f(total['ttft_p50'], 2)} / {f(total['ttft_p99'], 2)}"]])
+                     f"{f(total['ttft_p50'], 2)} / {f(total['ttft_p99'], 2)}",
+                     f"{f(total.get('send_lag_p99'), 2)} / {f(total.get('send_lag_max'), 2)}"]])
     lines.append("")
     roles = [r for r in MAIN_ROLES if any(row["rss_mb"].get(r) is not None for row in result["timeline"])]
     head = ["minutes", "offered", "completed", "lost", "e2e p50 / p99 s", "kill: rows back, resumed / restored s"]

@@ -5,6 +5,7 @@ normal, process roles, RSS peaks), its report on a made-up result, and (slow) a 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 
@@ -54,6 +55,14 @@ def test_windows_slide_by_send_time():
 
 def window(t, p50, p99, n=10):
     return {"t": t, "n": n, "p50": p50, "p99": p99}
+
+
+def test_normal_is_a_percentile_of_the_baseline_windows():
+    series = [window(t, p50, p99) for t, p50, p99 in ((0, 1, 2), (5, 2, 4), (10, 3, 6), (15, 9, 9), (20, 9, 9))]
+    series[1]["n"] = 2  # too few requests to count
+    assert pressure.normal_reference(series, 0, 20, width=5, q=50, min_n=5) == (3.0, 6.0)  # 0, 10, 15 lie inside
+    assert pressure.normal_reference(series, 0, 14, width=5, q=100, min_n=5) == (1.0, 2.0)  # only 0 fits
+    assert all(map(math.isnan, pressure.normal_reference(series, 100, 200, width=5, q=90, min_n=5)))
 
 
 def test_back_to_normal_is_the_first_window_from_which_all_stay_normal():
@@ -132,6 +141,25 @@ def test_capacity_counts_completions_after_the_warmup():
     assert pressure.capacity(outcomes, 0.0, 60.0) == pytest.approx(4 / 45)
 
 
+def test_send_lag_of_the_requests_planned_in_a_phase():
+    requests = [FaultRequest(i, [1], 16, float(i)) for i in range(6)]
+    outcomes = [Outcome(i, sent=float(i) + lag) for i, lag in enumerate((0.0, 0.0, 0.5, 2.0, 0.1, 9.0))]
+    lag = pressure.send_lag(outcomes, requests, 2.0, 5.0)  # planned at 2, 3 and 4
+    assert lag["send_lag_max"] == 2.0 and lag["send_lag_p99"] == pytest.approx(1.97)
+    assert pressure.send_lag(outcomes, requests, 10.0, 20.0) == {"send_lag_p99": None, "send_lag_max": None}
+
+
+def test_requests_spread_over_small_connection_pools():
+    import asyncio
+
+    async def shards():
+        async with pressure.Clients(timeout=5.0, shards=4) as http:
+            return [id(http[i]) for i in range(9)], len({id(c) for c in http.clients})
+
+    order, distinct = asyncio.run(shards())
+    assert distinct == 4 and order[:4] == order[4:8] and order[8] == order[0]
+
+
 def made_up_result(refusals: int, back: float | None) -> dict:
     outcomes = [done(t * 0.5, 1.0) for t in range(40)] + [refused(15.0) for _ in range(refusals)]
     plan = pressure.phases([("baseline", 1.0, 10.0), ("overload", 6.0, 10.0), ("recovery", 1.0, 10.0)])
@@ -139,7 +167,8 @@ def made_up_result(refusals: int, back: float | None) -> dict:
     phases[1]["latency_p99"] = 30.0
     series = pressure.windows(outcomes, 0.0, 30.0, 5.0, 1.0)
     rss = pressure.rss_series([(t, 10, "worker", (300 + t) * pressure.MB) for t in range(30)])
-    return {"machine": {"cores": 2}, "load_during": {"median": 1.5, "max": 2.0}, "settings": {"factor": 1.5, "overload": 3.0, "recovery_seconds": 10.0, "window": 5.0,
+    return {"machine": {"cores": 2}, "load_during": {"median": 1.5, "max": 2.0}, "normal_reference": {
+                "p50": 1.0, "p99": 1.2}, "settings": {"factor": 1.5, "reference_quantile": 90.0, "overload": 3.0, "recovery_seconds": 10.0, "window": 5.0,
                          "capacity_concurrency": 64, "capacity_seconds": 60.0, "max_backlog_seconds": 600.0,
                          "max_inflight": 512, "overload_seconds": 10.0},
             "capacity": {"req_per_s": 2.0}, "phases": phases, "windows": series, "back_to_normal_s": back,
@@ -153,6 +182,10 @@ def test_verdict_and_report_on_a_made_up_run(tmp_path):
     assert any("nothing refused" in p for p in problems) and any("not back" in p for p in problems)
     result = made_up_result(refusals=3, back=4.0)
     assert overload.verdict(result) == []
+    result["phases"][0] |= {"send_lag_p99": 3.0, "send_lag_max": 7.0}
+    late = "baseline: the harness sent its requests up to 7.0 s late (p99 3.0 s): the load came in bursts"
+    assert overload.verdict(result) == [late]
+    result["phases"][0] |= {"send_lag_p99": 0.2, "send_lag_max": 0.5}
     result["phases"][1]["429_without_retry_after"] = 1
     result["phases"][2]["lost"] = 2
     assert len(overload.verdict(result)) == 2
