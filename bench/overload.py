@@ -217,6 +217,8 @@ def plot(result: dict, out: Path) -> None:
             a2.axhline(factor * ref[key], color=color, ls=":", label=f"{factor:g}x normal {key}")
     if result["back_to_normal_s"] is not None:
         a2.axvline(plan[1].end + result["back_to_normal_s"], color="k", ls="--", label="back to normal")
+    for i, t in enumerate(pressure.aof_rewrites(result.get("redis", []))):
+        a2.axvline(t, color="tab:purple", ls="-.", lw=0.8, label="Redis AOF rewrite (seen by)" if i == 0 else None)
     a2.set_ylabel("end-to-end latency (s)")
     a2.set_yscale("log")
     a2.legend(fontsize=8)

@@ -314,10 +314,12 @@ def cluster_pids(cluster: Cluster) -> list[int]:
 
 
 def redis_figures(store) -> dict:
-    """Redis's own memory, its key count, keys by kind (the part after the prefix: req, gen, out, hb, ...) and
-    the length and bytes (``MEMORY USAGE``) of every stream that is not per request (those grow unless trimmed)."""
+    """Redis's own memory, its key count, keys by kind (the part after the prefix: req, gen, out, hb, ...), the
+    length and bytes (``MEMORY USAGE``) of every stream that is not per request (those grow unless trimmed), and
+    the append-only file's size and rewrites so far."""
     r, prefix = store.r, store.k.p
     info = r.info("memory")
+    persistence = r.info("persistence")
     kinds: Counter = Counter()
     for key in r.scan_iter(count=1000):
         parts = key.decode(errors="replace").split(":")
@@ -330,7 +332,10 @@ def redis_figures(store) -> dict:
         stream_bytes[name] = int(r.memory_usage(key) or 0) if is_stream else 0
     return {"used_memory": int(info["used_memory"]), "used_memory_rss": int(info.get("used_memory_rss", 0)),
             "dbsize": int(r.dbsize()), "keys": dict(kinds), "streams": streams, "stream_bytes": stream_bytes,
-            "live": int(r.scard(store.k.live))}
+            "live": int(r.scard(store.k.live)),
+            # An append-only-file rewrite forks the server and competes with the fsync of every write.
+            "aof_current_size": int(persistence.get("aof_current_size", 0)),
+            "aof_rewrites": int(persistence.get("aof_rewrites", 0))}
 
 
 DISPATCHER_FIELDS = ("backlog_seconds", "pool_depth", "running", "slice_time_mape")
@@ -552,6 +557,17 @@ def plot_rss(ax, series: dict[int, dict]) -> None:
     ax.set_ylabel("RSS (MiB)")
     ax.legend(fontsize=7, ncol=3, loc="upper left")
     ax.grid(alpha=0.3)
+
+
+def aof_rewrites(redis: list[dict]) -> list[float]:
+    """Times of the Redis samples at which the server had rewritten its append-only file since the last one."""
+    out, last = [], None
+    for r in redis:
+        n = r.get("aof_rewrites")
+        if n is not None and last is not None and n > last:
+            out.append(r["t"])
+        last = n if n is not None else last
+    return out
 
 
 def plot_windows(ax, series: list[dict], width: float) -> None:

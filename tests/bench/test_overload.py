@@ -141,6 +141,13 @@ def test_capacity_counts_completions_after_the_warmup():
     assert pressure.capacity(outcomes, 0.0, 60.0) == pytest.approx(4 / 45)
 
 
+def test_aof_rewrites_are_the_samples_whose_count_grew():
+    redis = [{"t": 0.0, "aof_rewrites": 0}, {"t": 5.0, "aof_rewrites": 0}, {"t": 10.0, "aof_rewrites": 1},
+             {"t": 15.0}, {"t": 20.0, "aof_rewrites": 3}]
+    assert pressure.aof_rewrites(redis) == [10.0, 20.0]
+    assert pressure.aof_rewrites([]) == []
+
+
 def test_send_lag_of_the_requests_planned_in_a_phase():
     requests = [FaultRequest(i, [1], 16, float(i)) for i in range(6)]
     outcomes = [Outcome(i, sent=float(i) + lag) for i, lag in enumerate((0.0, 0.0, 0.5, 2.0, 0.1, 9.0))]
