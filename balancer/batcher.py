@@ -46,6 +46,19 @@ def row_caps(lengths: np.ndarray, steps: int, memory: MemoryEstimator, max_batch
     return caps
 
 
+class _ByLength(dict):
+    """length -> ``compute(length)``, computed on first use. A known length is a plain subscript: the DP reads
+    several of these per request of every round, where a method call per read was a tenth of its time."""
+
+    def __init__(self, compute):
+        super().__init__()
+        self._compute = compute
+
+    def __missing__(self, length: int):
+        value = self[length] = self._compute(length)
+        return value
+
+
 class ShapeCosts:
     """What the DP asks of the estimators, asked once per shape and kept: for one slice length, the row cap
     of each longest input, and for each length the costs over every batch size.
@@ -55,17 +68,23 @@ class ShapeCosts:
     each round was a quarter of the simulator's time. Each row is computed by the same estimator call on a
     NumPy row as the matrix would, so the DP sees bit-identical costs.
 
-    Keep one only while the estimators are pure functions of the shape: see ``cacheable``.
+    Each table is read by length: ``cap[L]``, ``whole[L][s - 1]``, ... Keep one only while the estimators are
+    pure functions of the shape: see ``cacheable``.
     """
 
     def __init__(self, time: SliceTimeEstimator, memory: MemoryEstimator, steps: int, max_batch_size: int):
         self.time, self.memory, self.steps, self.max_batch_size = time, memory, steps, max_batch_size
         self._sizes = np.arange(1, max_batch_size + 1, dtype=np.int64)
-        self._caps: dict[int, int] = {}
-        self._whole: dict[int, list[float]] = {}
-        self._decode: dict[int, list[float]] = {}
-        self._prefill: dict[int, list[float]] = {}
-        self._resumed: dict[int, list[float]] = {}
+        self.cap = _ByLength(self._cap)
+        """Largest batch allowed when its longest row has L tokens (memory and the size cap)."""
+        self.whole = _ByLength(self._whole)
+        """[s - 1]: a batch of s rows padded to L, prefill and decode."""
+        self.decode = _ByLength(self._decode)
+        """[s - 1]: the decode steps alone of s rows whose longest context starts at L."""
+        self.prefill = _ByLength(self._prefill)
+        """[k]: the prefill of k rows padded to L (0.0 for none)."""
+        self.resumed_only = _ByLength(self._resumed_only)
+        """[s - 1]: s resumed rows (each feeds one token) decoded from L: no fresh row to prefill."""
 
     @staticmethod
     def cacheable(time: SliceTimeEstimator, memory: MemoryEstimator) -> bool:
@@ -77,46 +96,23 @@ class ShapeCosts:
         return (self.time is time and self.memory is memory and self.steps == steps
                 and self.max_batch_size == max_batch_size)
 
-    def cap(self, length: int) -> int:
-        """Largest batch allowed when its longest row has ``length`` tokens (memory and the size cap)."""
-        cap = self._caps.get(length)
-        if cap is None:
-            cap = self._caps[length] = min(self.max_batch_size, self.memory.max_batch_size(length, self.steps))
-        return cap
+    def _cap(self, length: int) -> int:
+        return min(self.max_batch_size, self.memory.max_batch_size(length, self.steps))
 
-    def whole(self, length: int) -> list[float]:
-        """[s - 1]: a batch of s rows padded to ``length``, prefill and decode."""
-        row = self._whole.get(length)
-        if row is None:
-            row = self._whole[length] = np.asarray(self.time.batch_time(self._sizes, length, self.steps),
-                                                   dtype=float).tolist()
-        return row
+    def _whole(self, length: int) -> list[float]:
+        return np.asarray(self.time.batch_time(self._sizes, length, self.steps), dtype=float).tolist()
 
-    def decode(self, length: int) -> list[float]:
-        """[s - 1]: the decode steps alone of s rows whose longest context starts at ``length``."""
-        row = self._decode.get(length)
-        if row is None:
-            longest = float(length)
-            row = self._decode[length] = np.asarray(
-                self.time.batch_time(self._sizes, longest, self.steps) - self.time.batch_time(self._sizes, longest, 0),
-                dtype=float).tolist()
-        return row
+    def _decode(self, length: int) -> list[float]:
+        longest = float(length)
+        return np.asarray(self.time.batch_time(self._sizes, longest, self.steps)
+                          - self.time.batch_time(self._sizes, longest, 0), dtype=float).tolist()
 
-    def resumed_only(self, length: int) -> list[float]:
-        """[s - 1]: s resumed rows (each feeds one token) decoded from ``length``: no fresh row to prefill."""
-        row = self._resumed.get(length)
-        if row is None:
-            resumed = self.prefill(1)
-            row = self._resumed[length] = [d + (0.0 + resumed[s]) for s, d in enumerate(self.decode(length), 1)]
-        return row
+    def _prefill(self, length: int) -> list[float]:
+        return [0.0] + np.asarray(self.time.batch_time(self._sizes, length, 0), dtype=float).tolist()
 
-    def prefill(self, length: int) -> list[float]:
-        """[k]: the prefill of k rows padded to ``length`` (0.0 for none)."""
-        row = self._prefill.get(length)
-        if row is None:
-            row = self._prefill[length] = [0.0] + np.asarray(self.time.batch_time(self._sizes, length, 0),
-                                                             dtype=float).tolist()
-        return row
+    def _resumed_only(self, length: int) -> list[float]:
+        resumed = self.prefill[1]
+        return [d + (0.0 + resumed[s]) for s, d in enumerate(self.decode[length], 1)]
 
 
 def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, memory: MemoryEstimator,
@@ -159,7 +155,7 @@ def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, 
 def _plan_with_kept_costs(ordered: list[Request], costs: ShapeCosts, kv_kept: bool) -> BatchPlan:
     """``plan_batches`` from the rows kept per length instead of a cost matrix."""
     lengths = [r.input_len for r in ordered]
-    caps = [costs.cap(length) for length in lengths]
+    caps = [costs.cap[length] for length in lengths]
     unfit = [r for r, c in zip(ordered, caps) if c < 1]
     if unfit:
         ordered = [r for r, c in zip(ordered, caps) if c >= 1]
@@ -168,7 +164,7 @@ def _plan_with_kept_costs(ordered: list[Request], costs: ShapeCosts, kv_kept: bo
     if not ordered:
         return BatchPlan([], 0.0, unfit)
     if not kv_kept:
-        return _split(ordered, [costs.whole(length) for length in lengths], caps, unfit)
+        return _split(ordered, [costs.whole[length] for length in lengths], caps, unfit)
     best, take = _least_total_splits_with_kept_caches(ordered, lengths, caps, costs)
     return _groups(ordered, best, take, unfit)
 
@@ -185,26 +181,28 @@ def _least_total_splits_with_kept_caches(ordered: list[Request], lengths: list[i
     n = len(ordered)
     best = [0.0] * (n + 1)
     take = [0] * (n + 1)
-    resumed_prefill = costs.prefill(1)
+    resumed_prefill = costs.prefill[1]
+    resumed_rows, decode_rows, prefill_rows = costs.resumed_only, costs.decode, costs.prefill
     seen_fresh = [0] * (n + 1)  # seen_fresh[i]: fresh rows among the first i
-    last_fresh, last_fresh_len = 0, 0  # the latest fresh row so far (1-based, 0: none yet), and its length
-    for j in range(1, n + 1):
-        length, fresh = lengths[j - 1], ordered[j - 1].kv_replica is None
-        if fresh:
+    last_fresh, last_fresh_len, seen = 0, 0, 0  # the latest fresh row so far (1-based, 0: none), its length
+    for j, length, r, cap in zip(range(1, n + 1), lengths, ordered, caps):
+        if r.kv_replica is None:
             last_fresh, last_fresh_len = j, length
-        seen_fresh[j] = seen_fresh[j - 1] + fresh
-        m = min(caps[j - 1], j)
-        clean = min(j - last_fresh, m)  # windows of up to this many rows hold resumed rows only
-        least, size, s = math.inf, 0, 0
-        for before, row_cost in zip(reversed(best[j - clean:j]), costs.resumed_only(length)):
-            s += 1
-            total = before + row_cost
+            seen += 1
+        seen_fresh[j] = seen
+        m = cap if cap < j else j  # (conditionals rather than min(): this runs for every request of a round)
+        clean = j - last_fresh  # windows of up to this many rows hold resumed rows only
+        if clean > m:
+            clean = m
+        least, size, row = math.inf, 0, resumed_rows[length]
+        for s in range(1, clean + 1):
+            total = best[j - s] + row[s - 1]
             if total < least:
                 least, size = total, s
         if clean < m:
-            fresh_prefill, decode, top = costs.prefill(last_fresh_len), costs.decode(length), seen_fresh[j]
+            fresh_prefill, decode = prefill_rows[last_fresh_len], decode_rows[length]
             for s in range(clean + 1, m + 1):
-                n_fresh = top - seen_fresh[j - s]
+                n_fresh = seen - seen_fresh[j - s]
                 total = best[j - s] + (decode[s - 1] + (fresh_prefill[n_fresh] + resumed_prefill[s - n_fresh]))
                 if total < least:
                     least, size = total, s

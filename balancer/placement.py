@@ -47,6 +47,10 @@ class ReplicaState:
         return max(self.expected_free_at - now, 0.0)
 
 
+_CLOSED = (0, False)
+"""(free slots, idle) of a replica the index does not count."""
+
+
 class OpenReplicas:
     """The scheduler's replicas, indexed for placement: which have a free slot, in the order max-min ranks them.
 
@@ -91,7 +95,7 @@ class OpenReplicas:
         self._version.pop(replica_id, None)
 
     def is_open(self, replica_id: str) -> bool:
-        return self._counted.get(replica_id, (0, False))[0] > 0
+        return self._counted.get(replica_id, _CLOSED)[0] > 0
 
     def get(self, replica_id: str) -> ReplicaState | None:
         return self._replicas.get(replica_id)
@@ -113,24 +117,26 @@ class OpenReplicas:
             if self._valid(rid, v):
                 heapq.heappush(self._ready, (rid, v))
         # Every ready replica ranks before every later one; take from both heaps, then put the taken back.
-        taken_ready = self._pop_valid(self._ready, k, lambda e: e[0])
-        taken_later = self._pop_valid(self._later, k - len(taken_ready), lambda e: e[1])
+        taken_ready = self._pop_valid(self._ready, k, 0)
+        taken_later = self._pop_valid(self._later, k - len(taken_ready), 1)
         for entry in taken_ready:
             heapq.heappush(self._ready, entry)
         for entry in taken_later:
             heapq.heappush(self._later, entry)
         return [self._replicas[rid] for rid, _ in taken_ready] + [self._replicas[e[1]] for e in taken_later]
 
-    def _pop_valid(self, heap: list, k: int, replica_id) -> list:
+    def _pop_valid(self, heap: list, k: int, id_at: int) -> list:
+        """Pop the ``k`` smallest valid entries (the replica id is at ``entry[id_at]``, the version last)."""
         taken = []
         while heap and len(taken) < k:
             entry = heapq.heappop(heap)
-            if self._valid(replica_id(entry), entry[-1]):
+            if self._valid(entry[id_at], entry[-1]):
                 taken.append(entry)
         return taken
 
     def _valid(self, replica_id: str, version: int) -> bool:
-        return self._version.get(replica_id) == version and self.is_open(replica_id)
+        # is_open, inlined: every heap entry popped is checked, a few per batch placed
+        return self._version.get(replica_id) == version and self._counted.get(replica_id, _CLOSED)[0] > 0
 
     def _compact_if_mostly_stale(self) -> None:
         """Drop stale entries once they outnumber the live ones (a long run updates replicas millions of times)."""

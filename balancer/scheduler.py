@@ -165,13 +165,16 @@ class Scheduler:
         return assignments
 
     def _record(self, a: Assignment) -> None:
-        self._owner[a.batch.id] = a.replica_id
-        for r in a.batch.requests:
-            self.pool.pop(r.id, None)
-            self.running[r.id] = r
-            self._batch_of[r.id] = a.batch.id
+        batch = a.batch
+        self._owner[batch.id] = a.replica_id
+        pool, running, batch_of = self.pool, self.running, self._batch_of
+        for r in batch.requests:
+            rid = r.id
+            pool.pop(rid, None)
+            running[rid] = r
+            batch_of[rid] = batch.id
         self.stats.batches_scheduled += 1
-        self.stats.rows_scheduled += a.batch.size
+        self.stats.rows_scheduled += batch.size
 
     # ---- continuous slices ----------------------------------------------------------------------------
     def _continuous_round(self, now: float) -> list[Assignment]:
@@ -304,23 +307,19 @@ class Scheduler:
         chosen = select(list(self.pool.values()), self.ordering, now, self.config.max_wait, limit=free)
         return [self._make_batch([r], r.remaining) for r in chosen]
 
-    def _cache_holder_costs(self, batch: Batch) -> dict[str, float]:
-        """The replicas that keep some rows' KV caches, and the batch's estimated time on each.
+    def _cache_holder_costs(self, batch: Batch, holders: set[str]) -> dict[str, float]:
+        """The replicas that keep some rows' KV caches (``holders``), and the batch's estimated time on each.
 
         Rows whose cache is kept there skip the re-prefill: their prefill shrinks to one token each, while the
         decode steps stay (every row still attends over its padded context).
         """
-        holders = {r.kv_replica for r in batch.requests}
-        holders.discard(None)
-        if not holders:
-            return {}
-        n = batch.size
+        requests, n = batch.requests, batch.size
         full_prefill = float(self.time.batch_time(n, batch.max_input_len, 0))
         costs = {}
         for holder in holders:
             if holder not in self.replicas:
                 continue
-            fresh = [r.input_len for r in batch.requests if r.kv_replica != holder]
+            fresh = [r.input_len for r in requests if r.kv_replica != holder]
             if fresh:
                 prefill = float(self.time.batch_time(len(fresh), max(fresh), 0))
             else:
@@ -331,7 +330,17 @@ class Scheduler:
     def _make_batch(self, requests: list[Request], step_cap: int, fresh: bool = True) -> Batch:
         """``fresh``: (continuous slices) the row must be prefilled where it runs; False for a lease renewed on
         the replica that already holds the row."""
-        steps = min(step_cap, max(r.remaining for r in requests))
+        # One pass over the rows for everything the estimates need (a batch is made for every slice of every
+        # request; separate passes cost a tenth more).
+        most_left, most_predicted, holders = 0, 0.0, set()
+        for r in requests:
+            left, predicted = r.remaining, r.predicted_remaining
+            if left > most_left:
+                most_left = left
+            if predicted > most_predicted:
+                most_predicted = predicted
+            holders.add(r.kv_replica)
+        steps = min(step_cap, most_left)
         batch = Batch(id=f"{self.batch_prefix}{next(self._batch_ids)}", requests=list(requests), steps=steps)
         n, longest = batch.size, batch.max_input_len
         batch.est_bytes = float(self.memory.batch_bytes(n, longest, steps))
@@ -339,10 +348,11 @@ class Scheduler:
             batch.est_time = cs.row_work(self.time, requests[0], self.config.max_running, fresh=fresh)
             return batch
         # the ceiling of the largest prediction is the largest ceiling (one ceil instead of one per row)
-        expected_steps = min(steps, math.ceil(max(r.predicted_remaining for r in requests)))
+        expected_steps = min(steps, math.ceil(most_predicted))
         batch.est_time = float(self.time.batch_time(n, longest, expected_steps))
-        if self.config.kv_reuse:
-            batch.cheaper_on = self._cache_holder_costs(batch)
+        holders.discard(None)
+        if self.config.kv_reuse and holders:
+            batch.cheaper_on = self._cache_holder_costs(batch, holders)
         return batch
 
     # ---- results --------------------------------------------------------------------------------------
@@ -368,7 +378,7 @@ class Scheduler:
             rid = req.id
             running.pop(rid, None)
             batch_of.pop(rid, None)
-            if rid in aborted:
+            if aborted and rid in aborted:  # (an empty set is the rule: skip hashing the id)
                 aborted.discard(rid)
                 continue
             outcome = outcomes.get(rid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import heapq
 import itertools
+import math
 import time as wallclock
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from balancer.config import SchedulerConfig
 from balancer.estimators import BilinearLatencyModel, MemoryEstimator
 from balancer.scheduler import Scheduler
 from balancer.types import Mode, Request, SliceResult
-from cluster.sim.replica import ContinuousReplica, SliceReplica
+from cluster.sim.replica import ContinuousReplica, SimulatedRequest, SliceReplica
 from cluster.sim.report import RunReport, schedule_fingerprint, summarize
 from cluster.sim.workload import SimRequest
 
@@ -52,15 +53,13 @@ class Simulation:
         self.latency = latency
         self.workload = workload
         self.scheduler = Scheduler(config, latency, memory)
-        self.true_len = {r.id: r.output_len for r in workload}
         self.continuous = config.mode in (Mode.ILS, Mode.CONTINUOUS_SLICES)
         if self.continuous:
-            self.replicas = {f"sim-{i}": ContinuousReplica(f"sim-{i}", latency, self.true_len,
-                                                           max_lanes=MAX_LANES)
+            self.replicas = {f"sim-{i}": ContinuousReplica(f"sim-{i}", latency, max_lanes=MAX_LANES)
                              for i in range(replicas)}
         else:
             keep = kv_cache_tokens if config.kv_reuse and config.mode is Mode.SCLS else 0
-            self.replicas = {f"sim-{i}": SliceReplica(f"sim-{i}", latency, self.true_len, keep)
+            self.replicas = {f"sim-{i}": SliceReplica(f"sim-{i}", latency, keep)
                              for i in range(replicas)}
         for rid in self.replicas:
             self.scheduler.add_replica(rid, 0.0)
@@ -97,6 +96,8 @@ class Simulation:
         # heap gave them: by time, in workload order (a stable sort), and ahead of every other event of the
         # same instant (they were pushed first, so their sequence numbers were the smallest).
         arrivals = sorted(self.workload, key=lambda r: r.arrival)
+        times = [r.arrival for r in arrivals]
+        times.append(math.inf)  # after the last arrival: no arrival is next
         arrived, events = 0, self._events
         bar = None
         if self.progress:
@@ -104,11 +105,8 @@ class Simulation:
 
             bar = tqdm(total=len(self.workload), desc=f"simulate {self.config.mode.value}", unit="req")
         while arrived < len(arrivals) or events:
-            if arrived < len(arrivals) and (not events or arrivals[arrived].arrival <= events[0][0]):
-                now = arrivals[arrived].arrival
-            else:
-                now = events[0][0]
-            while arrived < len(arrivals) and arrivals[arrived].arrival == now:
+            now = times[arrived] if not events or times[arrived] <= events[0][0] else events[0][0]
+            while times[arrived] == now and arrived < len(arrivals):
                 self._arrive(arrivals[arrived], now)
                 arrived += 1
             while events and events[0][0] == now:
@@ -143,7 +141,8 @@ class Simulation:
             self._kick(replica, now)
 
     def _arrive(self, r: SimRequest, now: float) -> None:
-        req = Request(r.id, r.prompt_len, self.config.max_gen_len, r.arrival, predicted_len=r.predicted_len)
+        req = SimulatedRequest(r.id, r.prompt_len, self.config.max_gen_len, r.arrival, predicted_len=r.predicted_len)
+        req.true_len = r.output_len
         try:
             self.scheduler.add_request(req, now)
         except ValueError:
@@ -181,7 +180,7 @@ class Simulation:
 
     def _apply(self, result: SliceResult, now: float) -> None:
         for req in self.scheduler.on_slice_done(result, now):
-            self.finished.append(FinishedRecord(req, self.true_len[req.id]))
+            self.finished.append(FinishedRecord(req, req.true_len))
 
     def _report(self, wall: float) -> RunReport:
         reqs = [f.request for f in self.finished]
