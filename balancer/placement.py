@@ -75,15 +75,16 @@ class OpenReplicas:
 
     def update(self, replica: ReplicaState) -> None:
         """Record a replica after its ``expected_free_at`` or ``inflight`` changed (or when it joins)."""
+        rid = replica.id
         free, idle = max(replica.free_slots, 0), not replica.inflight
-        old_free, old_idle = self._counted.get(replica.id, (0, False))
+        old_free, old_idle = self._counted.get(rid, _CLOSED)
         self.free_slots += free - old_free
         self.idle += idle - old_idle
-        self._counted[replica.id] = (free, idle)
-        self._replicas[replica.id] = replica
-        version = self._version[replica.id] = self._version.get(replica.id, 0) + 1
+        self._counted[rid] = (free, idle)
+        self._replicas[rid] = replica
+        version = self._version[rid] = self._version.get(rid, 0) + 1
         if free:
-            heapq.heappush(self._later, (replica.expected_free_at, replica.id, version))
+            heapq.heappush(self._later, (replica.expected_free_at, rid, version))
         self._compact_if_mostly_stale()
 
     def discard(self, replica_id: str) -> None:
@@ -201,12 +202,15 @@ class MaxMin:
         heapq.heapify(heap)
         out = []
         for batch in sorted(batches, key=lambda b: (-b.est_time, b.id)):
-            while heap and (by_id[heap[0][1]].free_slots <= 0
-                            or heap[0][0] != max(by_id[heap[0][1]].expected_free_at, now)):
+            while heap:
+                free_at, rid = heap[0]
+                top = by_id[rid]
+                if top.free_slots > 0 and free_at == max(top.expected_free_at, now):
+                    break
                 heapq.heappop(heap)  # full, or a stale entry from before its last assignment
             if not heap:
                 break
-            best_finish, best = heap[0][0] + batch.est_time, by_id[heap[0][1]]
+            best_finish, best = free_at + batch.est_time, top
             for rid, cost in batch.cheaper_on.items():
                 r = by_id.get(rid)
                 if r is not None and r.free_slots > 0:

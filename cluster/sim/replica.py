@@ -7,7 +7,6 @@ carried between slices in the simulation).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from balancer.estimators import BilinearLatencyModel
@@ -51,23 +50,30 @@ class SliceReplica:
     queue: list[Batch] = field(default_factory=list)
     running: Batch | None = None
     busy_time: float = 0.0
-    kv_rows: OrderedDict = field(default_factory=OrderedDict)
-    """request id -> history length its kept cache covers (LRU order)."""
+    kv_rows: dict[str, int] = field(default_factory=dict)
+    """request id -> history length its kept cache covers, least recently used first (a row is popped when it
+    runs and put back at the end; a plain dict keeps that order at half an OrderedDict's cost)."""
     kv_held: int = 0
     """Tokens held in ``kv_rows`` (kept as a running total: the sum is needed after every batch)."""
     kv_reused_rows: int = 0
+    pad_tokens: int = 0
+    invalid_tokens: int = 0
+    reprefill_tokens: int = 0
 
     def submit(self, batch: Batch) -> None:
         self.queue.append(batch)
 
-    def start_next(self) -> tuple[Batch, SliceResult] | None:
-        """Start the next queued batch; returns it with the result it will report when done."""
+    def start_next(self) -> SliceResult | None:
+        """Start the next queued batch; returns the result it will report when done."""
         if self.running is not None or not self.queue:
             return None
         batch = self.running = self.queue.pop(0)
         result = self.execute(batch)
         self.busy_time += result.elapsed
-        return batch, result
+        self.pad_tokens += result.pad_tokens
+        self.invalid_tokens += result.invalid_tokens
+        self.reprefill_tokens += result.reprefill_tokens
+        return result
 
     def finish_running(self) -> None:
         self.running = None
@@ -127,7 +133,7 @@ class SliceReplica:
     def _evict(self) -> None:
         """Drop the least recently used kept caches beyond capacity."""
         while self.kv_held > self.kv_cache_tokens and self.kv_rows:
-            _, tokens = self.kv_rows.popitem(last=False)
+            tokens = self.kv_rows.pop(next(iter(self.kv_rows)))  # a dict keeps insertion order: oldest first
             self.kv_held -= tokens
 
 

@@ -71,7 +71,6 @@ class Simulation:
         self.rejected: list[str] = []
         self._events: list = []
         self._seq = itertools.count()
-        self._tokens = dict(pad=0, invalid=0, reprefill=0)
         self._rows = 0
         self._batches = 0
 
@@ -152,8 +151,7 @@ class Simulation:
         if kind == _TICK:
             self._tick_pending = False
         elif kind == _DONE:
-            replica_id, result = payload
-            replica = self.replicas[replica_id]
+            replica, result = payload
             replica.finish_running()
             self._apply(result, now)
             self._kick(replica, now)
@@ -165,14 +163,10 @@ class Simulation:
 
     def _kick(self, replica, now: float) -> None:
         """Start work on an idle replica."""
-        if isinstance(replica, SliceReplica):
-            started = replica.start_next()
-            if started is not None:
-                batch, result = started
-                self._tokens["pad"] += result.pad_tokens
-                self._tokens["invalid"] += result.invalid_tokens
-                self._tokens["reprefill"] += result.reprefill_tokens
-                self._push(now + result.elapsed, _DONE, (replica.id, result))
+        if not self.continuous:
+            result = replica.start_next()
+            if result is not None:
+                self._push(now + result.elapsed, _DONE, (replica, result))
         elif replica.idle:
             end = replica.run_segment(now)
             if end is not None:
@@ -185,8 +179,8 @@ class Simulation:
     def _report(self, wall: float) -> RunReport:
         reqs = [f.request for f in self.finished]
         ils = self.continuous
-        pad = sum(r.pad_tokens for r in self.replicas.values()) if ils else self._tokens["pad"]
-        invalid = sum(r.invalid_tokens for r in self.replicas.values()) if ils else self._tokens["invalid"]
+        pad = sum(r.pad_tokens for r in self.replicas.values())
+        invalid = sum(r.invalid_tokens for r in self.replicas.values())
         if ils:
             rows = sum(r.row_iterations for r in self.replicas.values())
             batches = sum(r.iterations for r in self.replicas.values())
@@ -202,7 +196,7 @@ class Simulation:
             useful=sum(r.generated for r in reqs),
             pad=pad,
             invalid=invalid,
-            reprefill=self._tokens["reprefill"],
+            reprefill=0 if ils else sum(r.reprefill_tokens for r in self.replicas.values()),
             rows=rows,
             batches=batches,
             busy=[r.busy_time for r in self.replicas.values()],
