@@ -74,10 +74,13 @@ def run_overload(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pool = pressure.request_pool(args)
-    defaults = SlicefleetConfig().api
+    # The admission bounds the cluster will run with: given, or the config's defaults for this fleet.
+    cfg = SlicefleetConfig.model_validate({"replicas": {"num_replicas": args.replicas},
+                                           "scheduler": {"mode": args.mode, "slice_len": args.slice_len},
+                                           **pressure.cluster_settings(args)})
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    settings["max_backlog_seconds"] = args.max_backlog_seconds or defaults.max_backlog_seconds
-    settings["max_inflight"] = args.max_inflight or defaults.max_inflight
+    settings["max_backlog_seconds"] = cfg.api.max_backlog_seconds
+    settings["max_inflight"] = cfg.inflight_limit
     result: dict = {"settings": settings, "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="slicefleet-overload-") as tmp:
         t = time.perf_counter()

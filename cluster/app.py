@@ -57,6 +57,7 @@ def build_app_from_config(cfg: SlicefleetConfig):
     from cluster.ingress import Ingress
 
     cfg = _with_redis(cfg)
+    log.info("%s", cfg.admission_summary())
     conf = cfg.model_dump()
     env = {"env_vars": engine_env(cfg)}
     workers = serve.deployment(SliceWorker, name="SliceWorker").options(

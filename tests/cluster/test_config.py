@@ -35,3 +35,29 @@ def test_an_empty_api_key_is_refused(keys, monkeypatch, tmp_path):
     with pytest.raises(ValidationError, match="empty key"):
         load_config(path)
     assert SlicefleetConfig.model_validate({"api": {"api_keys": []}}).api.api_keys == []
+
+
+@pytest.mark.parametrize("scheduler, replicas, expected", [
+    ({}, 2, 128),                                               # continuous_slices: 2 x max_running 64
+    ({"max_running": 16}, 3, 48),
+    ({"mode": "ils", "ils_max_concurrency": 16}, 2, 32),
+    ({"mode": "scls", "max_batch_size": 32, "queue_depth": 2}, 2, 128),  # queue_depth batches each
+    ({"mode": "sls", "sls_batch_size": 8, "queue_depth": 3}, 1, 24),
+])
+def test_max_inflight_defaults_to_what_the_replicas_hold(scheduler, replicas, expected):
+    from cluster.config import SlicefleetConfig
+
+    cfg = SlicefleetConfig.model_validate({"scheduler": scheduler, "replicas": {"num_replicas": replicas}})
+    assert cfg.api.max_inflight is None and cfg.inflight_limit == expected
+    assert f"at most {expected} requests in flight" in cfg.admission_summary()
+    assert "derived" in cfg.admission_summary()
+
+
+def test_an_explicit_max_inflight_wins():
+    from cluster.config import SlicefleetConfig
+
+    cfg = SlicefleetConfig.model_validate({"api": {"max_inflight": 512}})
+    assert cfg.inflight_limit == 512 and "512 requests in flight per ingress replica (api.max_inflight, set)" in \
+        cfg.admission_summary()
+    with pytest.raises(ValidationError):
+        SlicefleetConfig.model_validate({"api": {"max_inflight": 0}})
