@@ -303,8 +303,8 @@ class SnapshotSampler:
         while not self._stop.is_set():
             try:
                 snap = self.read()
-                if snap:
-                    busy = {k: v.get("busy_seconds", 0.0) for k, v in (snap.get("replicas") or {}).items()}
+                if snap is not None:
+                    busy = {rid: r.busy_seconds for rid, r in snap.replicas.items()}
                     self.samples.append((time.perf_counter() - self._t0, busy))
             except Exception as exc:  # noqa: BLE001 - a missed sample is fine
                 log.debug("snapshot read failed: %s", exc)
@@ -421,10 +421,10 @@ def run_live_mode(args, mode: str, placement: str, requests, schedules, slo, res
                   slice_log: list, engine: str = "hf") -> None:
     import asyncio
 
-    from bench.loadgen import live_report, run_load, serving_metrics, snapshot_delta, wait_for_snapshot_settle
+    from bench.loadgen import run_load, wait_for_snapshot_settle
     from cluster.config import load_config
     from cluster.local import LocalCluster
-    from cluster.state import StateStore
+    from cluster.stores.admin import AdminStore
 
     cfg = load_config(args.config, cluster_overrides(args, mode, placement, engine))
     label = mode if placement == args.placements[0] else f"{mode}-{placement}"
@@ -435,7 +435,7 @@ def run_live_mode(args, mode: str, placement: str, requests, schedules, slo, res
     startup = time.perf_counter() - t_start
     log.info("%s: cluster up in %.0f s at %s", label, startup, cluster.url)
     try:
-        store = StateStore.connect(cluster.cfg.redis)
+        store = AdminStore.connect(cluster.cfg.redis)
         read = store.metrics_snapshot
         for rate, offsets in schedules:
             load = wait_for_quiet(args.wait_load, args.wait_max)
@@ -447,7 +447,7 @@ def run_live_mode(args, mode: str, placement: str, requests, schedules, slo, res
                     progress=not args.no_progress, desc=f"{label} rate={rate or 'inf'}"))
             ok = sum(r.success for r in results)
             after = wait_for_snapshot_settle(read, ok, timeout=15, baseline=before)
-            delta = snapshot_delta(before, after)
+            delta = after.since(before) if after is not None else None
             entry = record(label, mode, placement, rate, requests, results, wall, delta, slo, load,
                            load_average(), startup, sampler.samples, args.replicas)
             entry["engine"] = engine
@@ -478,7 +478,7 @@ def record(label, mode, placement, rate, requests, results, wall, delta, slo, lo
     return {
         "label": label, "mode": mode, "placement": placement, "rate": rate, "requests": len(requests),
         "wall_seconds": wall, "startup_seconds": startup, "load_before": load_before, "load_after": load_after,
-        "serving": serving, "report": report.as_dict(), "snapshot_delta": delta,
+        "serving": serving, "report": report.as_dict(), "snapshot_delta": asdict(delta) if delta else None,
         "busy_samples": busy_samples,
         "per_request": [asdict(r) | {"itl": None} for r in results],
         "latencies": sorted(r.latency for r in results if r.success),
@@ -605,7 +605,7 @@ def run_endpoint(args, slo) -> int:
             urls, requests, offsets, flavor="openai", model=name, max_gen_len=args.max_gen_len,
             max_concurrency=args.max_concurrency, progress=not args.no_progress, ignore_eos=args.ignore_eos,
             headers=headers, desc=f"{label} rate={'inf' if rate is None else rate}"))
-        entry = record(label, "endpoint", "-", rate, requests, results, wall, {}, slo, load, load_average(), 0.0,
+        entry = record(label, "endpoint", "-", rate, requests, results, wall, None, slo, load, load_average(), 0.0,
                        [], args.replicas)
         entry["base_url"] = urls
         runs.append(entry)

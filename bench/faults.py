@@ -268,9 +268,9 @@ class Cluster:
             raise TimeoutError(f"cluster not healthy after {timeout:.0f} s; see {self.log_path}")
         if self.redis_url is None:
             self.redis_url = f"redis://{self._embedded_redis_auth()}127.0.0.1:{self._embedded_redis_port()}/0"
-        from cluster.state import StateStore
+        from cluster.stores.admin import AdminStore
 
-        self._store = StateStore(self.redis_url, self.prefix)
+        self._store = AdminStore(self.redis_url, self.prefix)
 
     @property
     def store(self):
@@ -387,14 +387,7 @@ class FaultRecord:
 
 def _streaming_from(cluster: Cluster, rids: list[str]) -> dict[str, str]:
     """Request id -> the replica its latest tokens came from (each output event in Redis names it)."""
-    pipe = cluster.store.r.pipeline(transaction=False)
-    for rid in rids:
-        pipe.xrevrange(cluster.store.k.out(rid), count=1)
-    out = {}
-    for rid, entries in zip(rids, pipe.execute()):
-        if entries and b"replica" in entries[0][1]:
-            out[rid] = entries[0][1][b"replica"].decode()
-    return out
+    return cluster.store.output_replicas(rids)
 
 
 def _fire(cluster: Cluster, kind: str, in_flight_rids: list[str]) -> dict:
@@ -420,8 +413,8 @@ def _fire(cluster: Cluster, kind: str, in_flight_rids: list[str]) -> dict:
         on_victim = [rid for rid, rep in owners.items() if rep == victim]
         return fired | {"target": f"{victim} (pid {pids[victim]}, streaming {len(on_victim)} of them)",
                         "on_victim": on_victim,
-                        "state": {"gone": victim, "epoch": snap.get("epoch"),
-                                  "requeued": snap.get("requests_requeued", 0)}}
+                        "state": {"gone": victim, "epoch": snap.epoch if snap else None,
+                                  "requeued": snap.requests_requeued if snap else 0}}
     if kind == "dispatcher":
         pid, epoch = cluster.dispatcher_pid(), cluster.store.epoch()
         os.kill(pid, signal.SIGKILL)
@@ -451,10 +444,10 @@ def _requeued(cluster: Cluster, state: dict, wait: float = 10.0) -> int | None:
         try:
             snap = cluster.store.metrics_snapshot()
         except Exception:  # noqa: BLE001 - Redis restarting
-            snap = {}
-        if snap and snap.get("epoch") != state["epoch"]:
+            snap = None
+        if snap and snap.epoch != state["epoch"]:
             return None
-        n = int(snap.get("requests_requeued", 0)) - int(state["requeued"] or 0) if snap else 0
+        n = snap.requests_requeued - int(state["requeued"] or 0) if snap else 0
         if n > 0:
             return n
         time.sleep(0.5)  # the snapshot is published about once a second

@@ -16,7 +16,8 @@ the scheduler is not told the length), vLLM's ``ignore_eos`` + ``max_tokens``. S
 same tokens. Prompts are sent as token ids, so every server sees the same prompt tokens.
 
 The papers' metrics (valid-token ratio, pad/invalid tokens, batch size, imbalance...) come from the
-dispatcher's metrics snapshot, as the difference between a snapshot taken before and after the run, and are
+dispatcher's metrics snapshot, as the difference between a snapshot taken before and after the run
+(:meth:`cluster.messages.MetricsSnapshot.since`), and are
 folded into :class:`cluster.sim.report.RunReport` with :func:`cluster.sim.report.summarize`, so live and
 simulated figures share one definition.
 """
@@ -32,8 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-SNAPSHOT_COUNTERS = ("slices_run", "batches_run", "rows_run", "requests_finished", "tokens_generated",
-                     "pad_tokens", "invalid_tokens", "reprefill_tokens", "kv_reused_batches", "early_returns")
+from cluster.messages import MetricsSnapshot
 
 
 @dataclass(frozen=True)
@@ -334,53 +334,42 @@ def format_vllm_result(m: dict, metrics: Sequence[str] = PERCENTILE_METRICS, req
     return "\n".join(lines)
 
 
-def snapshot_delta(before: dict | None, after: dict | None) -> dict:
-    """Counters and per-replica busy seconds accumulated between two dispatcher snapshots."""
-    if not after:
-        return {}
-    before = before or {}
-    d = {k: float(after.get(k, 0)) - float(before.get(k, 0)) for k in SNAPSHOT_COUNTERS}
-    b_rep = before.get("replicas") or {}
-    d["busy_seconds"] = {rid: float(info.get("busy_seconds", 0.0)) - float((b_rep.get(rid) or {}).get("busy_seconds", 0.0))
-                         for rid, info in (after.get("replicas") or {}).items()}
-    d["slice_time_mape"] = after.get("slice_time_mape")
-    return d
-
-
-def live_report(mode: str, replicas: int, results: Sequence[RequestResult], delta: dict, extra: dict | None = None):
+def live_report(mode: str, replicas: int, results: Sequence[RequestResult], delta: MetricsSnapshot | None,
+                extra: dict | None = None):
     """A :class:`RunReport` for a live run, with the simulator's definitions (cluster.sim.report.summarize).
 
     Useful tokens are the client-counted completion tokens; pad / invalid / re-prefill tokens, rows, batches,
-    early returns and slices are the dispatcher's counter deltas (zero for a server without them, e.g. vLLM).
+    early returns and slices are the dispatcher's counter deltas (``delta``: what accumulated during the run; None
+    for a server without them, e.g. vLLM, where they are zero).
     """
     from cluster.sim.report import summarize
 
     ok = [r for r in results if r.success]
-    busy = list((delta.get("busy_seconds") or {}).values())
+    delta = delta or MetricsSnapshot(time=0.0, epoch=0, mode=mode)
     return summarize(
         mode=mode, replicas=replicas,
         arrivals=[r.send_time for r in ok], finishes=[r.finish_time for r in ok],
         first_tokens=[r.first_token_time for r in ok],
         useful=sum(r.output_tokens for r in ok),
-        pad=int(delta.get("pad_tokens", 0)), invalid=int(delta.get("invalid_tokens", 0)),
-        reprefill=int(delta.get("reprefill_tokens", 0)),
-        rows=int(delta.get("rows_run", 0)), batches=int(delta.get("batches_run", 0)),
-        busy=busy, early_returns=int(delta.get("early_returns", 0)), slices=int(delta.get("slices_run", 0)),
+        pad=int(delta.pad_tokens), invalid=int(delta.invalid_tokens), reprefill=int(delta.reprefill_tokens),
+        rows=int(delta.rows_run), batches=int(delta.batches_run),
+        busy=[r.busy_seconds for r in delta.replicas.values()], early_returns=int(delta.early_returns),
+        slices=int(delta.slices_run),
         extra=dict(extra or {}),
     )
 
 
-def wait_for_snapshot_settle(read: Callable[[], dict | None], expect_finished: float, timeout: float = 10.0,
-                             baseline: dict | None = None) -> dict | None:
+def wait_for_snapshot_settle(read: Callable[[], MetricsSnapshot | None], expect_finished: float,
+                             timeout: float = 10.0, baseline: MetricsSnapshot | None = None) -> MetricsSnapshot | None:
     """Poll the snapshot until the finished-request counter reaches ``expect_finished`` over ``baseline``
     and the busy seconds stop moving (heartbeats lag by a second or two)."""
     deadline = time.monotonic() + timeout
     last = None
-    base = float((baseline or {}).get("requests_finished", 0))
+    base = baseline.requests_finished if baseline is not None else 0
     while time.monotonic() < deadline:
         snap = read()
-        if snap and float(snap.get("requests_finished", 0)) - base >= expect_finished:
-            busy = {k: v.get("busy_seconds") for k, v in (snap.get("replicas") or {}).items()}
+        if snap is not None and snap.requests_finished - base >= expect_finished:
+            busy = {rid: r.busy_seconds for rid, r in snap.replicas.items()}
             if last is not None and busy == last:
                 return snap
             last = busy

@@ -313,34 +313,14 @@ def cluster_pids(cluster: Cluster) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-def redis_figures(store) -> dict:
-    """Redis's own memory, its key count, keys by kind (the part after the prefix: req, gen, out, hb, ...), the
-    length and bytes (``MEMORY USAGE``) of every stream that is not per request (those grow unless trimmed), and
-    the append-only file's size and rewrites so far."""
-    r, prefix = store.r, store.k.p
-    info = r.info("memory")
-    persistence = r.info("persistence")
-    kinds: Counter = Counter()
-    for key in r.scan_iter(count=1000):
-        parts = key.decode(errors="replace").split(":")
-        kinds[parts[1] if len(parts) > 1 and parts[0] == prefix else "foreign"] += 1
-    streams, stream_bytes = {}, {}
-    for name in ("incoming", "results", "cancel", "slice_log"):
-        key = f"{prefix}:{name}"
-        is_stream = r.type(key) == b"stream"
-        streams[name] = int(r.xlen(key)) if is_stream else 0
-        stream_bytes[name] = int(r.memory_usage(key) or 0) if is_stream else 0
-    return {"used_memory": int(info["used_memory"]), "used_memory_rss": int(info.get("used_memory_rss", 0)),
-            "dbsize": int(r.dbsize()), "keys": dict(kinds), "streams": streams, "stream_bytes": stream_bytes,
-            "live": int(r.scard(store.k.live)),
-            # An append-only-file rewrite forks the server and competes with the fsync of every write.
-            "aof_current_size": int(persistence.get("aof_current_size", 0)),
-            "aof_rewrites": int(persistence.get("aof_rewrites", 0))}
-
-
-DISPATCHER_FIELDS = ("backlog_seconds", "pool_depth", "running", "slice_time_mape")
-"""What admission compares with its bound, the requests waiting in the dispatcher's pool and running on the
-replicas, and how far off its slice-time predictions are (mean absolute share)."""
+def dispatcher_figures(snap) -> list:
+    """What each backlog sample keeps of the dispatcher's snapshot: backlog_seconds (what admission compares with
+    its bound), pool_depth and running (the requests waiting in the dispatcher's pool and running on the
+    replicas), slice_time_mape (how far off its slice-time predictions are, mean absolute share); None each when
+    there is no snapshot."""
+    if snap is None:
+        return [None] * 4
+    return [snap.backlog_seconds, snap.pool_depth, snap.running, snap.slice_time_mape]
 
 
 class Sampler:
@@ -353,7 +333,7 @@ class Sampler:
         self.rss: list[tuple[float, int, str, int]] = []
         """(t, pid, role, bytes)"""
         self.backlog: list[list] = []
-        """[t, *DISPATCHER_FIELDS of the dispatcher's snapshot]"""
+        """[t, *dispatcher_figures(the dispatcher's snapshot)]"""
         self.redis: list[dict] = []
         self.loadavg: list[tuple[float, float]] = []
         """(t, the machine's 1-minute load average): on a shared machine, what else ran shows here"""
@@ -373,13 +353,12 @@ class Sampler:
             except Exception as exc:  # noqa: BLE001
                 log.debug("rss sample failed: %s", exc)
             try:
-                snap = self.cluster.store.metrics_snapshot() or {}
-                self.backlog.append([round(t, 2), *(snap.get(k) for k in DISPATCHER_FIELDS)])
+                self.backlog.append([round(t, 2), *dispatcher_figures(self.cluster.store.metrics_snapshot())])
             except Exception as exc:  # noqa: BLE001 - Redis restarting
                 log.debug("snapshot read failed: %s", exc)
             if t >= next_redis:
                 try:
-                    self.redis.append({"t": t, **redis_figures(self.cluster.store)})
+                    self.redis.append({"t": t, **self.cluster.store.figures()})
                 except Exception as exc:  # noqa: BLE001
                     log.debug("redis sample failed: %s", exc)
                 next_redis = t + self.redis_every

@@ -105,7 +105,7 @@ def run_peer(args, requests, schedules, slo, runs_out: list, model_dir) -> None:
             results, wall = asyncio.run(run_load(
                 urls, requests, offsets, flavor="vllm", model=name, max_gen_len=args.max_gen_len,
                 max_concurrency=args.max_concurrency, progress=not args.no_progress, desc=f"vllm rate={rate or 'inf'}"))
-            entry = record("vllm", "vllm", "round_robin(client)", rate, requests, results, wall, {}, slo, load,
+            entry = record("vllm", "vllm", "round_robin(client)", rate, requests, results, wall, None, slo, load,
                            load_average(), startup, [], args.replicas)
             runs_out.append(entry)
             save(args.out, args, runs_out)

@@ -6,7 +6,7 @@ The ingress in parts (only this module imports Ray, at its top, for the deployme
 - :mod:`cluster.output_relay`: the store's output stream as text deltas, stop strings and finish reasons.
 - :mod:`cluster.http_app`: :func:`~cluster.http_app.build_api`, the FastAPI app around a service.
 - :class:`IngressService` (here) holds the config, the tokenizer, an
-  :class:`~cluster.ingress_store.AsyncStateStore`, an optional length predictor and a readiness callable, and
+  :class:`~cluster.stores.ingress.IngressStore`, an optional length predictor and a readiness callable, and
   implements every endpoint.
 - :class:`Ingress` (here) is the Ray Serve deployment: ``Ingress(config: dict, dispatcher=None,
   workers=None)``; it builds the service and hands Serve the app through ``@serve.ingress()``'s late-bound
@@ -14,7 +14,7 @@ The ingress in parts (only this module imports Ray, at its top, for the deployme
 
 Request flow: validate -> tokenize (chat: the tokenizer's chat template, else the fallback in
 :mod:`cluster.openai_validation`) -> admission control (dispatcher's ``backlog_seconds``) -> predicted output
-length (optional) -> ``submit`` the :class:`~cluster.state.RequestRecord` (record, live set and ``incoming``
+length (optional) -> ``submit`` the :class:`~cluster.messages.RequestRecord` (record, live set and ``incoming``
 announcement in one transaction; no response byte is sent before it lands) -> read ``{p}:out:{id}`` with
 ``XREAD BLOCK`` until an event carries ``finish_reason``. Stop strings are matched on the decoded text: the
 text is cut before the first stop string, the request is cancelled (``{p}:cancel``) and the finish reason is
@@ -50,7 +50,7 @@ from cluster.http_app import (
     build_api,
     until_done_or_disconnect,
 )
-from cluster.ingress_store import AsyncStateStore
+from cluster.messages import MetricsSnapshot, RequestRecord
 from cluster.metrics import IngressMetrics
 from cluster.openai_schema import (
     ApiError,
@@ -88,7 +88,7 @@ from cluster.output_relay import (
     relay,
     sse,
 )
-from cluster.state import RequestRecord
+from cluster.stores.ingress import IngressStore
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class IngressService:
     ``snapshot_ttl``: seconds the dispatcher snapshot is cached for admission control.
     """
 
-    def __init__(self, config: SlicefleetConfig, tokenizer, store: AsyncStateStore, *,
+    def __init__(self, config: SlicefleetConfig, tokenizer, store: IngressStore, *,
                  ready: Callable[[], Awaitable[bool] | bool] | None = None,
                  length_predictor: Callable[[str, list[int]], float | None] | None = None,
                  context_len: int = 2048, vocab_size: int | None = None, default_temperature: float = 0.0,
@@ -214,7 +214,7 @@ class IngressService:
         self._admin_keys = [k.encode() for k in config.api.admin_keys]
         self._metrics_keys = [k.encode() for k in config.api.metrics_keys]
         self._inflight = 0
-        self._snapshot: tuple[float, dict] = (-math.inf, {})
+        self._snapshot: tuple[float, MetricsSnapshot | None] = (-math.inf, None)
         self._tok_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingress-tokenizer")
         self._background: set[asyncio.Task] = set()
         self._predictor_failed = False
@@ -236,7 +236,7 @@ class IngressService:
             model_dir = ensure_default_model()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         facts = model_facts(model_dir, tokenizer, cfg.model.max_context)
-        store = AsyncStateStore.connect(cfg.redis, max_connections=cfg.inflight_limit + 64)
+        store = IngressStore.connect(cfg.redis, max_connections=cfg.inflight_limit + 64)
         kwargs.setdefault("length_predictor", load_length_predictor(cfg))
         return cls(cfg, tokenizer, store, ready=ready, **{**facts, **kwargs})
 
@@ -278,7 +278,7 @@ class IngressService:
         except Exception as exc:  # noqa: BLE001 - best effort; the request still times out in the pool
             log.warning("could not post cancel for %s: %s", rid, exc)
 
-    async def snapshot(self) -> dict:
+    async def snapshot(self) -> MetricsSnapshot | None:
         at, snap = self._snapshot
         if time.monotonic() - at <= self.snapshot_ttl:
             return snap
@@ -290,7 +290,7 @@ class IngressService:
         try:
             if self.ready is None:
                 snap = await self.store.metrics_snapshot()
-                return (bool(snap), None if snap else "no dispatcher metrics snapshot in Redis")
+                return (snap is not None, None if snap else "no dispatcher metrics snapshot in Redis")
             value = self.ready()
             if inspect.isawaitable(value):
                 value = await asyncio.wait_for(value, READY_TIMEOUT_S)
@@ -340,7 +340,7 @@ class IngressService:
             snap = await self.store.metrics_snapshot()
         except Exception as exc:  # noqa: BLE001 - still expose our own metrics
             log.warning("metrics snapshot unavailable: %s", exc)
-            snap = {}
+            snap = None
         return self.metrics.render(snap)
 
     # ---- validation, admission, submit ----------------------------------------------------------------
@@ -386,12 +386,14 @@ class IngressService:
             snap = await self.snapshot()
         except Exception:  # noqa: BLE001 - the submit below reports a Redis outage properly
             return
-        backlog = snap.get("backlog_seconds")
-        if isinstance(backlog, (int, float)) and not isinstance(backlog, bool) and not math.isfinite(backlog):
+        if snap is None:  # no dispatcher yet (readiness says so): nothing to compare with
+            return
+        backlog = snap.backlog_seconds
+        if not math.isfinite(backlog):
             # no live replica: a matter of seconds (a restart), not of load
             raise ApiError(503, "no worker replica is serving right now; retry after 5 s", "server_error", None,
                            "no_replicas", headers={"Retry-After": "5"})
-        if isinstance(backlog, (int, float)) and not isinstance(backlog, bool) and backlog > bound:
+        if backlog > bound:
             over = backlog - bound  # seconds of work above the bound, at one second of work per second
             retry = max(1, min(math.ceil(over), 3600))
             self.metrics.rejected.inc()

@@ -48,7 +48,7 @@ class LocalCluster:
             self.redis = EmbeddedRedis.private(self.redis_dir).start().supervise()
             self.cfg = self.cfg.with_redis_url(self.redis.url)
         else:
-            from cluster.state import wait_for_redis
+            from cluster.stores.base import wait_for_redis
 
             # A Redis that cannot be used (down, plain vs TLS, untrusted certificate, wrong password) fails here
             # with the reason, not as a health check that times out once every replica has started.

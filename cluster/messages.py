@@ -1,22 +1,34 @@
-"""What the dispatcher and the worker replicas say to each other through Redis streams: one dataclass per
-message, and the only place their fields are named on the wire.
+"""Everything Slicefleet's processes say to each other through Redis: one dataclass per record or message, and
+the only place their fields are named on the wire (the stores in :mod:`cluster.stores` move them, and no other
+module reads a field by its name).
 
-Two streams carry them. A replica's work stream carries :class:`BatchOrder` (run these requests for ``steps``
-tokens, or extend a running row's lease) and :class:`Release` (free what you hold for these requests). The
-results stream carries :class:`SliceReport` (a batch or lease ended: its tokens, its finish, the engine's
-timings and waste) and :class:`Progress` (tokens of rows still running, so clients see them before the slice
-ends). Each carries the dispatcher epoch it answers, so a new dispatcher can tell its own traffic from a dead
-one's.
+What travels where:
 
-On the wire each message is one JSON object with ``v`` (:data:`VERSION`) and ``kind``. A reader refuses a
-version newer than its own, or a kind it does not know, with :class:`UnknownMessage`, instead of guessing at
-fields.
+- a request's hash holds a :class:`RequestRecord` (written by the ingress, closed by the dispatcher);
+- a replica's hash holds its :class:`ReplicaInfo` (written when it registers, ``busy_seconds`` at each beat);
+- ``incoming`` and ``cancel`` carry request ids (:func:`request_entry`);
+- a replica's work stream carries :class:`BatchOrder` (run these requests for ``steps`` tokens, or extend a
+  running row's lease) and :class:`Release` (free what you hold for these requests);
+- the results stream carries :class:`SliceReport` (a batch or lease ended: its tokens, its finish, the engine's
+  timings and waste) and :class:`Progress` (tokens of rows still running, so clients see them before the slice
+  ends). Each carries the dispatcher epoch it answers, so a new dispatcher can tell its own traffic from a dead
+  one's;
+- a request's output stream carries :class:`OutputEvent` (new tokens, then the finish) for the ingress;
+- the metrics key holds the dispatcher's latest :class:`MetricsSnapshot` (admission control, ``/metrics``).
+
+Each message and record carries ``v`` (:data:`VERSION`), and a message its ``kind`` (output events excepted: the
+store's result script writes them field by field, and their three fields have not changed since the first
+release). A reader refuses a version
+newer than its own, or a kind it does not know, with :class:`UnknownMessage`, instead of guessing at fields; it
+ignores fields it does not know (an optional field added without a version bump). Records and the snapshot were
+stored without ``v`` before versions were stamped, in the layout of version 1, and are read as such.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
 
 VERSION = 1
 """Bumped when a field changes meaning or a required one is added; readers refuse versions above theirs."""
@@ -127,16 +139,256 @@ class Progress:
         return max((o.epoch for o in self.outputs), default=0)
 
 
+@dataclass
+class OutputEvent:
+    """Dispatcher -> ingress, on a request's output stream: tokens of one slice (or progress report), then the
+    finish. Written by the store's result script and by a close outside the result path."""
+
+    tokens: list[int]
+    replica: str = ""
+    """The replica the tokens came from ("" for a close that ran nothing, e.g. a cancellation)."""
+    finish_reason: str | None = None
+    """Set on the last event only."""
+
+
+# ---- records -------------------------------------------------------------------------------------------------
+
+@dataclass
+class RequestRecord:
+    """A request as stored: everything needed to run its next slice on any replica."""
+
+    id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    arrival: float
+    model: str = ""
+    kind: str = "completion"
+    """'completion' or 'chat' (only the response shape differs)."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    """No EOS or stop token (or stop string) before this many output tokens."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    """Stop strings (checked on text by the ingress; the engine stops on ``stop_token_ids``)."""
+    ignore_eos: bool = False
+    target_len: int | None = None
+    """Trace mode: generate exactly this many tokens (benchmarks replaying known lengths)."""
+    predicted_len: float | None = None
+    priority: int = 0
+    status: str = "live"
+    """'live' until the dispatcher closes it ('done')."""
+    finish_reason: str | None = None
+    slices: int = 0
+    replicas: list[str] = field(default_factory=list)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    def to_hash(self) -> dict[str, str]:
+        """One hash field per field, each JSON (the store's result script updates single fields in place)."""
+        return _to_hash(self)
+
+    @classmethod
+    def from_hash(cls, data: Mapping) -> "RequestRecord":
+        return _from_hash(cls, data)
+
+    @staticmethod
+    def closing_fields(reason: str) -> dict[str, str]:
+        """The fields that close a request (what the result script sets when a request finishes)."""
+        return {"status": json.dumps("done"), "finish_reason": json.dumps(reason)}
+
+
+@dataclass
+class ReplicaInfo:
+    """A worker replica as registered: what the dispatcher places against."""
+
+    id: str
+    pid: int
+    engine: str
+    node: str = ""
+    started: float = 0.0
+    kv_budget_bytes: float | None = None
+    """What this replica can give to KV cache (free GPU memory after weights x safety, or the CPU budget)."""
+    keeps_kv: bool = False
+    """Its engine keeps requests' KV caches between slices (so the dispatcher may count on cache holders)."""
+    busy_seconds: float = 0.0
+    """Seconds its engine has computed so far (updated with every heartbeat)."""
+
+    def to_hash(self) -> dict[str, str]:
+        return _to_hash(self)
+
+    @classmethod
+    def from_hash(cls, data: Mapping) -> "ReplicaInfo":
+        return _from_hash(cls, data)
+
+    @staticmethod
+    def busy_fields(seconds: float) -> dict[str, str]:
+        """The one field a heartbeat updates."""
+        return {"busy_seconds": json.dumps(seconds)}
+
+    @staticmethod
+    def busy_in(data: Mapping) -> float:
+        """``busy_seconds`` of a stored replica hash, whole or not (0 before the first beat)."""
+        raw = _field(data, "busy_seconds")
+        return float(json.loads(raw)) if raw else 0.0
+
+
+def _to_hash(record) -> dict[str, str]:
+    return {"v": str(VERSION), **{k: json.dumps(v) for k, v in asdict(record).items()}}
+
+
+def _from_hash(cls, data: Mapping):
+    decoded = {_text(k): v for k, v in data.items()}
+    version = int(decoded.pop("v", 1))
+    if version > VERSION:
+        raise UnknownMessage(f"{cls.__name__} version {version}: this code reads versions up to {VERSION}")
+    return _build(cls, {k: json.loads(v) for k, v in decoded.items()})
+
+
+# ---- the dispatcher's metrics snapshot -----------------------------------------------------------------------
+
+@dataclass
+class HistogramSnapshot:
+    """A cumulative histogram as plain numbers: ``counts[i]`` observations fell in ``(bounds[i-1], bounds[i]]``,
+    the last one above every bound (+Inf)."""
+
+    bounds: list[float]
+    counts: list[int]
+    sum: float = 0.0
+
+
+@dataclass
+class ReplicaMetrics:
+    """One replica's part of a :class:`MetricsSnapshot`."""
+
+    expected_completion_s: float = 0.0
+    """Seconds until it is expected to finish the work placed on it."""
+    busy_seconds: float = 0.0
+    inflight_batches: int = 0
+    running_requests: int = 0
+    kv_usage: float = 0.0
+    """KV cache the dispatcher reserved there, over its budget (1 = full)."""
+
+
+@dataclass
+class MetricsSnapshot:
+    """Dispatcher -> ingress, bench and ``/metrics``: the dispatcher's figures, republished every second.
+
+    Counters count since this dispatcher's epoch started (a restart begins them at 0 again)."""
+
+    time: float
+    epoch: int
+    mode: str
+    fenced: bool = False
+    """A newer dispatcher took over this Redis and this one stopped dispatching."""
+    pool_depth: int = 0
+    running: int = 0
+    backlog_seconds: float = 0.0
+    """Predicted seconds until the replicas could start a request arriving now (inf: no replica)."""
+    batch_size_mean: float = 0.0
+    slice_time_mape: float = 0.0
+    # counters
+    slices_run: int = 0
+    batches_run: int = 0
+    rows_run: int = 0
+    requests_finished: int = 0
+    stale_results: int = 0
+    tokens_generated: int = 0
+    pad_tokens: int = 0
+    invalid_tokens: int = 0
+    reprefill_tokens: int = 0
+    kv_reused_batches: int = 0
+    early_returns: int = 0
+    predicted_slice_seconds_sum: float = 0.0
+    actual_slice_seconds_sum: float = 0.0
+    abs_pct_error_sum: float = 0.0
+    slices_estimated: int = 0
+    replicas_lost: int = 0
+    batches_timed_out: int = 0
+    moves: int = 0
+    requests_requeued: int = 0
+    preemptions: int = 0
+    """Moves plus re-queued requests: each will be prefilled again elsewhere."""
+    queue_time: HistogramSnapshot | None = None
+    """Seconds from arrival to first placement."""
+    replicas: dict[str, ReplicaMetrics] = field(default_factory=dict)
+
+    kind = "metrics"
+
+    COUNTERS = ("slices_run", "batches_run", "rows_run", "requests_finished", "stale_results", "tokens_generated",
+                "pad_tokens", "invalid_tokens", "reprefill_tokens", "kv_reused_batches", "early_returns",
+                "predicted_slice_seconds_sum", "actual_slice_seconds_sum", "abs_pct_error_sum", "slices_estimated",
+                "replicas_lost", "batches_timed_out", "moves", "requests_requeued", "preemptions")
+
+    def since(self, before: "MetricsSnapshot | None") -> "MetricsSnapshot":
+        """What accumulated between ``before`` and this snapshot: counters and each replica's busy seconds as
+        differences (a replica ``before`` did not know counts from 0), every other figure as it is now."""
+        if before is None:
+            return self
+        counters = {name: getattr(self, name) - getattr(before, name) for name in self.COUNTERS}
+        replicas = {rid: ReplicaMetrics(**asdict(r) | {"busy_seconds": r.busy_seconds - (
+            before.replicas[rid].busy_seconds if rid in before.replicas else 0.0)}) for rid, r in self.replicas.items()}
+        return MetricsSnapshot(**{f.name: getattr(self, f.name) for f in fields(self)} | counters
+                               | {"replicas": replicas})
+
+    def value(self, name: str) -> float | None:
+        """A numeric figure by field name (what the ``/metrics`` series table names); None for one that is not
+        a number."""
+        return _number(getattr(self, name, None))
+
+    @staticmethod
+    def replica_value(replica: ReplicaMetrics, name: str) -> float | None:
+        return _number(getattr(replica, name, None))
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+# ---- the wire ------------------------------------------------------------------------------------------------
+
 WorkMessage = BatchOrder | Release
 ResultMessage = SliceReport | Progress
 
 
-def encode(msg: WorkMessage | ResultMessage) -> str:
+def encode(msg: WorkMessage | ResultMessage | MetricsSnapshot) -> str:
     return json.dumps({"v": VERSION, "kind": msg.kind, **asdict(msg)})
 
 
-def _fields(raw: str | bytes, kinds: dict[str, type]) -> tuple[type, dict]:
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _build(cls, data: dict):
+    """``cls`` from ``data``, ignoring fields it does not know; :class:`UnknownMessage` if one it needs is
+    missing."""
+    known = {f.name for f in fields(cls)}
+    try:
+        return cls(**{k: v for k, v in data.items() if k in known})
+    except TypeError as exc:
+        raise UnknownMessage(f"{cls.__name__} unreadable: {exc}") from exc
+
+
+def _fields(raw: str | bytes, kinds: dict[str, type], legacy_kind: str | None = None) -> tuple[type, dict]:
+    """The message's class and fields. ``legacy_kind``: what a message without ``v`` or ``kind`` is (one stored
+    before versions were stamped, in the layout of version 1); None: such a message is refused."""
     data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise UnknownMessage(f"not a message: {type(data).__name__}")
+    if legacy_kind is not None and "v" not in data:
+        data |= {"v": 1, "kind": legacy_kind}
     version, kind = data.pop("v", None), data.pop("kind", None)
     if not isinstance(version, int) or version > VERSION:
         raise UnknownMessage(f"message version {version!r}: this code reads versions up to {VERSION}")
@@ -145,12 +397,80 @@ def _fields(raw: str | bytes, kinds: dict[str, type]) -> tuple[type, dict]:
     return kinds[kind], data
 
 
+def _rows(cls, data: dict, row: type) -> Any:
+    outputs = data.get("outputs")
+    if not isinstance(outputs, list):
+        raise UnknownMessage(f"{cls.__name__} without a list of outputs")
+    return _build(cls, data | {"outputs": [_build(row, o) for o in outputs]})
+
+
 def decode_work(raw: str | bytes) -> WorkMessage:
     cls, data = _fields(raw, {"batch": BatchOrder, "release": Release})
-    return cls(**data)
+    return _build(cls, data)
 
 
 def decode_result(raw: str | bytes) -> ResultMessage:
     cls, data = _fields(raw, {"slice": SliceReport, "progress": Progress})
-    row = RowReport if cls is SliceReport else ProgressRow
-    return cls(**data | {"outputs": [row(**o) for o in data["outputs"]]})
+    return _rows(cls, data, RowReport if cls is SliceReport else ProgressRow)
+
+
+def decode_metrics(raw: str | bytes) -> MetricsSnapshot:
+    """A snapshot published before versions were stamped has the version-1 layout and reads as such."""
+    _, data = _fields(raw, {"metrics": MetricsSnapshot}, legacy_kind="metrics")
+    replicas = data.get("replicas") or {}
+    queue = data.get("queue_time")
+    return _build(MetricsSnapshot, data | {
+        "replicas": {rid: _build(ReplicaMetrics, r) for rid, r in replicas.items()},
+        "queue_time": _build(HistogramSnapshot, queue) if queue is not None else None})
+
+
+# Stream entries: the field each stream's entries carry their message in.
+_WORK, _RESULT, _REQUEST = "batch", "result", "id"
+
+
+def work_entry(msg: WorkMessage) -> dict[str, str]:
+    return {_WORK: encode(msg)}
+
+
+def result_entry(msg: ResultMessage) -> dict[str, str]:
+    return {_RESULT: encode(msg)}
+
+
+def request_entry(rid: str) -> dict[str, str]:
+    """An entry of ``incoming`` (a new request) or ``cancel`` (its client went away)."""
+    return {_REQUEST: rid}
+
+
+def _field(entry: Mapping, name: str) -> str | None:
+    value = entry.get(name, entry.get(name.encode()))
+    return None if value is None else _text(value)
+
+
+def _required(entry: Mapping, name: str) -> str:
+    value = _field(entry, name)
+    if value is None:
+        raise UnknownMessage(f"stream entry without {name!r}: {sorted(_text(k) for k in entry)}")
+    return value
+
+
+def read_work_entry(entry: Mapping) -> WorkMessage:
+    return decode_work(_required(entry, _WORK))
+
+
+def read_result_entry(entry: Mapping) -> ResultMessage:
+    return decode_result(_required(entry, _RESULT))
+
+
+def read_request_entry(entry: Mapping) -> str:
+    return _required(entry, _REQUEST)
+
+
+def output_entry(event: OutputEvent) -> dict[str, str]:
+    """An output event as the store's result script writes it (``finish_reason`` only on the last one)."""
+    entry = {"tokens": json.dumps(event.tokens), "replica": event.replica}
+    return entry | ({"finish_reason": event.finish_reason} if event.finish_reason else {})
+
+
+def read_output_entry(entry: Mapping) -> OutputEvent:
+    return OutputEvent(json.loads(_field(entry, "tokens") or "[]"), _field(entry, "replica") or "",
+                       _field(entry, "finish_reason") or None)

@@ -13,9 +13,10 @@ Where the numbers come from (``source`` in the table):
 
 * ``ingress``: a :class:`prometheus_client.CollectorRegistry` per :class:`IngressMetrics` (several services
   may share a process in tests, so never the global registry). Counts only what this ingress replica served.
-* ``dispatcher`` / ``replica``: the dispatcher's JSON snapshot, which it republishes to Redis every second
-  (``StateStore.publish_metrics``); :class:`SnapshotCollector` turns the snapshot read at scrape time into
-  series. ``replica`` rows come from ``snapshot["replicas"][<replica id>]`` and carry a ``replica`` label.
+* ``dispatcher`` / ``replica``: the dispatcher's :class:`~cluster.messages.MetricsSnapshot`, which it
+  republishes to Redis every second (``DispatcherStore.publish_metrics``); :class:`SnapshotCollector` turns
+  the snapshot read at scrape time into series. A series' ``key`` names the snapshot field it exports;
+  ``replica`` rows come from the snapshot's per-replica entries and carry a ``replica`` label.
   These are global facts: every ingress replica exposes the same values, so dashboards take ``max``.
 
 docs/metrics.md is the user-facing table; a test checks it against :data:`SERIES` and a live cluster.
@@ -31,6 +32,8 @@ from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from cluster.messages import HistogramSnapshot, MetricsSnapshot
 
 PREFIX = "slicefleet_"
 VLLM_PREFIX = "slicefleet:"
@@ -200,11 +203,12 @@ FINISHED_REASONS = {"stop": "stop", "length": "length", "timeout": "abort", "dis
 ENDPOINTS = ("completions", "chat_completions")
 
 
-# ---- the dispatcher's histogram, kept as plain numbers so it travels in the JSON snapshot ------------------
+# ---- the dispatcher's histogram, kept as plain numbers so it travels in the snapshot -----------------------
 
 class SnapshotHistogram:
-    """A cumulative histogram in a process without a scrape endpoint (the dispatcher): ``to_json`` goes into the
-    snapshot and :class:`SnapshotCollector` exposes it as a Prometheus histogram."""
+    """A cumulative histogram in a process without a scrape endpoint (the dispatcher): :meth:`snapshot` goes into
+    the :class:`~cluster.messages.MetricsSnapshot` and :class:`SnapshotCollector` exposes it as a Prometheus
+    histogram."""
 
     def __init__(self, bounds: tuple[float, ...]):
         self.bounds = tuple(float(b) for b in bounds)
@@ -216,14 +220,8 @@ class SnapshotHistogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    def to_json(self) -> dict:
-        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
-
-
-def _number(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
+    def snapshot(self) -> HistogramSnapshot:
+        return HistogramSnapshot(list(self.bounds), list(self.counts), self.sum)
 
 
 def _family(s: Series):
@@ -232,11 +230,11 @@ def _family(s: Series):
 
 
 class SnapshotCollector:
-    """Exposes one dispatcher snapshot (a dict) as the ``dispatcher`` and ``replica`` series of :data:`SERIES`.
-    A field missing from the snapshot (an older dispatcher) leaves its series out rather than inventing a 0."""
+    """Exposes one dispatcher snapshot as the ``dispatcher`` and ``replica`` series of :data:`SERIES` (only
+    ``dispatcher_snapshot_present``, at 0, when there is none)."""
 
-    def __init__(self, snapshot: dict, model_name: str = ""):
-        self.snapshot = snapshot or {}
+    def __init__(self, snapshot: MetricsSnapshot | None, model_name: str = ""):
+        self.snapshot = snapshot
         self.model_name = model_name
 
     def _label_values(self, s: Series, replica: str | None = None) -> list[str]:
@@ -245,47 +243,35 @@ class SnapshotCollector:
 
     def collect(self) -> Iterable[Metric]:
         snap = self.snapshot
-        replicas = snap.get("replicas") if isinstance(snap.get("replicas"), dict) else {}
         for s in SERIES:
             if s.source == "ingress":
                 continue
             fam = _family(s)
             if s.name == PREFIX + "dispatcher_snapshot_present":
-                fam.add_metric([], 1.0 if snap else 0.0)
+                fam.add_metric([], 1.0 if snap is not None else 0.0)
+            elif snap is None:
+                continue
             elif s.name == PREFIX + "scheduler_mode":
-                if not isinstance(snap.get("mode"), str):
-                    continue
-                fam.add_metric([snap["mode"]], 1.0)
+                fam.add_metric([snap.mode], 1.0)
             elif s.kind == "histogram":
-                if not self._add_histogram(fam, s, snap.get(s.key)):
+                if snap.queue_time is None:
                     continue
+                self._add_histogram(fam, s, snap.queue_time)
             elif s.source == "dispatcher":
-                value = _number(snap.get(s.key))
-                if value is None:
-                    continue
-                fam.add_metric(self._label_values(s), value)
+                fam.add_metric(self._label_values(s), snap.value(s.key))
             else:
-                for rid, info in sorted(replicas.items()):
-                    value = _number(info.get(s.key)) if isinstance(info, dict) else None
-                    if value is not None:
-                        fam.add_metric(self._label_values(s, rid), value)
+                for rid, replica in sorted(snap.replicas.items()):
+                    fam.add_metric(self._label_values(s, rid), snap.replica_value(replica, s.key))
                 if not fam.samples:
                     continue
             yield fam
 
-    def _add_histogram(self, fam: HistogramMetricFamily, s: Series, data) -> bool:
-        if not isinstance(data, dict):
-            return False
-        bounds, counts, total = data.get("bounds"), data.get("counts"), _number(data.get("sum"))
-        if not (isinstance(bounds, list) and isinstance(counts, list) and len(counts) == len(bounds) + 1
-                and total is not None):
-            return False
+    def _add_histogram(self, fam: HistogramMetricFamily, s: Series, data: HistogramSnapshot) -> None:
         running, buckets = 0.0, []
-        for bound, count in zip(list(bounds) + [math.inf], counts):
+        for bound, count in zip(list(data.bounds) + [math.inf], data.counts):
             running += float(count)
             buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), running))
-        fam.add_metric(self._label_values(s), buckets, total)
-        return True
+        fam.add_metric(self._label_values(s), buckets, data.sum)
 
 
 # ---- the ingress's own series ------------------------------------------------------------------------------
@@ -422,8 +408,8 @@ class IngressMetrics:
             self._v("request_time_per_output_token_seconds").labels(m).observe(
                 (clock.last - clock.first) / (clock.tokens - clock.first_chunk))
 
-    def render(self, snapshot: dict | None) -> bytes:
+    def render(self, snapshot: MetricsSnapshot | None) -> bytes:
         """Prometheus text: this ingress's series, then the dispatcher snapshot's."""
         snap_registry = CollectorRegistry(auto_describe=False)
-        snap_registry.register(SnapshotCollector(snapshot or {}, self.model_name))
+        snap_registry.register(SnapshotCollector(snapshot, self.model_name))
         return generate_latest(self.registry) + generate_latest(snap_registry)

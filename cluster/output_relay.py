@@ -14,9 +14,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
-from redis import exceptions as redis_exceptions
-
-from cluster.ingress_store import AsyncStateStore
+from cluster.stores.base import STORE_UNAVAILABLE
+from cluster.stores.ingress import IngressStore
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ def detokenizer(tokenizer) -> Callable[[list[int]], str]:
     return partial(tokenizer.decode, skip_special_tokens=True)
 
 
-async def read_events(store: AsyncStateStore, rid: str, deadline: float,
+async def read_events(store: IngressStore, rid: str, deadline: float,
                       poll_seconds: float) -> AsyncIterator[tuple[list[int], str | None]]:
     """(new token ids, finish reason or None) per output event of ``{p}:out:{rid}``, until the finishing one;
     :class:`RelayTimeout` at ``deadline`` (``time.monotonic()``)."""
@@ -133,17 +132,15 @@ async def read_events(store: AsyncStateStore, rid: str, deadline: float,
             raise RelayTimeout()
         try:
             entries = await store.read_output(rid, last, block_ms=min(remaining, poll_seconds) * 1000)
-        except (redis_exceptions.ConnectionError, redis_exceptions.TimeoutError) as exc:
+        except STORE_UNAVAILABLE as exc:
             # Redis restarting (it keeps the stream in its AOF): keep waiting until the deadline.
             log.warning("reading output of %s failed (%s); retrying", rid, exc)
             await asyncio.sleep(min(0.5, max(remaining, 0.0)))
             continue
-        for eid, fields in entries:
+        for eid, event in entries:
             last = eid
-            tokens = json.loads(fields.get("tokens") or "[]")
-            reason = fields.get("finish_reason") or None
-            yield tokens, reason
-            if reason:
+            yield event.tokens, event.finish_reason
+            if event.finish_reason:
                 return
 
 

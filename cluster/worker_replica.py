@@ -17,8 +17,10 @@ import uuid
 
 from cluster.config import SlicefleetConfig
 from cluster.lease_loop import LeaseLoop
-from cluster.messages import BatchOrder, Progress, ProgressRow, Release, RowReport, SliceReport
-from cluster.state import STORE_UNAVAILABLE, RequestRecord, ReplicaInfo, StateStore, stream_gone
+from cluster.messages import (BatchOrder, Progress, ProgressRow, Release, ReplicaInfo, RequestRecord, RowReport,
+                              SliceReport)
+from cluster.stores.base import STORE_UNAVAILABLE, stream_gone
+from cluster.stores.worker import WorkerStore
 
 log = logging.getLogger("slicefleet.worker")
 
@@ -72,7 +74,7 @@ class SliceWorker:
         """``replica_id``: resume as this replica (its stream and unacknowledged batches); default a new id."""
         cfg = SlicefleetConfig.model_validate(config)
         self.cfg = cfg
-        self.store = StateStore.connect(cfg.redis)
+        self.store = WorkerStore.connect(cfg.redis)
         self.replica_id = replica_id or self._make_id()
         if cfg.engine.device == "cpu" and cfg.engine.nice and os.nice(0) < cfg.engine.nice:
             os.nice(cfg.engine.nice - os.nice(0))  # the control plane answers first when engines saturate the CPU
@@ -170,7 +172,6 @@ class SliceWorker:
     # ---- loops ---------------------------------------------------------------------------------------
     def _register(self) -> None:
         self.store.register_replica(self._replica_info, HEARTBEAT_TTL)
-        self.store.ensure_group(self.store.k.work(self.replica_id), "worker")
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_EVERY):
@@ -217,7 +218,7 @@ class SliceWorker:
         # may never have been posted. Running a batch twice is harmless; the dispatcher applies it once.
         pending = True
         while not self._stop.is_set():
-            entries = self.store.read_work(self.replica_id, self.replica_id, block_ms=500, count=8, pending=pending)
+            entries = self.store.read_work(self.replica_id, block_ms=500, count=8, pending=pending)
             pending = False
             for entry_id, msg in entries:
                 if msg.epoch < self.store.epoch():
@@ -279,8 +280,8 @@ class SliceWorker:
         pending = True  # what was delivered before this loop (re)started but never queued
         while not self._stop.is_set():
             try:
-                for entry_id, msg in self.store.read_work(self.replica_id, self.replica_id, block_ms=200,
-                                                          count=256, pending=pending):
+                for entry_id, msg in self.store.read_work(self.replica_id, block_ms=200, count=256,
+                                                          pending=pending):
                     self._inbox.put(msg)
                     self.store.ack_work(self.replica_id, entry_id)
                 pending = False

@@ -141,7 +141,7 @@ def fit_bilinear(
 
 
 def samples_from_slice_log(rows: Iterable[dict]) -> Samples:
-    """The slice timings a cluster logged (``StateStore.slice_log``) as profile samples.
+    """The slice timings a cluster logged (``AdminStore.slice_log``) as profile samples.
 
     Decode steps count from every slice. A prefill counts only when no row resumed from a kept cache: the
     engine feeds resumed rows in a forward of their own, so such a prefill is not one prefill(N, L).

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bench.loadgen import (SLO, BenchRequest, RequestResult, arrivals, live_report, request_body, run_load,
-                           serving_metrics, snapshot_delta, tpot)
+                           serving_metrics, tpot)
+from cluster.messages import MetricsSnapshot, ReplicaMetrics
 
 
 def _res(i, send, ttft, latency, tokens, itl=()):
@@ -75,14 +76,14 @@ def test_request_bodies():
         request_body(req, "tgi", "m", 10)
 
 
-def test_snapshot_delta_and_report():
-    before = {"tokens_generated": 10, "pad_tokens": 5, "rows_run": 2, "batches_run": 1, "slices_run": 2,
-              "replicas": {"a": {"busy_seconds": 1.0}, "b": {"busy_seconds": 2.0}}}
-    after = {"tokens_generated": 40, "pad_tokens": 15, "invalid_tokens": 10, "reprefill_tokens": 0,
-             "rows_run": 8, "batches_run": 3, "slices_run": 8, "early_returns": 1,
-             "replicas": {"a": {"busy_seconds": 5.0}, "b": {"busy_seconds": 4.0}}}
-    d = snapshot_delta(before, after)
-    assert d["pad_tokens"] == 10 and d["rows_run"] == 6 and d["busy_seconds"] == {"a": 4.0, "b": 2.0}
+def test_live_report_from_the_snapshot_delta():
+    before = MetricsSnapshot(0.0, 1, "scls", tokens_generated=10, pad_tokens=5, rows_run=2, batches_run=1,
+                             slices_run=2, replicas={"a": ReplicaMetrics(busy_seconds=1.0),
+                                                     "b": ReplicaMetrics(busy_seconds=2.0)})
+    after = MetricsSnapshot(9.0, 1, "scls", tokens_generated=40, pad_tokens=15, invalid_tokens=10, rows_run=8,
+                            batches_run=3, slices_run=8, early_returns=1,
+                            replicas={"a": ReplicaMetrics(busy_seconds=5.0), "b": ReplicaMetrics(busy_seconds=4.0)})
+    d = after.since(before)
     rs = [_res(0, 0.0, 1.0, 4.0, 15), _res(1, 0.0, 1.0, 2.0, 15)]
     rep = live_report("scls", 2, rs, d)
     assert rep.useful_tokens == 30
@@ -91,7 +92,8 @@ def test_snapshot_delta_and_report():
     assert rep.mean_batch_size == pytest.approx(3.0)
     assert rep.load_imbalance == pytest.approx(np.std([4, 2]) / 3)
     assert rep.latency_p50 == pytest.approx(3.0) and rep.duration == pytest.approx(4.0)
-    assert snapshot_delta({}, None) == {}
+    plain = live_report("vllm", 2, rs, None)  # a server without the dispatcher's counters
+    assert plain.useful_tokens == 30 and plain.valid_token_ratio == pytest.approx(1.0)
 
 
 def _sse(chunks: list[dict]) -> bytes:

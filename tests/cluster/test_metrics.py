@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.messages import MetricsSnapshot, ReplicaMetrics
 from cluster.metrics import (
     BY_NAME,
     INTER_TOKEN_LATENCY_BUCKETS,
@@ -209,7 +211,7 @@ def test_snapshot_histogram_buckets_are_less_or_equal():
     h = SnapshotHistogram((0.5, 1.0))
     for x in (0.5, 0.7, 1.0, 3.0):
         h.observe(x)
-    text = IngressMetrics("m").render({"queue_time": h.to_json()}).decode()
+    text = IngressMetrics("m").render(MetricsSnapshot(0.0, 1, "scls", queue_time=h.snapshot())).decode()
     v = samples(text)
     lab = (("model_name", "m"),)
     assert v[("slicefleet:request_queue_time_seconds_bucket", lab + (("le", "0.5"),))] == 1
@@ -221,8 +223,8 @@ def test_snapshot_histogram_buckets_are_less_or_equal():
 
 
 def test_snapshot_series_are_the_declared_ones_only():
-    snap = {"pool_depth": 2, "mode": "continuous_slices", "some_new_field": 5, "moves": 1,
-            "replicas": {"r1": {"busy_seconds": 3.5, "kv_usage": 0.25, "surprise": 1}}}
+    snap = MetricsSnapshot(0.0, 1, "continuous_slices", pool_depth=2, moves=1,
+                           replicas={"r1": ReplicaMetrics(busy_seconds=3.5, kv_usage=0.25)})
     text = IngressMetrics("m").render(snap).decode()
     v = samples(text)
     assert v[("slicefleet_pool_depth", ())] == 2
@@ -232,14 +234,28 @@ def test_snapshot_series_are_the_declared_ones_only():
     assert v[("slicefleet_replica_busy_seconds_total", (("replica", "r1"),))] == 3.5
     assert v[("slicefleet:kv_cache_usage_perc", (("model_name", "m"), ("replica", "r1")))] == 0.25
     assert v[("slicefleet_dispatcher_snapshot_present", ())] == 1
-    assert "some_new_field" not in text and "surprise" not in text  # undeclared: not exported
-    assert "slicefleet_running_requests" not in text  # missing from the snapshot: left out, not 0
-    assert "slicefleet_replica_expected_completion_seconds" not in text
+    assert v[("slicefleet_running_requests", ())] == 0
     exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     assert all(n.split("_bucket")[0] in BY_NAME or n.removesuffix("_total") in BY_NAME
                or re.sub(r"_(sum|count|created)$", "", n) in BY_NAME for n in exported), exported
-    empty = samples(IngressMetrics().render({}).decode())
+    empty = samples(IngressMetrics().render(None).decode())
     assert empty[("slicefleet_dispatcher_snapshot_present", ())] == 0 and ("slicefleet_pool_depth", ()) not in empty
+
+
+def test_every_series_names_a_figure_the_snapshot_has():
+    """A series' ``key`` is a field of the typed snapshot (a renamed field would otherwise export nothing)."""
+    figures = {f.name for f in fields(MetricsSnapshot)}
+    per_replica = {f.name for f in fields(ReplicaMetrics)}
+    for s in SERIES:
+        if s.source == "dispatcher" and s.key:
+            assert s.key in figures, s.name
+        elif s.source == "replica":
+            assert s.key in per_replica, s.name
+    assert SNAPSHOT_INTERNAL <= figures
+    # every numeric figure is exported by some series, or is one of the documented inputs
+    keys = {s.key for s in SERIES if s.key}
+    assert figures - SNAPSHOT_INTERNAL <= keys, figures - SNAPSHOT_INTERNAL - keys
+    assert per_replica <= keys
 
 
 @pytest.fixture
@@ -256,36 +272,34 @@ def test_a_real_dispatcher_snapshot(redis_url, mode):
     requests on a replica it was told about: queue time, running, KV reservation and every field declared."""
     from cluster.config import SlicefleetConfig
     from cluster.dispatcher import DispatcherCore, build_estimators
-    from cluster.state import RequestRecord, StateStore
+    from cluster.messages import RequestRecord
+    from cluster.stores.admin import AdminStore
+    from cluster.stores.dispatcher import DispatcherStore
 
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url},
                                            "scheduler": {"mode": mode, "slice_len": 8}})
-    store = StateStore(redis_url)
+    store, admin = DispatcherStore(redis_url), AdminStore(redis_url)
     latency, memory = build_estimators(cfg)
     core = DispatcherCore(cfg, latency, memory, store)
     now = time.time()
     core.scheduler.add_replica("r0", now)
     rids = [f"q{i}" for i in range(3)]
     for i, rid in enumerate(rids):
-        store.submit(RequestRecord(rid, [5, 6, 7, 8 + i], 32, now - 2.0))
+        admin.submit(RequestRecord(rid, [5, 6, 7, 8 + i], 32, now - 2.0))
     assert core._admit_live(rids, now) == 3
     core._dispatch(now)
     snap = core.snapshot(now)
-    queue = snap["queue_time"]
-    assert sum(queue["counts"]) == 3 and queue["sum"] == pytest.approx(6.0)
+    queue = snap.queue_time
+    assert sum(queue.counts) == 3 and queue.sum == pytest.approx(6.0)
     core._dispatch(now + 1)  # nothing is placed twice: queue time is observed at the first placement only
-    assert sum(core.snapshot(now + 1)["queue_time"]["counts"]) == 3
-    r0 = snap["replicas"]["r0"]
-    assert r0["running_requests"] == 3 == snap["running"]
+    assert sum(core.snapshot(now + 1).queue_time.counts) == 3
+    r0 = snap.replicas["r0"]
+    assert r0.running_requests == 3 == snap.running
     batches = core.scheduler.replicas["r0"].inflight.values()
     reserved = [b.est_bytes for b in batches]
     expected = sum(reserved) if mode == "continuous_slices" else max(reserved)
-    assert r0["kv_usage"] == pytest.approx(expected / memory.budget_bytes) and 0 < r0["kv_usage"] < 1
-    assert snap["preemptions"] == 0
-    # Every numeric field of the snapshot is a declared series (or one of the documented inputs).
-    keys = {s.key for s in SERIES if s.key}
-    assert set(snap) - SNAPSHOT_INTERNAL <= keys, set(snap) - SNAPSHOT_INTERNAL - keys
-    assert set(r0) <= keys
+    assert r0.kv_usage == pytest.approx(expected / memory.budget_bytes) and 0 < r0.kv_usage < 1
+    assert snap.preemptions == 0
     text = IngressMetrics(cfg.model.name).render(snap).decode()
     v = samples(text)
     assert v[("slicefleet:num_requests_running", (("model_name", cfg.model.name), ("replica", "r0")))] == 3
@@ -293,6 +307,6 @@ def test_a_real_dispatcher_snapshot(redis_url, mode):
     # Overdue batches send their requests back to the pool: each will be prefilled again, a preemption.
     core._expire_batches(now + 10**6)
     later = core.snapshot(now)
-    assert later["requests_requeued"] == 3 and later["preemptions"] == 3 and later["batches_timed_out"] >= 1
-    assert later["replicas"]["r0"]["running_requests"] == 0 and later["replicas"]["r0"]["kv_usage"] == 0
-    assert later["pool_depth"] == 3
+    assert later.requests_requeued == 3 and later.preemptions == 3 and later.batches_timed_out >= 1
+    assert later.replicas["r0"].running_requests == 0 and later.replicas["r0"].kv_usage == 0
+    assert later.pool_depth == 3

@@ -464,6 +464,7 @@ def test_dashboard_reads_what_the_api_exports():
     (tests/cluster/test_metrics_e2e.py checks the same against a live cluster)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    from cluster.messages import MetricsSnapshot, ReplicaMetrics
     from cluster.metrics import REQUEST_LATENCY_BUCKETS, IngressMetrics, SnapshotHistogram
 
     m = IngressMetrics("m")
@@ -476,15 +477,13 @@ def test_dashboard_reads_what_the_api_exports():
     m.ended("r", "length", 4, now=0.8)
     queue = SnapshotHistogram(REQUEST_LATENCY_BUCKETS)
     queue.observe(0.2)
-    # A dispatcher snapshot as cluster/dispatcher.py publishes it.
-    snapshot = {
-        "mode": "scls", "epoch": 1, "pool_depth": 3, "running": 8, "slices_run": 120, "batches_run": 10,
-        "batch_size_mean": 12.0, "backlog_seconds": 4.5, "slice_time_mape": 0.07,
-        "predicted_slice_seconds_sum": 30.0, "actual_slice_seconds_sum": 31.0, "moves": 1, "requests_requeued": 2,
-        "preemptions": 3, "queue_time": queue.to_json(),
-        "replicas": {"r0": {"expected_completion_s": 1.2, "busy_seconds": 50.0, "inflight_batches": 1,
-                            "running_requests": 8, "kv_usage": 0.4}},
-    }
+    # A dispatcher snapshot as the dispatcher publishes it.
+    snapshot = MetricsSnapshot(
+        time=0.0, mode="scls", epoch=1, pool_depth=3, running=8, slices_run=120, batches_run=10,
+        batch_size_mean=12.0, backlog_seconds=4.5, slice_time_mape=0.07, predicted_slice_seconds_sum=30.0,
+        actual_slice_seconds_sum=31.0, moves=1, requests_requeued=2, preemptions=3, queue_time=queue.snapshot(),
+        replicas={"r0": ReplicaMetrics(expected_completion_s=1.2, busy_seconds=50.0, inflight_batches=1,
+                                       running_requests=8, kv_usage=0.4)})
     text = m.render(snapshot).decode()
     exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     wanted = dashboard_series(json.loads((CHART / "files" / "grafana-dashboard.json").read_text()))
