@@ -103,7 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="benchmark the OpenAI-compatible server already running there (a Slicefleet cluster, a "
                         "vLLM server, anything serving /v1/completions with streaming) instead of starting "
                         "clusters; comma-separated URLs get requests round-robin. Prints vllm bench serve's "
-                        "result block per rate. An API key comes from $OPENAI_API_KEY, as in vLLM's client "
+                        "result block per rate. An API key comes from $OPENAI_API_KEY, as in vLLM's client. A "
+                        "429 with Retry-After (a server shedding load) is waited out and sent again, for up to "
+                        "600 s per request, and the retries are counted in the result "
                         "(default: start a local cluster per --modes entry)")
     p.add_argument("--modes", type=_csv(MODES), default=list(MODES), help="comma-separated modes (default: all)")
     p.add_argument("--engines", type=_csv(ENGINES), default=["hf"],

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -59,6 +60,9 @@ class RequestResult:
     output_tokens: int = 0
     itl: list[float] = field(default_factory=list)
     response_id: str = ""
+    retries: int = 0
+    """Times the server answered 429 with Retry-After and the request was sent again after waiting; TTFT and
+    latency count from the first attempt, so the waiting is in them."""
 
     @property
     def first_token_time(self) -> float:
@@ -139,47 +143,69 @@ def request_body(req: BenchRequest, flavor: str, model: str, max_gen_len: int, t
 
 
 # ---- the client ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How the client answers 429 with Retry-After (a server shedding load): wait, then send the request again.
+
+    The wait is at least what Retry-After asks. It starts there (``min_wait`` at least, so that "retry after
+    0 s" cannot spin), doubles with each refusal of the same request up to ``max_backoff``, and gets up to a
+    quarter more at random, so that hundreds of refused requests do not all come back in the same second. A
+    request is given up (and counted failed) when the next wait would take it past ``budget`` seconds after its
+    first attempt. A 429 without Retry-After is a failure, as is any other error status."""
+
+    budget: float = 600.0
+    max_backoff: float = 30.0
+    min_wait: float = 0.1
+
+    def delay(self, retry_after: float, refusals: int, rng: random.Random) -> float:
+        first = max(retry_after, self.min_wait)
+        backoff = min(first * 2 ** min(refusals - 1, 30), max(self.max_backoff, first))
+        return backoff * rng.uniform(1.0, 1.25)
+
+
+NO_RETRY = RetryPolicy(budget=0.0)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP date (RFC 9110); None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
+
+
 async def _one(client, url: str, body: dict, req: BenchRequest, t0: float, sem: asyncio.Semaphore | None,
-               timeout: float) -> RequestResult:
+               timeout: float, retry: RetryPolicy = NO_RETRY) -> RequestResult:
     res = RequestResult(req.id, req.prompt_len, req.output_len)
+    rng = random.Random(req.id)  # the jitter of each request's waits, the same from run to run
     if sem is not None:
         await sem.acquire()
     try:
         start = time.perf_counter()
         res.send_time = start - t0
-        last = start
-        chunks = 0
-        async with client.stream("POST", url, json=body, timeout=timeout) as resp:
-            if resp.status_code != 200:
-                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}"
-                return res
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                msg = json.loads(data)
-                if "error" in msg:
-                    res.error = str(msg["error"])[:300]
+        while True:
+            async with client.stream("POST", url, json=body, timeout=timeout) as resp:
+                if resp.status_code == 200:
+                    await _read_stream(resp, res, start)
                     return res
-                res.response_id = msg.get("id", res.response_id)
-                usage = msg.get("usage")
-                if usage and usage.get("completion_tokens") is not None:
-                    res.output_tokens = int(usage["completion_tokens"])
-                text = "".join(c.get("text", "") for c in msg.get("choices") or [])
-                if text:
-                    now = time.perf_counter()
-                    if chunks == 0:
-                        res.ttft = now - start
-                    else:
-                        res.itl.append(now - last)
-                    last = now
-                    chunks += 1
-        res.latency = time.perf_counter() - start
-        if chunks == 0:
-            res.ttft = res.latency
-        res.success = True
+                detail = (await resp.aread())[:300]
+                after = retry_after_seconds(resp.headers.get("retry-after")) if resp.status_code == 429 else None
+            wait = None if after is None else retry.delay(after, res.retries + 1, rng)
+            if wait is None or time.perf_counter() + wait - start > retry.budget:
+                res.error = f"HTTP {resp.status_code}: {detail!r}" + (f" (after {res.retries} retries)"
+                                                                        if res.retries else "")
+                return res
+            res.retries += 1
+            await asyncio.sleep(wait)
     except Exception as exc:  # a failed request is counted, not fatal
         res.error = f"{type(exc).__name__}: {exc}"[:300]
     finally:
@@ -188,14 +214,49 @@ async def _one(client, url: str, body: dict, req: BenchRequest, t0: float, sem: 
     return res
 
 
+async def _read_stream(resp, res: RequestResult, start: float) -> None:
+    """Fill ``res`` from a 200 answer's server-sent events: tokens, TTFT and the gaps between chunks."""
+    last = start
+    chunks = 0
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        msg = json.loads(data)
+        if "error" in msg:
+            res.error = str(msg["error"])[:300]
+            return
+        res.response_id = msg.get("id", res.response_id)
+        usage = msg.get("usage")
+        if usage and usage.get("completion_tokens") is not None:
+            res.output_tokens = int(usage["completion_tokens"])
+        text = "".join(c.get("text", "") for c in msg.get("choices") or [])
+        if text:
+            now = time.perf_counter()
+            if chunks == 0:
+                res.ttft = now - start
+            else:
+                res.itl.append(now - last)
+            last = now
+            chunks += 1
+    res.latency = time.perf_counter() - start
+    if chunks == 0:
+        res.ttft = res.latency
+    res.success = True
+
+
 async def run_load(urls: Sequence[str], requests: Sequence[BenchRequest], offsets: Sequence[float], *,
                    flavor: str = "slicefleet", model: str = "slicefleet-tiny-llama", max_gen_len: int = 1024,
                    trace: bool = True, budget: str = "cap", max_concurrency: int | None = None, timeout: float = 1800.0,
                    progress: bool = True, desc: str = "bench", ignore_eos: bool = False,
-                   headers: dict | None = None, transport=None) -> tuple[list[RequestResult], float]:
+                   headers: dict | None = None, transport=None,
+                   retry: RetryPolicy = RetryPolicy()) -> tuple[list[RequestResult], float]:
     """Send ``requests`` at ``offsets`` (seconds) to ``urls`` (round-robin over several base URLs, in
     request order). Returns the results and the wall time from the first send to the last answer.
-    ``headers``: sent with every request (an API key). ``transport``: an httpx transport (tests use a mock)."""
+    ``headers``: sent with every request (an API key). ``transport``: an httpx transport (tests use a mock).
+    ``retry``: how a 429 with Retry-After is waited out and sent again (``NO_RETRY``: it fails the request)."""
     import httpx
 
     if len(offsets) != len(requests):
@@ -216,7 +277,7 @@ async def run_load(urls: Sequence[str], requests: Sequence[BenchRequest], offset
                 await asyncio.sleep(delay)
             url = urls[i % len(urls)].rstrip("/") + "/v1/completions"
             body = request_body(req, flavor, model, max_gen_len, trace, budget, ignore_eos)
-            r = await _one(client, url, body, req, t0, sem, timeout)
+            r = await _one(client, url, body, req, t0, sem, timeout, retry)
             if bar is not None:
                 bar.update(1)
             return r
@@ -239,7 +300,7 @@ def _stats(values: Sequence[float], scale: float = 1.0) -> dict:
 def serving_metrics(results: Sequence[RequestResult], slo: SLO | None = None) -> dict:
     """vLLM ``bench serve`` figures over the successful requests. Duration: first send to last finish."""
     ok = [r for r in results if r.success]
-    out: dict = {"completed": len(ok), "failed": len(results) - len(ok)}
+    out: dict = {"completed": len(ok), "failed": len(results) - len(ok), **retry_counts(results)}
     if not ok:
         return out | {"duration": 0.0, "request_throughput": 0.0, "output_throughput": 0.0}
     start = min(r.send_time for r in results)
@@ -266,6 +327,11 @@ def serving_metrics(results: Sequence[RequestResult], slo: SLO | None = None) ->
     return out
 
 
+def retry_counts(results: Sequence[RequestResult]) -> dict:
+    """How often the server shed load: requests sent again after a 429 with Retry-After, and the resends."""
+    return {"retried_requests": sum(1 for r in results if r.retries), "retries": sum(r.retries for r in results)}
+
+
 PERCENTILE_METRICS = ("ttft", "tpot", "itl", "e2el")
 METRIC_TITLES = {"ttft": ("TTFT", "Time to First Token"), "tpot": ("TPOT", "Time per Output Token (excl. 1st token)"),
                  "itl": ("ITL", "Inter-token Latency"), "e2el": ("E2EL", "End-to-end Latency")}
@@ -289,7 +355,7 @@ def vllm_metrics(results: Sequence[RequestResult], duration: float, percentiles:
     dur = duration if duration > 0 else float("nan")
     slos = {k: v * 1000 for k, v in asdict(slo).items() if v is not None} if slo else {}
     m: dict = {
-        "duration": duration, "completed": len(ok), "failed": len(results) - len(ok),
+        "duration": duration, "completed": len(ok), "failed": len(results) - len(ok), **retry_counts(results),
         "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
         "request_throughput": len(ok) / dur,
         "request_goodput": sum(1 for r in ok if slo.met(r)) / dur if slos else None,
@@ -311,6 +377,9 @@ def format_vllm_result(m: dict, metrics: Sequence[str] = PERCENTILE_METRICS, req
     lines = ["{s:{c}^{n}}".format(s=title, n=50, c="="),
              "{:<40} {:<10}".format("Successful requests:", m["completed"]),
              "{:<40} {:<10}".format("Failed requests:", m["failed"])]
+    if m.get("retries"):  # not in vLLM's block: a server that answered 429 (Retry-After) and was waited out
+        lines += ["{:<40} {:<10}".format("Requests retried after 429:", m["retried_requests"]),
+                  "{:<40} {:<10}".format("Retries after 429:", m["retries"])]
     if max_concurrency is not None:
         lines.append("{:<40} {:<10}".format("Maximum request concurrency:", max_concurrency))
     if request_rate is not None and not math.isinf(request_rate):

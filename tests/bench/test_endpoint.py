@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -29,8 +30,10 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-@pytest.fixture(scope="module")
-def server():
+@contextmanager
+def ingress(api: dict | None = None):
+    """The real ingress on 127.0.0.1 with the stand-in dispatcher; ``api``: extra api settings. Yields
+    (base URL, the fake dispatcher)."""
     from transformers import AutoTokenizer
 
     from cluster.config import SlicefleetConfig
@@ -48,7 +51,8 @@ def server():
     cfg = SlicefleetConfig.model_validate({
         "model": {"path": str(model_dir), "name": "bench-target"},
         "redis": {"url": redis_server.url, "key_prefix": PREFIX},
-        "scheduler": {"max_gen_len": 64, "slice_len": 4}, "api": {"api_keys": [USER_KEY], "admin_keys": [KEY]}})
+        "scheduler": {"max_gen_len": 64, "slice_len": 4},
+        "api": {"api_keys": [USER_KEY], "admin_keys": [KEY], **(api or {})}})
     service = make_service(cfg, tok, model_dir, ready=lambda: True, length_predictor=lambda text, ids: 8.0)
     port = free_loopback_port()
     http = uvicorn.Server(uvicorn.Config(build_api(service), host="127.0.0.1", port=port, log_level="warning",
@@ -63,6 +67,12 @@ def server():
         thread.join(10)
         fake.stop()
         redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ingress() as found:
+        yield found
 
 
 def test_base_url_run_prints_vllm_figures_and_saves_vllm_result(server, tmp_path, monkeypatch, capsys):
@@ -192,3 +202,23 @@ def test_openai_body_is_vllm_bench_serves():
     assert body["max_tokens"] == 40 and "ignore_eos" not in body and "target_len" not in body
     assert body["prompt"] == [1, 2, 3] and body["stream"] and body["stream_options"] == {"include_usage": True}
     assert request_body(req, "openai", "m", 1024, ignore_eos=True)["ignore_eos"] is True
+
+
+def test_a_server_at_its_in_flight_limit_is_waited_out_and_every_request_completes(tmp_path, monkeypatch, capsys):
+    """All requests at once against api.max_inflight 2: the ingress answers 429 with Retry-After to the rest,
+    the client waits and sends them again, and the run completes every request and counts the retries."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with ingress({"max_inflight": 2}) as (url, fake):
+        fake.delay = 0.2  # each answer takes a while, so requests overlap at the limit
+        args = parse(["--base-url", url, "--num-prompts", "8", "--request-rate", "inf", "--max-gen-len", "16",
+                      "--save-result", "--result-dir", str(tmp_path), "--label", "busy", "--disable-tqdm"])
+        assert cli.run(args) == 0
+    out = capsys.readouterr().out
+    assert "Successful requests:                     8" in out and "Failed requests:                         0" in out
+    assert "Retries after 429:" in out
+    (result_file,) = tmp_path.glob("busy-infqps-*.json")
+    result = json.loads(result_file.read_text())
+    assert result["completed"] == 8 and result["failed"] == 0
+    assert result["retried_requests"] >= 6 and result["retries"] >= result["retried_requests"]
+    per_request = json.loads((tmp_path / "bench.json").read_text())["runs"][0]["per_request"]
+    assert sum(r["retries"] for r in per_request) == result["retries"]
