@@ -40,6 +40,9 @@ class SchedulerStats:
     """Requests that finished in a batch some of whose members still needed more tokens."""
     stale_results: int = 0
     """Results for batches the scheduler no longer tracks (duplicates after a reclaim); ignored."""
+    rows_completed: int = 0
+    """Rows of completed batches that the replica reported on (a slice of one request each)."""
+    tokens_generated: int = 0
 
 
 class Scheduler:
@@ -369,7 +372,9 @@ class Scheduler:
         self.stats.batches_completed += 1
 
         outcomes = {o.request_id: o for o in result.outcomes}
+        self.stats.rows_completed += len(outcomes)
         finished: list[Request] = []
+        tokens = 0
         continuing = 0
         renew = self.config.mode is Mode.CONTINUOUS_SLICES
         holder = replica_id if self.config.kv_reuse and replica.keeps_kv else None  # where unfinished rows' KV stays
@@ -387,7 +392,9 @@ class Scheduler:
                 pool[rid] = req
                 continuing += 1
                 continue
-            req.generated += outcome.new_tokens
+            new = outcome.new_tokens
+            tokens += new
+            req.generated += new
             req.slices += 1
             if outcome.new_tokens > 0 and req.first_token_at is None:
                 req.first_token_at = now
@@ -410,6 +417,7 @@ class Scheduler:
                 continuing += 1
         if renew:
             self._refresh_expected_free(replica, now)
+        self.stats.tokens_generated += tokens
         self.stats.requests_finished += len(finished)
         if continuing:
             self.stats.early_returns += len(finished)
@@ -422,6 +430,11 @@ class Scheduler:
 
     def is_aborted(self, request_id: str) -> bool:
         return request_id in self._aborted
+
+    @property
+    def aborting(self) -> bool:
+        """Whether any cancelled request is still running (its batch has not reported yet)."""
+        return bool(self._aborted)
 
     def expected_completion(self) -> dict[str, float]:
         return {rid: r.expected_free_at for rid, r in self.replicas.items()}

@@ -1,8 +1,14 @@
-"""Discrete-event simulation of a Slicefleet cluster: the real Scheduler, simulated replicas, virtual time.
+"""Discrete-event simulation of a Slicefleet cluster: the live dispatcher's core, simulated replicas, virtual
+time.
 
-Nothing sleeps: events (arrivals, batch completions, continuous-batch segments) are popped from a heap in
-time order, and after each instant the scheduler gets one ``schedule(now)`` call, exactly as the live
-dispatcher does after each wake-up.
+The simulation is the dispatch core's second adapter (the live dispatcher is the first): it feeds the core the
+same events (arrivals, slice results, cancellations, replicas lost) and carries out its commands against
+simulated replicas. Nothing sleeps: events are popped from a heap in time order, and a scheduling round
+(``tick``) runs at most every ``dispatch_interval``, as the live dispatcher's loop wakes up.
+
+Faults (:class:`SimFault`) exercise what the core does when things go wrong: a replica killed stops reporting
+and is presumed lost when its heartbeat would have expired (its requests go back to the pool and continue
+elsewhere); a cancelled request is released where it runs and never finishes.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from dataclasses import dataclass
 
 from balancer.config import SchedulerConfig
 from balancer.estimators import BilinearLatencyModel, MemoryEstimator
-from balancer.scheduler import Scheduler
-from balancer.types import Mode, Request, SliceResult
+from balancer.types import FinishReason, Mode, Request, RequestOutcome, SliceResult
+from cluster.dispatch_core import (Commit, CommitOutcome, Completed, DispatchCore, Finish, ForgetReplica, Post)
+from cluster.messages import BatchOrder
 from cluster.sim.replica import ContinuousReplica, SimulatedRequest, SliceReplica
 from cluster.sim.report import RunReport, schedule_fingerprint, summarize
 from cluster.sim.workload import SimRequest
@@ -25,7 +32,11 @@ from cluster.sim.workload import SimRequest
 MAX_LANES = 4
 """The continuous engine's lanes (``worker.continuous.MAX_LANES``; not imported: that module needs torch)."""
 
-_DONE, _SEGMENT, _TICK = 1, 2, 3
+_DONE, _SEGMENT, _TICK, _FAULT, _LOST = 1, 2, 3, 4, 5
+
+LOSS_DETECTED_AFTER = 4.0
+"""Seconds from a replica's death to the dispatcher presuming it lost: the worker's heartbeat TTL
+(``cluster.worker_replica.HEARTBEAT_TTL``; not imported: that module needs Ray)."""
 
 DEFAULT_DISPATCH_INTERVAL = 0.05
 """Seconds between scheduling rounds: the live dispatcher's loop wakes about this often (its stream read
@@ -34,6 +45,22 @@ blocks 50 ms), taking every result that arrived since in one round."""
 DEFAULT_KV_CACHE_TOKENS = 40_000
 """Tokens of KV cache a simulated replica keeps between slices: the HF engine's default 512 MiB at the
 default model's 12 KiB per token."""
+
+
+@dataclass(frozen=True)
+class SimFault:
+    """Something that goes wrong at virtual time ``at``: ``kill`` a replica (``target``: its id, e.g. ``sim-3``),
+    or ``cancel`` a request (``target``: its id)."""
+
+    at: float
+    kind: str
+    target: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("kill", "cancel"):
+            raise ValueError(f"unknown fault kind {self.kind!r}: expected kill or cancel")
+        if self.at < 0:
+            raise ValueError(f"a fault's time must be >= 0, got {self.at}")
 
 
 @dataclass(slots=True)
@@ -46,13 +73,15 @@ class Simulation:
     def __init__(self, config: SchedulerConfig, latency: BilinearLatencyModel, memory: MemoryEstimator,
                  workload: list[SimRequest], replicas: int, progress: bool = False,
                  kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-                 dispatch_interval: float = DEFAULT_DISPATCH_INTERVAL):
+                 dispatch_interval: float = DEFAULT_DISPATCH_INTERVAL, faults: list[SimFault] = ()):
         if replicas < 1:
             raise ValueError("need at least one replica")
         self.config = config
         self.latency = latency
         self.workload = workload
-        self.scheduler = Scheduler(config, latency, memory)
+        self.core = DispatchCore(config, latency, memory)
+        self.core.start(epoch=1)
+        self.scheduler = self.core.scheduler
         self.continuous = config.mode in (Mode.ILS, Mode.CONTINUOUS_SLICES)
         if self.continuous:
             self.replicas = {f"sim-{i}": ContinuousReplica(f"sim-{i}", latency, max_lanes=MAX_LANES)
@@ -61,8 +90,15 @@ class Simulation:
             keep = kv_cache_tokens if config.kv_reuse and config.mode is Mode.SCLS else 0
             self.replicas = {f"sim-{i}": SliceReplica(f"sim-{i}", latency, keep)
                              for i in range(replicas)}
-        for rid in self.replicas:
-            self.scheduler.add_replica(rid, 0.0)
+        for rid, replica in self.replicas.items():
+            self.core.on_replica_joined(rid, 0.0, keeps_kv=self.continuous or replica.kv_cache_tokens > 0)
+        self.faults = sorted(faults, key=lambda f: f.at)
+        unknown = {f.target for f in self.faults if f.kind == "kill"} - self.replicas.keys()
+        if unknown:
+            raise ValueError(f"no such replica to kill: {sorted(unknown)} (replicas are sim-0 .. sim-{replicas - 1})")
+        self.dead: set[str] = set()
+        self.cancelled: list[str] = []
+        self._finished_ids: set[str] | None = {""} if any(f.kind == "cancel" for f in self.faults) else None
         self.progress = progress
         self.dispatch_interval = dispatch_interval
         self._next_round = 0.0
@@ -98,6 +134,8 @@ class Simulation:
         times = [r.arrival for r in arrivals]
         times.append(math.inf)  # after the last arrival: no arrival is next
         arrived, events = 0, self._events
+        for fault in self.faults:
+            self._push(fault.at, _FAULT, fault)
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -126,40 +164,83 @@ class Simulation:
     def _round(self, now: float) -> None:
         """One scheduling round, like one pass of the live dispatcher's loop."""
         self._next_round = now + self.dispatch_interval
-        for a in self.scheduler.schedule(now):
-            if not a.continues:
-                self._batches += 1
-                self._rows += a.batch.size
-            if a.moved_from is not None:
-                self.replicas[a.moved_from].release(a.batch.requests[0].id)
-            replica = self.replicas[a.replica_id]
-            replica.submit(a.batch)
-            if a.continues:  # a renewed lease may be due at once (the row decoded past it meanwhile)
-                for result in replica.due():
-                    self._apply(result, now)
-            self._kick(replica, now)
+        self._carry_out(self.core.tick(now), now)
+
+    def _carry_out(self, commands: list, now: float) -> None:
+        """Do what the core asks of the cluster, as the live dispatcher does against Redis."""
+        for cmd in commands:
+            kind = type(cmd)
+            if kind is Post:
+                self._post(cmd, now)
+            elif kind is Commit:  # the simulated store has no tokens to write: every commit applies
+                self._carry_out(self.core.on_committed(cmd, CommitOutcome.APPLIED, now), now)
+            elif kind is Completed:
+                self.finished += [FinishedRecord(r, r.true_len) for r in cmd.requests]
+                if self._finished_ids is not None:
+                    self._finished_ids.update(r.id for r in cmd.requests)
+            elif kind is Finish:
+                if cmd.status == "error":
+                    self.rejected.append(cmd.request_id)
+                elif self._finished_ids is None or cmd.request_id not in self._finished_ids:
+                    self.cancelled.append(cmd.request_id)
+            elif kind is ForgetReplica:
+                self.dead.add(cmd.replica_id)
+
+    def _post(self, cmd: Post, now: float) -> None:
+        replica = self.replicas[cmd.replica_id]
+        order = cmd.message
+        if type(order) is not BatchOrder:  # a release
+            if self.continuous:
+                for rid in order.request_ids:
+                    replica.release(rid)
+                for rid, lease in order.close.items():  # a cancelled row: the replica reports its lease closed
+                    self._apply(SliceResult(lease, replica.id, [RequestOutcome(rid, 0, FinishReason.ABORTED)], 0.0),
+                                now)
+            return
+        if not order.continues:
+            self._batches += 1
+            self._rows += len(order.request_ids)
+        replica.submit(cmd.batch)
+        if replica.id in self.dead:
+            return  # killed: it takes the order and never runs it (the loss returns it to the pool)
+        if order.continues:  # a renewed lease may be due at once (the row decoded past it meanwhile)
+            for result in replica.due():
+                self._apply(result, now)
+        self._kick(replica, now)
 
     def _arrive(self, r: SimRequest, now: float) -> None:
         req = SimulatedRequest(r.id, r.prompt_len, self.config.max_gen_len, r.arrival, predicted_len=r.predicted_len)
         req.true_len = r.output_len
-        try:
-            self.scheduler.add_request(req, now)
-        except ValueError:
-            self.rejected.append(r.id)
+        self._carry_out(self.core.on_arrival(req, now), now)
 
     def _handle(self, kind: int, payload, now: float) -> None:
         if kind == _TICK:
             self._tick_pending = False
         elif kind == _DONE:
             replica, result = payload
+            if replica.id in self.dead:
+                return
             replica.finish_running()
             self._apply(result, now)
             self._kick(replica, now)
-        else:
+        elif kind == _SEGMENT:
             replica = self.replicas[payload]
+            if replica.id in self.dead:
+                return
             for result in replica.leave():
                 self._apply(result, now)
             self._kick(replica, now)
+        elif kind == _FAULT:
+            self._fault(payload, now)
+        else:  # _LOST: the dead replica's heartbeat has expired
+            self._carry_out(self.core.on_replica_lost(payload, now), now)
+
+    def _fault(self, fault: SimFault, now: float) -> None:
+        if fault.kind == "cancel":
+            self._carry_out(self.core.on_cancel(fault.target), now)
+        elif fault.target not in self.dead:
+            self.dead.add(fault.target)  # it stops now; what it was running never reports
+            self._push(now + LOSS_DETECTED_AFTER, _LOST, fault.target)
 
     def _kick(self, replica, now: float) -> None:
         """Start work on an idle replica."""
@@ -173,8 +254,7 @@ class Simulation:
                 self._push(end, _SEGMENT, replica.id)
 
     def _apply(self, result: SliceResult, now: float) -> None:
-        for req in self.scheduler.on_slice_done(result, now):
-            self.finished.append(FinishedRecord(req, req.true_len))
+        self._carry_out(self.core.on_slice(result, 1, now), now)
 
     def _report(self, wall: float) -> RunReport:
         reqs = [f.request for f in self.finished]
@@ -202,7 +282,9 @@ class Simulation:
             busy=[r.busy_time for r in self.replicas.values()],
             early_returns=early,
             slices=sum(r.slices for r in reqs),
-            extra={"wall_seconds": wall, "rejected": len(self.rejected),
+            extra={"wall_seconds": wall, "rejected": len(self.rejected), "cancelled": len(self.cancelled),
+                   "replicas_lost": self.core.counters["replicas_lost"],
+                   "requests_requeued": self.core.counters["requests_requeued"],
                    "schedule_sha256": schedule_fingerprint((r.id, r.finished_at) for r in reqs),
                    "kv_reused_rows": sum(getattr(r, "kv_reused_rows", 0) for r in self.replicas.values())},
         )
@@ -211,6 +293,8 @@ class Simulation:
 def simulate(config: SchedulerConfig, latency: BilinearLatencyModel, memory: MemoryEstimator,
              workload: list[SimRequest], replicas: int, progress: bool = False,
              kv_cache_tokens: int = DEFAULT_KV_CACHE_TOKENS,
-             dispatch_interval: float = DEFAULT_DISPATCH_INTERVAL) -> tuple[RunReport, Simulation]:
-    sim = Simulation(config, latency, memory, workload, replicas, progress, kv_cache_tokens, dispatch_interval)
+             dispatch_interval: float = DEFAULT_DISPATCH_INTERVAL,
+             faults: list[SimFault] = ()) -> tuple[RunReport, Simulation]:
+    sim = Simulation(config, latency, memory, workload, replicas, progress, kv_cache_tokens, dispatch_interval,
+                     faults)
     return sim.run(), sim

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cluster.config import SlicefleetConfig
-from cluster.dispatcher import DispatcherCore, build_estimators
+from cluster.dispatcher import DispatchLoop, build_estimators
 from cluster.messages import BatchOrder, Progress, RowReport, SliceReport, decode_result
 from cluster.redis_server import EmbeddedRedis
 from cluster.state import RequestRecord, StateStore
@@ -41,9 +41,9 @@ def reference():
     return generate
 
 
-def start(cfg: SlicefleetConfig, store: StateStore) -> DispatcherCore:
+def start(cfg: SlicefleetConfig, store: StateStore) -> DispatchLoop:
     latency, memory = build_estimators(cfg)
-    core = DispatcherCore(cfg, latency, memory, store)
+    core = DispatchLoop(cfg, latency, memory, store)
     core.start()
     return core
 
@@ -67,7 +67,7 @@ def test_a_dispatcher_restart_mid_load_loses_and_doubles_nothing(redis_url, refe
         for rid, ids in prompts.items():
             store.submit(RequestRecord(rid, ids, 48, time.time()))
         deadline = time.monotonic() + 60
-        while first.counters["tokens_generated"] == 0 and time.monotonic() < deadline:
+        while first.scheduler.stats.tokens_generated == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         first.stop()  # the old loop is gone mid-load, as if its process died
         second = start(cfg, store)
@@ -150,7 +150,7 @@ def test_a_batch_delivered_but_never_answered_is_run_when_the_worker_loop_starts
 
 
 def test_an_overdue_batch_is_placed_again(redis_url, monkeypatch):
-    import cluster.dispatcher as dispatcher_module
+    import cluster.dispatch_core as dispatcher_module
 
     monkeypatch.setattr(dispatcher_module, "BATCH_TIMEOUT_FACTOR", 0.0)
     monkeypatch.setattr(dispatcher_module, "BATCH_TIMEOUT_SLACK", 0.5)
@@ -188,7 +188,7 @@ def test_ils_streams_tokens_while_the_request_runs(redis_url, reference):
 
         streamed = [t for e in events for t in json.loads(e["tokens"])]
         assert streamed == store.generated("s") == reference([5, 6, 7], 40)
-        assert core.counters["tokens_generated"] == 40
+        assert core.scheduler.stats.tokens_generated == 40
     finally:
         core.stop()
         for w in workers:
@@ -277,9 +277,9 @@ def test_a_redis_outage_longer_than_the_heartbeat_loses_no_replica(tmp_path, ref
         for rid, ids in prompts.items():
             store.submit(RequestRecord(rid, ids, 64, time.time(), ignore_eos=True))
         deadline = time.monotonic() + 60
-        while core.counters["tokens_generated"] == 0 and time.monotonic() < deadline:
+        while core.scheduler.stats.tokens_generated == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert core.counters["tokens_generated"] > 0, "no progress before the outage"
+        assert core.scheduler.stats.tokens_generated > 0, "no progress before the outage"
         assert store.live_ids(), "nothing in flight when Redis went down"
         time.sleep(1.2)  # the AOF is fsynced every second
         os.kill(server.pid, signal.SIGKILL)
@@ -324,9 +324,9 @@ def test_two_dispatchers_on_one_redis_hand_over_every_request_exactly_once(redis
         for rid, ids in items[:6]:
             store.submit(RequestRecord(rid, ids, 40, time.time()))
         deadline = time.monotonic() + 60
-        while old.counters["tokens_generated"] == 0 and time.monotonic() < deadline:
+        while old.scheduler.stats.tokens_generated == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert old.counters["tokens_generated"] > 0 and store.live_ids(), "no load in flight at the handover"
+        assert old.scheduler.stats.tokens_generated > 0 and store.live_ids(), "no load in flight at the handover"
         new = start(cfg, store)  # the old one is NOT stopped
         for rid, ids in items[6:]:  # arrive while both run: either may read them first
             store.submit(RequestRecord(rid, ids, 40, time.time()))
@@ -406,22 +406,22 @@ def test_a_slice_result_read_just_before_a_redis_error_is_applied_once_redis_ans
     its pending entries once Redis answers instead of waiting for the batch's timeout."""
     import redis
 
-    from cluster import dispatcher as dispatcher_module
+    from cluster import dispatch_core as dispatcher_module
 
     monkeypatch.setattr(dispatcher_module, "BATCH_TIMEOUT_SLACK", 600.0)  # the timeout cannot rescue it
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": "scls", "slice_len": 8}})
     store = StateStore(redis_url)
     core = start(cfg, store)
     worker = SliceWorker(cfg.model_dump())
-    real_apply, failed = core._apply, []
+    real_commit, failed = core._commit, []
 
-    def apply_failing_once(msg, now):
-        if not failed and isinstance(msg, SliceReport):
-            failed.append(msg.batch_id)
+    def commit_failing_once(cmd):
+        if not failed:
+            failed.append(cmd.batch_id)
             raise redis.ConnectionError("connection reset (simulated outage)")
-        return real_apply(msg, now)
+        return real_commit(cmd)
 
-    monkeypatch.setattr(core, "_apply", apply_failing_once)
+    monkeypatch.setattr(core, "_commit", commit_failing_once)
     try:
         store.submit(RequestRecord("b", [5, 6, 7, 9], 24, time.time()))
         t0 = time.monotonic()

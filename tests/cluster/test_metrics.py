@@ -268,10 +268,10 @@ def redis_url():
 
 @pytest.mark.parametrize("mode", ["continuous_slices", "scls"])
 def test_a_real_dispatcher_snapshot(redis_url, mode):
-    """A DispatcherCore (real scheduler, real Redis; its loop not started, so the test drives it) places
+    """A DispatchLoop (real scheduler, real Redis; its loop not started, so the test drives it) places
     requests on a replica it was told about: queue time, running, KV reservation and every field declared."""
     from cluster.config import SlicefleetConfig
-    from cluster.dispatcher import DispatcherCore, build_estimators
+    from cluster.dispatcher import DispatchLoop, build_estimators
     from cluster.messages import RequestRecord
     from cluster.stores.admin import AdminStore
     from cluster.stores.dispatcher import DispatcherStore
@@ -280,7 +280,7 @@ def test_a_real_dispatcher_snapshot(redis_url, mode):
                                            "scheduler": {"mode": mode, "slice_len": 8}})
     store, admin = DispatcherStore(redis_url), AdminStore(redis_url)
     latency, memory = build_estimators(cfg)
-    core = DispatcherCore(cfg, latency, memory, store)
+    core = DispatchLoop(cfg, latency, memory, store)
     now = time.time()
     core.scheduler.add_replica("r0", now)
     rids = [f"q{i}" for i in range(3)]
@@ -305,7 +305,7 @@ def test_a_real_dispatcher_snapshot(redis_url, mode):
     assert v[("slicefleet:num_requests_running", (("model_name", cfg.model.name), ("replica", "r0")))] == 3
     assert v[("slicefleet:request_queue_time_seconds_count", (("model_name", cfg.model.name),))] == 3
     # Overdue batches send their requests back to the pool: each will be prefilled again, a preemption.
-    core._expire_batches(now + 10**6)
+    core.core.expire_overdue(now + 10**6)
     later = core.snapshot(now)
     assert later.requests_requeued == 3 and later.preemptions == 3 and later.batches_timed_out >= 1
     assert later.replicas["r0"].running_requests == 0 and later.replicas["r0"].kv_usage == 0
