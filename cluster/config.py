@@ -160,8 +160,8 @@ class RedisSettings(_Strict):
     def connection_kwargs(self) -> dict:
         """redis-py keyword arguments besides the URL: the password and, for rediss://, the TLS settings.
 
-        The one place configuration becomes connection options: every client (``StateStore``,
-        ``AsyncStateStore``, ``wait_for_redis``) is built from this."""
+        The one place configuration becomes connection options: every client (the stores of
+        :mod:`cluster.stores`, ``wait_for_redis``) is built from this."""
         kwargs: dict = {"password": self.password}
         if self.tls:
             for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):

@@ -11,9 +11,12 @@ import pytest
 
 from cluster.config import SlicefleetConfig
 from cluster.dispatcher import DispatchLoop, build_estimators
-from cluster.messages import BatchOrder, Progress, RowReport, SliceReport, decode_result
+from cluster.messages import BatchOrder, Progress, RowReport, SliceReport
 from cluster.redis_server import EmbeddedRedis
-from cluster.state import RequestRecord, StateStore
+from cluster.messages import ReplicaInfo, RequestRecord
+from cluster.stores.admin import AdminStore
+from cluster.stores.dispatcher import DispatcherStore
+from cluster.stores.worker import WorkerStore
 from cluster.worker_replica import SliceWorker
 
 
@@ -41,14 +44,15 @@ def reference():
     return generate
 
 
-def start(cfg: SlicefleetConfig, store: StateStore) -> DispatchLoop:
+def start(cfg: SlicefleetConfig, store: AdminStore) -> DispatchLoop:
+    """A dispatcher on ``store``'s Redis and key prefix (the test reads and submits through ``store``)."""
     latency, memory = build_estimators(cfg)
-    core = DispatchLoop(cfg, latency, memory, store)
+    core = DispatchLoop(cfg, latency, memory, DispatcherStore(store.url, store.k.p))
     core.start()
     return core
 
 
-def wait_until_done(store: StateStore, timeout: float = 120) -> None:
+def wait_until_done(store: AdminStore, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while store.live_ids():
         assert time.monotonic() < deadline, f"still live: {store.live_ids()}"
@@ -59,7 +63,7 @@ def wait_until_done(store: StateStore, timeout: float = 120) -> None:
 def test_a_dispatcher_restart_mid_load_loses_and_doubles_nothing(redis_url, reference, mode):
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url},
                                            "scheduler": {"mode": mode, "slice_len": 8}})
-    store = StateStore(redis_url)
+    store = AdminStore(redis_url)
     first = start(cfg, store)
     workers = [SliceWorker(cfg.model_dump()) for _ in range(2)]
     try:
@@ -90,7 +94,7 @@ def test_a_dispatcher_restart_mid_load_loses_and_doubles_nothing(redis_url, refe
 
 def test_cancelled_while_queued_is_closed_not_run(redis_url):
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": "scls", "slice_len": 4}})
-    store = StateStore(redis_url)
+    store = AdminStore(redis_url)
     core = start(cfg, store)
     try:
         store.submit(RequestRecord("gone", [5, 6, 7], 40, time.time()))
@@ -106,11 +110,11 @@ def test_cancelled_while_queued_is_closed_not_run(redis_url):
 
 def test_results_of_an_earlier_epoch_are_ignored(redis_url):
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}})
-    store = StateStore(redis_url)
+    store = AdminStore(redis_url)
     core = start(cfg, store)
     try:
         store.submit(RequestRecord("r", [5, 6, 7], 10, time.time()))
-        store.post_result(SliceReport("e0.b0", core.epoch - 1, "ghost", [RowReport("r", [1, 2, 3], "eos")],
+        WorkerStore(redis_url).post_result(SliceReport("e0.b0", core.epoch - 1, "ghost", [RowReport("r", [1, 2, 3], "eos")],
                                       elapsed=0.1))
         deadline = time.monotonic() + 10
         while core.counters["stale_results"] == 0 and time.monotonic() < deadline:
@@ -123,17 +127,18 @@ def test_results_of_an_earlier_epoch_are_ignored(redis_url):
 
 def test_a_batch_delivered_but_never_answered_is_run_when_the_worker_loop_starts(redis_url, reference):
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": "scls", "slice_len": 4}})
-    store = StateStore(redis_url)
+    store = AdminStore(redis_url)
     store.submit(RequestRecord("r", [5, 6, 7], 4, time.time()))
     # A worker that read its batch and died before answering: the entry is delivered, never acknowledged.
-    store.ensure_group(store.k.work("w"), "worker")
-    store.post_batch("w", BatchOrder("e0.b7", 0, 4, ["r"]))
-    assert store.read_work("w", "w", block_ms=None)
+    worker_store = WorkerStore(redis_url)
+    worker_store.register_replica(ReplicaInfo("w", 0, "hf"), ttl=60)
+    DispatcherStore(redis_url).post_batch("w", BatchOrder("e0.b7", 0, 4, ["r"]))
+    assert worker_store.read_work("w", block_ms=None)
     worker = SliceWorker(cfg.model_dump(), replica_id="w")  # the same replica, restarted
     try:
         deadline = time.monotonic() + 30
         def results():
-            return [decode_result(f[b"result"]) for _, f in store.r.xrange(store.k.results)]
+            return store.results()
 
         while not any(isinstance(m, SliceReport) for m in results()) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -144,7 +149,7 @@ def test_a_batch_delivered_but_never_answered_is_run_when_the_worker_loop_starts
         streamed = [t for m in results() if isinstance(m, Progress) for t in m.outputs[0].tokens]
         assert result.batch_id == "e0.b7" and result.outputs[0].total == 4
         assert streamed + result.outputs[0].tokens == reference([5, 6, 7], 4)
-        assert store.r.xpending(store.k.work("w"), "worker")["pending"] == 0
+        assert store.work_pending("w") == 0
     finally:
         worker._stop.set()
 
@@ -155,11 +160,9 @@ def test_an_overdue_batch_is_placed_again(redis_url, monkeypatch):
     monkeypatch.setattr(dispatcher_module, "BATCH_TIMEOUT_FACTOR", 0.0)
     monkeypatch.setattr(dispatcher_module, "BATCH_TIMEOUT_SLACK", 0.5)
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": "scls", "slice_len": 4}})
-    store = StateStore(redis_url)
+    store = AdminStore(redis_url)
     # A registered replica that beats but never answers (hung engine).
-    from cluster.state import ReplicaInfo
-
-    store.register_replica(ReplicaInfo("mute", 0, "hf"), ttl=60)
+    WorkerStore(redis_url).register_replica(ReplicaInfo("mute", 0, "hf"), ttl=60)
     core = start(cfg, store)
     try:
         store.submit(RequestRecord("r", [5, 6, 7], 8, time.time()))
@@ -175,18 +178,16 @@ def test_an_overdue_batch_is_placed_again(redis_url, monkeypatch):
 def test_ils_streams_tokens_while_the_request_runs(redis_url, reference):
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url},
                                            "scheduler": {"mode": "ils", "slice_len": 8}})
-    store = StateStore(redis_url)
+    store = AdminStore(redis_url)
     core = start(cfg, store)
     workers = [SliceWorker(cfg.model_dump())]
     try:
         store.submit(RequestRecord("s", [5, 6, 7], 40, time.time()))
         wait_until_done(store)
-        events = [fields for _, fields in store.read_output("s", "0", block_ms=100)]
+        events = [event for _, event in store.read_output("s", "0", block_ms=100)]
         # Published every 8 steps while running, then the rest with the finish: nothing lost or doubled.
-        assert len(events) >= 4 and "finish_reason" not in events[0]
-        import json
-
-        streamed = [t for e in events for t in json.loads(e["tokens"])]
+        assert len(events) >= 4 and events[0].finish_reason is None
+        streamed = [t for e in events for t in e.tokens]
         assert streamed == store.generated("s") == reference([5, 6, 7], 40)
         assert core.scheduler.stats.tokens_generated == 40
     finally:
@@ -198,12 +199,10 @@ def test_ils_streams_tokens_while_the_request_runs(redis_url, reference):
 def test_continuous_slices_stream_renew_in_place_and_move_to_a_new_replica(redis_url, reference):
     """Rows keep running across slice ends; a replica that joins mid-load takes rows at their slice ends; every
     token is streamed once, in order, and equals one unsliced generate."""
-    import json
-
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "engine": {"stream_every": 2},
                                            "scheduler": {"mode": "continuous_slices", "slice_len": 4,
                                                          "move_margin": 0.0}})
-    store = StateStore(redis_url)
+    store = AdminStore(redis_url)
     core = start(cfg, store)
     workers = [SliceWorker(cfg.model_dump())]
     prompts = {f"c{i}": [5 + i, 6, 7, 8 + i] for i in range(6)}
@@ -218,8 +217,8 @@ def test_continuous_slices_stream_renew_in_place_and_move_to_a_new_replica(redis
         assert core.counters["moves"] >= 1
         replicas_used = set()
         for rid, ids in prompts.items():
-            events = [f for _, f in store.read_output(rid, "0", block_ms=100)]
-            streamed = [t for e in events for t in json.loads(e["tokens"])]
+            events = [event for _, event in store.read_output(rid, "0", block_ms=100)]
+            streamed = [t for e in events for t in e.tokens]
             assert streamed == store.generated(rid) == reference(ids, 300), rid
             assert len(events) > 300 // 4  # streamed every 2 steps, not once per slice
             rec = store.record(rid)
@@ -236,7 +235,7 @@ def test_continuous_slices_stream_renew_in_place_and_move_to_a_new_replica(redis
 def test_a_cancelled_row_stops_decoding_at_once(redis_url, mode):
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url},
                                            "scheduler": {"mode": mode, "slice_len": 8}})
-    store = StateStore(redis_url)
+    store = AdminStore(redis_url)
     core = start(cfg, store)
     worker = SliceWorker(cfg.model_dump())
     try:
@@ -269,7 +268,7 @@ def test_a_redis_outage_longer_than_the_heartbeat_loses_no_replica(tmp_path, ref
     server = EmbeddedRedis(data_dir=tmp_path / "redis").start()
     cfg = SlicefleetConfig.model_validate({"redis": {"url": server.url},
                                            "scheduler": {"mode": mode, "slice_len": 8}})
-    store = StateStore(server.url)
+    store = AdminStore(server.url)
     core = start(cfg, store)
     worker = SliceWorker(cfg.model_dump())
     try:
@@ -297,13 +296,11 @@ def test_a_redis_outage_longer_than_the_heartbeat_loses_no_replica(tmp_path, ref
 
 
 def test_a_forgotten_replica_registers_again(redis_url):
-    store = StateStore(redis_url)
-    from cluster.state import ReplicaInfo
-
-    store.register_replica(ReplicaInfo("w", 1, "hf", "h", time.time(), 1.0), ttl=5)
-    assert store.heartbeat("w", 5, busy_seconds=1.0) is True
-    store.forget_replica("w")
-    assert store.heartbeat("w", 5, busy_seconds=2.0) is False
+    store, worker = AdminStore(redis_url), WorkerStore(redis_url)
+    worker.register_replica(ReplicaInfo("w", 1, "hf", "h", time.time(), 1.0), ttl=5)
+    assert worker.heartbeat("w", 5, busy_seconds=1.0) is True
+    DispatcherStore(redis_url).forget_replica("w")
+    assert worker.heartbeat("w", 5, busy_seconds=2.0) is False
     assert store.replica_info("w") is None  # a beat alone does not recreate half a record
 
 
@@ -314,7 +311,7 @@ def test_two_dispatchers_on_one_redis_hand_over_every_request_exactly_once(redis
     during and after the handover all complete once, token for token."""
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url},
                                            "scheduler": {"mode": mode, "slice_len": 8}})
-    store = StateStore(redis_url)
+    store = AdminStore(redis_url)
     old = start(cfg, store)
     workers = [SliceWorker(cfg.model_dump()) for _ in range(2)]
     new = None
@@ -339,7 +336,7 @@ def test_two_dispatchers_on_one_redis_hand_over_every_request_exactly_once(redis
         for rid, ids in prompts.items():
             assert store.generated(rid) == reference(ids, 40), rid
             assert store.record(rid).finish_reason == "length"
-        assert store.metrics_snapshot()["epoch"] == new.epoch  # only the new one publishes
+        assert store.metrics_snapshot().epoch == new.epoch  # only the new one publishes
     finally:
         for w in workers:
             w._stop.set()
@@ -354,7 +351,7 @@ def test_a_replica_reports_whether_it_keeps_kv_and_splits_its_budget_accordingly
     budget = 64 * 2**20
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": mode},
                                            "engine": {"kv_reuse": kv_reuse, "kv_budget_bytes": budget}})
-    store = StateStore(redis_url)
+    store = AdminStore(redis_url)
     worker = SliceWorker(cfg.model_dump(), replica_id="w")
     core = start(cfg, store)
     try:
@@ -378,7 +375,7 @@ def test_an_announcement_read_just_before_a_redis_error_is_not_lost(redis_url, r
     import redis
 
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": "scls", "slice_len": 8}})
-    store = StateStore(redis_url)
+    store = AdminStore(redis_url)
     core = start(cfg, store)
     worker = SliceWorker(cfg.model_dump())
     real_records, failed = core.store.records, []
@@ -410,7 +407,7 @@ def test_a_slice_result_read_just_before_a_redis_error_is_applied_once_redis_ans
 
     monkeypatch.setattr(dispatcher_module, "BATCH_TIMEOUT_SLACK", 600.0)  # the timeout cannot rescue it
     cfg = SlicefleetConfig.model_validate({"redis": {"url": redis_url}, "scheduler": {"mode": "scls", "slice_len": 8}})
-    store = StateStore(redis_url)
+    store = AdminStore(redis_url)
     core = start(cfg, store)
     worker = SliceWorker(cfg.model_dump())
     real_commit, failed = core._commit, []

@@ -83,9 +83,9 @@ def reference():
 
 @pytest.fixture(scope="module")
 def store(cluster):
-    from cluster.state import StateStore
+    from cluster.stores.admin import AdminStore
 
-    return StateStore(cluster.cfg.redis.url, cluster.cfg.redis.key_prefix)
+    return AdminStore(cluster.cfg.redis.url, cluster.cfg.redis.key_prefix)
 
 
 PROMPTS = [
@@ -206,10 +206,7 @@ def serve_actor(kind: str):
 def in_flight(store) -> list[str]:
     """Requests accepted (in Redis's live set) that already have tokens and have not finished."""
     live = store.live_ids()
-    pipe = store.r.pipeline(transaction=False)
-    for rid in live:
-        pipe.llen(store.k.gen(rid))
-    return [rid for rid, n in zip(live, pipe.execute()) if n > 0]
+    return [rid for rid, (_, generated) in zip(live, store.records(live)) if generated]
 
 
 def run_load_and(cluster, store, reference, action, n=12, max_tokens=64, progress_timeout=60):
@@ -240,8 +237,8 @@ def worker_with_rows(store, timeout=30.0):
     """(replica id, pid) of a worker the dispatcher has rows running on (it registered its own pid)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        running = {rid: info.get("running_requests", 0)
-                   for rid, info in (store.metrics_snapshot().get("replicas") or {}).items()}
+        snap = store.metrics_snapshot()
+        running = {rid: r.running_requests for rid, r in snap.replicas.items()} if snap else {}
         alive, _ = store.replicas_alive()
         busy = [rid for rid in alive if running.get(rid, 0) > 0]
         if busy:
@@ -260,7 +257,7 @@ def actor_pid(handle) -> int:
 def kill_a_worker_mid_slice(cluster, store, reference):
     """SIGKILL a worker replica that has rows running: every output is still exact, and the replica is seen
     as lost."""
-    before = store.metrics_snapshot().get("replicas_lost", 0)
+    before = store.metrics_snapshot().replicas_lost
     victims = []
 
     def kill():
@@ -270,9 +267,9 @@ def kill_a_worker_mid_slice(cluster, store, reference):
 
     run_load_and(cluster, store, reference, kill)
     deadline = time.monotonic() + 30
-    while store.metrics_snapshot().get("replicas_lost", 0) <= before and time.monotonic() < deadline:
+    while store.metrics_snapshot().replicas_lost <= before and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert store.metrics_snapshot()["replicas_lost"] > before
+    assert store.metrics_snapshot().replicas_lost > before
     assert victims[0] not in store.replicas_alive()[0]
     cluster.wait_healthy(300)  # Serve replaces the replica
 

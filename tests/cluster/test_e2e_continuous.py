@@ -53,9 +53,9 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def store(cluster):
-    from cluster.state import StateStore
+    from cluster.stores.admin import AdminStore
 
-    return StateStore(cluster.cfg.redis.url, cluster.cfg.redis.key_prefix)
+    return AdminStore(cluster.cfg.redis.url, cluster.cfg.redis.key_prefix)
 
 
 def test_concurrent_requests_match_generate_and_keep_their_rows(cluster, store, reference):

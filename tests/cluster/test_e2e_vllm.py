@@ -73,9 +73,9 @@ def cluster(tmp_path_factory, vllm_peer):
 
 @pytest.fixture(scope="module")
 def store(cluster):
-    from cluster.state import StateStore
+    from cluster.stores.admin import AdminStore
 
-    return StateStore(cluster.cfg.redis.url, cluster.cfg.redis.key_prefix)
+    return AdminStore(cluster.cfg.redis.url, cluster.cfg.redis.key_prefix)
 
 
 def _check(store, vllm_reference, jobs, responses):
@@ -93,26 +93,26 @@ def test_vllm_replicas_match_an_unsliced_vllm_run(cluster, store, vllm_reference
     _check(store, vllm_reference, jobs, responses)
     slices = [store.record(r.json()["id"].split("-", 1)[1]).slices for r in responses]
     assert max(slices) > 1  # long requests really ran several slices (leases) on their engine
-    assert store.metrics_snapshot().get("mode") == "continuous_slices"
+    assert store.metrics_snapshot().mode == "continuous_slices"
 
 
 def test_a_killed_vllm_worker_loses_nothing(cluster, store, vllm_reference):
     import ray
 
     jobs = [(PROMPTS[i % len(PROMPTS)] + "." * (i // len(PROMPTS)), 64 - (i % 4) * 8) for i in range(10)]
-    before = store.metrics_snapshot().get("replicas_lost", 0)
+    before = store.metrics_snapshot().replicas_lost
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
         futures = [pool.submit(complete, cluster, *j) for j in jobs]
         deadline = time.monotonic() + 60
-        while store.metrics_snapshot().get("tokens_generated", 0) == 0 and time.monotonic() < deadline:
+        while store.metrics_snapshot().tokens_generated == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         ray.kill(serve_actor("SliceWorker"), no_restart=True)
         responses = [f.result() for f in futures]
     _check(store, vllm_reference, jobs, responses)
     deadline = time.monotonic() + 30
-    while store.metrics_snapshot().get("replicas_lost", 0) <= before and time.monotonic() < deadline:
+    while store.metrics_snapshot().replicas_lost <= before and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert store.metrics_snapshot()["replicas_lost"] > before
+    assert store.metrics_snapshot().replicas_lost > before
 
 
 # ---- the official openai client, against Slicefleet and against a vLLM server of the same model ----------

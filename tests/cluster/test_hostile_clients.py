@@ -73,9 +73,9 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def store(cluster):
-    from cluster.state import StateStore
+    from cluster.stores.admin import AdminStore
 
-    return StateStore(cluster.cfg.redis.url, cluster.cfg.redis.key_prefix)
+    return AdminStore(cluster.cfg.redis.url, cluster.cfg.redis.key_prefix)
 
 
 def _port(cluster) -> int:
@@ -99,13 +99,13 @@ def ingress_inflight(cluster) -> float:
 def waiting_readers(store) -> int:
     """Redis connections blocked in XREAD: the ingress's waits for output, one pooled connection each (the
     dispatcher and the replicas read with XREADGROUP)."""
-    return sum(1 for c in store.r.client_list() if c.get("cmd") == "xread" and "b" in c.get("flags", ""))
+    return store.blocked_output_readers()
 
 
 def engine(store) -> dict:
     snap = store.metrics_snapshot()
-    return {"running": snap.get("running"), "pool_depth": snap.get("pool_depth"),
-            "busy_seconds": round(sum(r.get("busy_seconds", 0.0) for r in snap.get("replicas", {}).values()), 3)}
+    return {"running": snap.running, "pool_depth": snap.pool_depth,
+            "busy_seconds": round(sum(r.busy_seconds for r in snap.replicas.values()), 3)}
 
 
 def normal_request(cluster) -> int:
@@ -150,7 +150,7 @@ def test_vanishing_clients_are_cancelled_and_free_everything(cluster, store):
             httpx.post(cluster.url + "/v1/completions", json=body, timeout=httpx.Timeout(WAIT, read=2.0))
 
     before = set(store.live_ids())
-    log_before = store.r.llen(store.k.slice_log)
+    log_before = len(store.slice_log())
     threads = ([threading.Thread(target=stream_and_vanish, args=(i,)) for i in range(20)]
                + [threading.Thread(target=wait_and_give_up, args=(i,)) for i in range(4)])
     for t in threads:
@@ -293,13 +293,13 @@ def _send_big_body(cluster, chunked: bool, size: int = 50 * MB) -> dict:
 def test_a_50_mb_body_gets_413_without_being_read(cluster, store, chunked):
     proxy = proxy_process(cluster)
     rss_before = proxy.memory_info().rss
-    incoming = store.r.xlen(store.k.incoming)
+    incoming = store.stream_added("incoming")
     got = _send_big_body(cluster, chunked)
     rss_after = proxy.memory_info().rss
     assert got["status"] == 413
     assert got["error_body"]["error"]["code"] == "request_too_large"
     assert "api.max_request_bytes" in got["error_body"]["error"]["message"]
-    assert store.r.xlen(store.k.incoming) == incoming
+    assert store.stream_added("incoming") == incoming
     normal_request(cluster)
     how = "chunked" if chunked else "with Content-Length"
     print(f"\n50 MB body {how}: 413 after {got['seconds']:.2f} s with {got['sent_at_reply'] / MB:.1f} MiB sent; "
@@ -340,10 +340,10 @@ BODIES = [
 
 @pytest.mark.parametrize("name,body,headers,status,code", BODIES, ids=[b[0] for b in BODIES])
 def test_hostile_bodies_through_the_proxy(cluster, store, name, body, headers, status, code):
-    incoming = store.r.xlen(store.k.incoming)
+    incoming = store.stream_added("incoming")
     r = httpx.post(cluster.url + "/v1/completions", content=body, headers=headers, timeout=WAIT)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["message"], err
-    assert store.r.xlen(store.k.incoming) == incoming  # refused before it became a request
+    assert store.stream_added("incoming") == incoming  # refused before it became a request
     CASES[name] = f"{status} `{code}`" + (f" (param `{err['param']}`)" if err["param"] else "")

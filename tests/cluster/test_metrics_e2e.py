@@ -36,9 +36,9 @@ def cluster(tmp_path_factory):
 def after_one_request(cluster):
     """(usage the client got, chunks it got, the /metrics text, the dispatcher snapshot) after one streamed
     chat request."""
-    from cluster.state import StateStore
+    from cluster.stores.admin import AdminStore
 
-    store = StateStore(cluster.cfg.redis.url, cluster.cfg.redis.key_prefix)
+    store = AdminStore(cluster.cfg.redis.url, cluster.cfg.redis.key_prefix)
     usage, chunks, finish = None, 0, None
     with httpx.stream("POST", f"{cluster.url}/v1/chat/completions", timeout=300,
                       json={"model": MODEL, "messages": [{"role": "user", "content": "Count the sheep."}],
@@ -57,7 +57,8 @@ def after_one_request(cluster):
     assert usage and usage["completion_tokens"] == MAX_TOKENS and finish == "length", (usage, finish)
     # The dispatcher republishes its snapshot every second: wait for the one that has placed the request.
     deadline = time.monotonic() + 30
-    while store.metrics_snapshot().get("requests_finished", 0) < 1 and time.monotonic() < deadline:
+    while (store.metrics_snapshot() is None or store.metrics_snapshot().requests_finished < 1) \
+            and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(1.5)
     text = httpx.get(f"{cluster.url}/metrics", timeout=30).text
@@ -127,7 +128,7 @@ def test_the_serving_series_agree_with_what_the_client_saw(after_one_request, cl
     # The dispatcher's side: one request queued once, placed on the one replica, finished, nothing preempted.
     assert _value(text, "slicefleet:request_queue_time_seconds_count", **m) == 1
     assert 0 <= _value(text, "slicefleet:request_queue_time_seconds_sum", **m) < ttft
-    replicas = sorted(snap["replicas"])
+    replicas = sorted(snap.replicas)
     assert len(replicas) == 1
     running = [s for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == "slicefleet:num_requests_running"]
@@ -140,14 +141,13 @@ def test_the_serving_series_agree_with_what_the_client_saw(after_one_request, cl
     assert _value(text, "slicefleet_ingress_finished_total", endpoint="chat_completions", outcome="length") == 1
 
 
-def test_the_live_snapshot_has_no_undeclared_field(after_one_request):
-    from cluster.metrics import SERIES, SNAPSHOT_INTERNAL
+def test_the_live_snapshot_reads_back_as_the_typed_snapshot(after_one_request):
+    """What the live dispatcher published decodes as this code's snapshot, with the replica that ran."""
+    from cluster.messages import MetricsSnapshot
 
-    _, _, _, snap = after_one_request
-    keys = {s.key for s in SERIES if s.key}
-    assert set(snap) - SNAPSHOT_INTERNAL <= keys, set(snap) - SNAPSHOT_INTERNAL - keys
-    for info in snap["replicas"].values():
-        assert set(info) <= keys, set(info) - keys
+    usage, _, _, snap = after_one_request
+    assert isinstance(snap, MetricsSnapshot) and snap.mode == "continuous_slices" and not snap.fenced
+    assert snap.tokens_generated == usage["completion_tokens"] and len(snap.replicas) == 1
 
 
 def test_the_dashboard_queries_only_what_the_app_exports(after_one_request):

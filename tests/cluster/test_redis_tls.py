@@ -27,7 +27,10 @@ from pydantic import ValidationError
 
 from cluster.config import RedisSettings, load_config
 from cluster.redis_server import free_loopback_port, safe_url, url_without_password
-from cluster.state import RequestRecord, StateStore, wait_for_redis
+from cluster.messages import RequestRecord
+from cluster.stores.admin import AdminStore
+from cluster.stores.base import wait_for_redis
+from cluster.stores.dispatcher import DispatcherStore
 
 PASSWORD = "tls-test-password-8c1f"
 DEPLOY_DOC = Path(__file__).resolve().parents[2] / "docs" / "deploy.md"
@@ -73,7 +76,7 @@ def test_the_password_setting_wins_over_the_urls():
     # redis-py lets a URL's password win over its password= argument; the setting is documented to override it.
     cfg = load_config(None, {"redis.url": "rediss://user:from-url@h:1/0", "redis.password": "from-secret"})
     assert cfg.redis.url == "rediss://user@h:1/0" and cfg.redis.connection_kwargs()["password"] == "from-secret"
-    pool = StateStore.connect(cfg.redis).r.connection_pool  # builds the client; connects on first use only
+    pool = AdminStore.connect(cfg.redis)._r.connection_pool  # builds the client; connects on first use only
     assert pool.connection_kwargs["password"] == "from-secret" and pool.connection_kwargs["username"] == "user"
     assert load_config(None, {"redis.url": "redis://:only-url@h:1/0"}).redis.url == "redis://:only-url@h:1/0"
 
@@ -283,17 +286,17 @@ def _record(rid: str, prompt_ids: list[int]) -> RequestRecord:
 
 def test_both_stores_round_trip_over_tls_with_a_password_and_a_client_certificate(tls_redis):
     settings = tls_redis.settings(key_prefix="tls")
-    sync = StateStore.connect(settings)
-    assert sync.r.config_get("port") == {"port": "0"}  # the server has no plain listener: this was TLS
+    sync, dispatcher = AdminStore.connect(settings), DispatcherStore.connect(settings)
+    assert sync.ping()  # the server has no plain listener (port 0): this was TLS
     sync.submit(_record("sync-1", [1, 2, 3]))
 
     async def from_the_ingress_side():
-        from cluster.ingress_store import AsyncStateStore
+        from cluster.stores.ingress import IngressStore
 
-        store = AsyncStateStore.connect(settings)
+        store = IngressStore.connect(settings)
         try:
             await store.submit(_record("async-1", [4, 5]))
-            sync.finish("async-1", "stop")  # a dispatcher-side write the ingress then reads
+            dispatcher.finish("async-1", "stop")  # a dispatcher-side write the ingress then reads
             return await store.read_output("async-1", block_ms=2000)
         finally:
             await store.close()
@@ -301,8 +304,8 @@ def test_both_stores_round_trip_over_tls_with_a_password_and_a_client_certificat
     events = asyncio.run(from_the_ingress_side())
     assert sync.record("sync-1").prompt_ids == [1, 2, 3]
     assert sync.record("async-1").prompt_ids == [4, 5] and sync.record("async-1").status == "done"
-    assert [fields["finish_reason"] for _, fields in events] == ["stop"]
-    assert sync.r.xlen(sync.k.incoming) == 2 and sorted(sync.live_ids()) == ["sync-1"]
+    assert [event.finish_reason for _, event in events] == ["stop"]
+    assert sync.request_ids("incoming") == ["sync-1", "async-1"] and sorted(sync.live_ids()) == ["sync-1"]
 
 
 def test_a_plain_connection_to_the_tls_port_is_refused_with_a_hint(tls_redis):
@@ -311,7 +314,7 @@ def test_a_plain_connection_to_the_tls_port_is_refused_with_a_hint(tls_redis):
     with pytest.raises(redis.ConnectionError, match="only speaks TLS drops plain connections"):
         wait_for_redis(plain.url, **plain.connection_kwargs(), timeout=1)
     with pytest.raises(redis.ConnectionError):
-        StateStore.connect(plain).submit(_record("never", [1]))
+        AdminStore.connect(plain).submit(_record("never", [1]))
 
 
 def test_an_untrusted_server_certificate_is_refused_at_once(tls_redis):
@@ -319,15 +322,15 @@ def test_an_untrusted_server_certificate_is_refused_at_once(tls_redis):
     with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED.*redis.tls_ca_file must be the CA"):
         wait_for_redis(other.url, **other.connection_kwargs(), timeout=60)  # fails at once: waiting cannot help
     with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
-        StateStore.connect(other).ping()
+        AdminStore.connect(other).ping()
 
 
 def test_host_name_checking_is_on_unless_turned_off(tls_redis):
     # The certificate names 127.0.0.1 only.
     by_name = tls_redis.settings(url=f"rediss://localhost:{tls_redis.port}/0")
     with pytest.raises(redis.ConnectionError, match="(?i)mismatch|not valid for 'localhost'"):
-        StateStore.connect(by_name).ping()
-    assert StateStore.connect(tls_redis.settings(url=by_name.url, tls_check_hostname=False)).ping()
+        AdminStore.connect(by_name).ping()
+    assert AdminStore.connect(tls_redis.settings(url=by_name.url, tls_check_hostname=False)).ping()
 
 
 def test_no_client_certificate_or_a_wrong_password_is_refused(tls_redis):
@@ -353,7 +356,7 @@ def test_a_local_cluster_serves_a_request_with_its_state_over_tls(tls_redis):
         resp = httpx.post(f"{cluster.url}/v1/completions", timeout=300,
                           json={"model": cfg.model.name, "prompt": "Over TLS,", "max_tokens": 12})
         assert resp.status_code == 200, resp.text
-        store = StateStore.connect(settings)
+        store = AdminStore.connect(settings)
         rid = resp.json()["id"].split("-", 1)[1]
         rec = store.record(rid)
         assert rec.status == "done" and len(store.generated(rid)) == resp.json()["usage"]["completion_tokens"]
