@@ -1,11 +1,14 @@
-"""Drive requests through slice engines the way the dispatcher does: slice by slice, re-batched each time."""
+"""Drive requests through slice engines with the real dispatch core: slice by slice, re-batched each time."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
 
-from balancer.types import FinishReason
+from balancer.config import SchedulerConfig
+from balancer.estimators import BilinearLatencyModel, LinearKVMemory
+from balancer.types import FinishReason, Mode, Request, RequestOutcome, SliceResult
+from cluster.dispatch_core import CommitOutcome, DispatchCore
 from worker.protocol import EngineSliceResult, SamplingParams, SliceItem
 
 
@@ -37,23 +40,32 @@ class Req:
 
 
 def run_sliced(engines, reqs: list[Req], slice_len: int | None, seed: int = 0) -> list[EngineSliceResult]:
-    """Serve ``reqs`` in slices of ``slice_len`` tokens until all finish.
+    """Serve ``reqs`` through the real dispatch core until all finish: in slices of ``slice_len`` tokens (SCLS),
+    or to completion in static batches (SLS) when ``slice_len`` is None.
 
-    Every round the unfinished requests are shuffled and cut into one or two batches, each run on an
-    engine picked at random, so a request's slices land on different engines and next to different
-    neighbours, as in the cluster. Checks the slice contract on every output.
+    The core forms the batches and places them on as many logical replicas as there are engines; each batch
+    then runs on an engine picked at random, so a request's slices land on different engines and next to
+    different neighbours, as in the cluster. Checks the slice contract on every output.
     """
     rng = random.Random(seed)
+    config = SchedulerConfig(mode=Mode.SLS if slice_len is None else Mode.SCLS, slice_len=slice_len or 64,
+                             max_gen_len=max(r.budget for r in reqs), max_batch_size=4, sls_batch_size=3,
+                             kv_reuse=False)
+    core = DispatchCore(config, _LATENCY, LinearKVMemory(bytes_per_token=1.0, budget_bytes=1e12))
+    core.start(epoch=1)
+    for i in range(max(len(engines), 2)):
+        core.on_replica_joined(f"replica-{i}", 0.0)
+    by_id = {r.rid: r for r in reqs}
+    for r in reqs:
+        assert core.on_arrival(Request(r.rid, len(r.prompt), r.budget, 0.0), 0.0) == []
     results = []
-    for _ in range(10_000):
-        todo = [r for r in reqs if r.reason is None]
-        if not todo:
+    for now in range(1, 10_000):
+        if all(r.reason is not None for r in reqs):
+            assert not core.held()
             return results
-        rng.shuffle(todo)
-        cut = rng.randint(1, len(todo)) if len(todo) > 1 and rng.random() < 0.5 else len(todo)
-        for group in (todo[:cut], todo[cut:]):
-            if not group:
-                continue
+        for post in core.tick(float(now)):
+            order = post.message
+            group = [by_id[rid] for rid in order.request_ids]
             res = rng.choice(engines).run_slice([r.item() for r in group], slice_len)
             results.append(res)
             assert [o.request_id for o in res.outputs] == [r.rid for r in group]
@@ -67,7 +79,14 @@ def run_sliced(engines, reqs: list[Req], slice_len: int | None, seed: int = 0) -
                 if out.finish_reason.is_final:
                     r.reason = out.finish_reason
                 assert len(r.generated) <= r.budget
+            outcomes = [RequestOutcome(o.request_id, len(o.new_token_ids), o.finish_reason) for o in res.outputs]
+            for commit in core.on_slice(SliceResult(order.batch_id, post.replica_id, outcomes, 0.01), 1, now):
+                core.on_committed(commit, CommitOutcome.APPLIED, now)
     raise AssertionError("requests never finished")
+
+
+_LATENCY = BilinearLatencyModel(a=2e-6, b=1e-4, c=3e-6, d=5e-3, e=4e-8, f=2e-5, g=1e-7, h=3e-3)
+"""Any plausible latency model: here it only steers how the core groups and places the batches."""
 
 
 def vllm_python_or_skip():
