@@ -140,6 +140,9 @@ async def send(client, url: str, model: str, req: FaultRequest, t0: float, out: 
                 out.error = (await resp.aread()).decode(errors="replace")[:300]
                 return
             out.accepted = True
+            # Known before any token: a client cut off later can still find its request in Redis. Serve's proxy
+            # appends its own X-Request-ID after the app's, so the ingress's comes first.
+            out.rid = (resp.headers.get_list("x-request-id") or [""])[0].strip()
             finished = False
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
@@ -219,7 +222,7 @@ class Cluster:
     """``slicefleet serve`` in a child process, and what the faults need to find inside it."""
 
     def __init__(self, workdir: Path, mode: str, replicas: int, slice_len: int, max_gen_len: int,
-                 external_redis: bool, log_path: Path, extra: dict | None = None):
+                 external_redis: bool, log_path: Path, extra: dict | None = None, redis_url: str | None = None):
         from cluster.redis_server import EmbeddedRedis, free_loopback_port
 
         self.workdir, self.mode, self.replicas = workdir, mode, replicas
@@ -231,15 +234,16 @@ class Cluster:
                "replicas": {"num_replicas": replicas}}
         for section, values in (extra or {}).items():  # further settings, e.g. api.max_backlog_seconds
             cfg.setdefault(section, {}).update(values)
-        if self.own_redis is not None:
-            cfg["redis"] = {"url": self.own_redis.url}
+        # ``redis_url``: a Redis someone else owns (the upgrade harness's, shared by two clusters).
+        if self.own_redis is not None or redis_url:
+            cfg["redis"] = {"url": redis_url or self.own_redis.url}
         self.config_path = workdir / "cluster.yaml"
         import yaml
 
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
-        self.redis_url: str | None = self.own_redis.url if self.own_redis else None
+        self.redis_url: str | None = redis_url or (self.own_redis.url if self.own_redis else None)
         self.prefix = "sf"
         self._store = None
         self.code_dir: Path | None = None

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "faults": ("bench.faults", "kill a worker, the dispatcher or Redis under seeded load and compare with a clean run"),
     "overload": ("bench.overload", ("measure capacity, then 3x it for a minute: 429s with Retry-After, latency of the "
                                     "admitted, peak RSS per process, time back to normal")),
+    "upgrade": ("bench.upgrade", ("a NewCluster upgrade on one Redis under load: a second cluster takes over, the "
+                                  "first is deleted mid-run; requests lost and duplicated, handover time")),
     "soak": ("bench.soak", ("steady load at a share of capacity for 30 min with a worker killed every 5 min: memory per "
                             "process, Redis memory and keys, requests lost, over time")),
 }
