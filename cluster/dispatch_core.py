@@ -216,7 +216,7 @@ class DispatchCore:
         self._arrivals.pop(request_id, None)
         out: list[Command] = []
         if s.abort(request_id):
-            log.info("cancelled %s", request_id)
+            log.debug("cancelled %s", request_id)
             if replica_id is not None and self.continuous:
                 # The row stops decoding now; the replica closes its lease so the scheduler frees the row.
                 out.append(Post(replica_id, Release([request_id], self.epoch, {request_id: batch_id})))

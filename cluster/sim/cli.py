@@ -55,6 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "predictor never saw (auto: heldout with --predictor trained, else all)")
     p.add_argument("--dispatch-interval", type=float, default=0.05,
                    help="seconds between scheduling rounds, as the live dispatcher's loop (default 0.05)")
+    p.add_argument("--kill", action="append", default=[], metavar="REPLICA@SECONDS",
+                   help="kill a replica at a virtual time, e.g. sim-3@120 (repeatable): it stops reporting, is "
+                        "presumed lost when its heartbeat would expire, and what it ran continues elsewhere")
+    p.add_argument("--cancel-fraction", type=float, default=0.0,
+                   help="cancel this seeded fraction of the requests, --cancel-after seconds after each arrives, "
+                        "as clients that go away (default: 0)")
+    p.add_argument("--cancel-after", type=float, default=1.0,
+                   help="seconds after arrival at which --cancel-fraction cancels (default: 1)")
     p.add_argument("--json", dest="json_out", default=None,
                    help="write the reports to this JSON file (default: print the table only)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -72,6 +80,33 @@ def predicted_lengths(kind: str, sample, pairs) -> list[float]:
 
     model = load_length_predictor()
     return list(model.predict([s.prompt for s in sample], [s.prompt_len for s in sample]))
+
+
+def parse_faults(args, workload) -> list:
+    """The ``--kill`` and ``--cancel-fraction`` faults, as :class:`cluster.sim.simulator.SimFault`."""
+    import random
+
+    from cluster.sim.simulator import SimFault
+
+    faults = []
+    for spec in args.kill:
+        replica, sep, at = spec.rpartition("@")
+        try:
+            faults.append(SimFault(float(at), "kill", replica))
+        except ValueError:
+            raise SystemExit(f"--kill {spec!r}: expected REPLICA@SECONDS, e.g. sim-3@120") from None
+        if not sep:
+            raise SystemExit(f"--kill {spec!r}: expected REPLICA@SECONDS, e.g. sim-3@120")
+        if replica not in {f"sim-{i}" for i in range(args.replicas)}:
+            raise SystemExit(f"--kill {spec!r}: no replica {replica!r}; the simulated replicas are sim-0 .. "
+                             f"sim-{args.replicas - 1}")
+    if not 0.0 <= args.cancel_fraction <= 1.0:
+        raise SystemExit(f"--cancel-fraction must be in [0, 1], got {args.cancel_fraction}")
+    if args.cancel_fraction:
+        rng = random.Random(args.seed)
+        chosen = rng.sample(workload, round(args.cancel_fraction * len(workload)))
+        faults += [SimFault(r.arrival + args.cancel_after, "cancel", r.id) for r in chosen]
+    return faults
 
 
 def run(args) -> int:
@@ -106,6 +141,7 @@ def run(args) -> int:
     predicted = predicted_lengths(args.predictor, sample, pairs)
     workload = build_workload(pairs, arrival_times(len(pairs), args.rate, args.burstiness, args.seed),
                               predicted, ids=[s.id for s in sample])
+    faults = parse_faults(args, workload)
     reports = []
     for mode in modes:
         cfg = SchedulerConfig(
@@ -115,7 +151,10 @@ def run(args) -> int:
             placement=args.placement,
         )
         report, _ = simulate(cfg, latency, memory, workload, args.replicas, progress=args.progress,
-                             dispatch_interval=args.dispatch_interval)
+                             dispatch_interval=args.dispatch_interval, faults=faults)
+        if faults:
+            log.info("%s: faults: %d replicas lost, %d requests back to the pool, %d cancelled", mode,
+                     report.extra["replicas_lost"], report.extra["requests_requeued"], report.extra["cancelled"])
         report.extra.update(predictor=args.predictor, rate=args.rate, seed=args.seed,
                             sample="heldout" if heldout else "all",
                             oversampled=drawn_again)

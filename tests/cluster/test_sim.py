@@ -7,7 +7,7 @@ import pytest
 from balancer.config import SchedulerConfig
 from balancer.estimators import LinearKVMemory
 from cluster.sim.report import schedule_fingerprint
-from cluster.sim.simulator import simulate
+from cluster.sim.simulator import SimFault, simulate
 from cluster.sim.workload import arrival_times, build_workload, constant_predictor, oracle_predictor, synthetic_lengths
 from tests.balancer.helpers import LATENCY
 
@@ -106,3 +106,35 @@ def test_arrivals_are_taken_in_time_order_whatever_the_workload_order():
     shuffled, _ = simulate(cfg, LATENCY, MEMORY, workload[::2] + workload[1::2], replicas=3)
     assert shuffled.extra["schedule_sha256"] == in_order.extra["schedule_sha256"]
     assert shuffled.requests == 300
+
+
+@pytest.mark.parametrize("mode", ["continuous_slices", "scls", "sls", "ils"])
+def test_killed_replicas_and_cancellations_lose_nothing(mode):
+    """Replica loss and aborts run through the same dispatch core as the live cluster: every request that is
+    not cancelled still finishes once with its true length, on the replicas that are left."""
+    pairs = synthetic_lengths(300, seed=4)
+    workload = build_workload(pairs, arrival_times(300, 50.0, seed=4), oracle_predictor(pairs))
+    cancels = [SimFault(r.arrival + 0.5, "cancel", r.id) for r in workload[::20]]
+    faults = [SimFault(1.0, "kill", "sim-1"), SimFault(3.0, "kill", "sim-2"), *cancels]
+    cfg = SchedulerConfig(mode=mode, slice_len=32, max_gen_len=512, max_batch_size=16)
+    report, sim = simulate(cfg, LATENCY, MEMORY, workload, replicas=4, faults=faults)
+
+    assert sim.dead == {"sim-1", "sim-2"} and sim.core.counters["replicas_lost"] == 2
+    assert sim.core.counters["requests_requeued"] > 0  # the kills hit requests in flight
+    finished = [f.request.id for f in sim.finished]
+    assert len(finished) == len(set(finished))
+    assert sim.cancelled and set(sim.cancelled) <= {f.target for f in cancels}
+    assert set(finished).isdisjoint(sim.cancelled) and set(finished) | set(sim.cancelled) == {r.id for r in workload}
+    for f in sim.finished:
+        assert f.request.generated == min(f.true_len, cfg.max_gen_len)
+    assert report.extra["replicas_lost"] == 2 and report.extra["cancelled"] == len(sim.cancelled)
+
+
+def test_a_fault_must_name_a_replica_that_exists():
+    pairs = synthetic_lengths(10, seed=1)
+    workload = build_workload(pairs, arrival_times(10, None), oracle_predictor(pairs))
+    with pytest.raises(ValueError, match="no such replica"):
+        simulate(SchedulerConfig(mode="scls"), LATENCY, MEMORY, workload, replicas=2,
+                 faults=[SimFault(1.0, "kill", "sim-7")])
+    with pytest.raises(ValueError, match="unknown fault kind"):
+        SimFault(1.0, "explode", "sim-0")

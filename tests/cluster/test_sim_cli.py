@@ -72,3 +72,21 @@ def test_simulate_no_oversample_refuses_with_the_count(few_conversations):
     assert "pass the filter" in str(exc.value) and "1000 were asked for" in str(exc.value)
     with pytest.raises(SystemExit):
         sim_cli.run(_args(["--requests", "0"]))
+
+
+def test_simulate_with_a_killed_replica_and_cancellations(tmp_path):
+    out = tmp_path / "sim.json"
+    assert sim_cli.run(_args(["--requests", "120", "--replicas", "3", "--rate", "10", "--kill", "sim-1@3",
+                              "--cancel-fraction", "0.1", "--json", str(out)])) == 0
+    (report,) = json.loads(out.read_text())["reports"]
+    assert report["extra"]["replicas_lost"] == 1 and 0 < report["extra"]["cancelled"] <= 12
+    assert report["requests"] + report["extra"]["cancelled"] == 120
+
+
+@pytest.mark.parametrize("argv, message", [(["--kill", "sim-5@3"], "no replica 'sim-5'"),
+                                           (["--kill", "sim-1"], "expected REPLICA@SECONDS"),
+                                           (["--cancel-fraction", "1.5"], "must be in [0, 1]")])
+def test_simulate_refuses_a_bad_fault_with_the_reason(argv, message):
+    with pytest.raises(SystemExit) as exc:
+        sim_cli.run(_args(["--requests", "20", "--replicas", "2", *argv]))
+    assert message in str(exc.value)
