@@ -78,6 +78,12 @@ class SliceReplica:
     def finish_running(self) -> None:
         self.running = None
 
+    def release(self, request_id: str) -> None:
+        """The request's next slice runs elsewhere: free the KV cache kept for it here, as the engine does."""
+        tokens = self.kv_rows.pop(request_id, None)
+        if tokens is not None:
+            self.kv_held -= tokens
+
     def execute(self, batch: Batch) -> SliceResult:
         """What running ``batch`` (of ``SimulatedRequest``) does, and how long it takes."""
         # One pass over the rows, with running figures in locals and plain comparisons rather than max(): at a

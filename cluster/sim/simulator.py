@@ -190,9 +190,9 @@ class Simulation:
         replica = self.replicas[cmd.replica_id]
         order = cmd.message
         if type(order) is not BatchOrder:  # a release
+            for rid in order.request_ids:
+                replica.release(rid)
             if self.continuous:
-                for rid in order.request_ids:
-                    replica.release(rid)
                 for rid, lease in order.close.items():  # a cancelled row: the replica reports its lease closed
                     self._apply(SliceResult(lease, replica.id, [RequestOutcome(rid, 0, FinishReason.ABORTED)], 0.0),
                                 now)
