@@ -34,6 +34,25 @@ def test_verify_counts_what_redis_holds_against_the_reference():
     assert (s["lost_indices"], s["duplicated_indices"], s["corrupted_indices"]) == ([3, 4], [1], [2])
     found[4] = ("live", None, [1], ["a-1"])  # still running when the harness gave up waiting
     assert upgrade.verify(outcomes, found, reference)["lost_indices"] == [3, 4]
+    # An output the model would produce greedily (float noise flipped a near-tie) is completed, not corrupted.
+    s = upgrade.verify(outcomes, found, reference, greedy=lambda i, tokens: tokens == [1, 2, 4])
+    assert (s["completed"], s["identical"], s["near_tie_indices"], s["corrupted"]) == (2, 1, [2], 0)
+
+
+def test_greedy_check_accepts_the_models_own_choices_and_rejects_a_repeated_slice():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from worker.make_model import ensure_default_model
+
+    model_dir = ensure_default_model()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompt = [1, 57, 300, 12, 999]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+    greedy = upgrade.greedy_check(model_dir, {0: prompt})
+    assert greedy(0, out)
+    assert not greedy(0, out[:8] + out[4:8] + out[8:20])  # four tokens applied twice
 
 
 def test_clients_cut_off_with_the_old_ingress_are_told_apart_from_lost_ones():
@@ -41,17 +60,25 @@ def test_clients_cut_off_with_the_old_ingress_are_told_apart_from_lost_ones():
     cut = Outcome(1, status=200, accepted=True, error="RemoteProtocolError", sent=1.0, done=10.5)
     early = Outcome(2, status=200, accepted=True, error="ReadError", sent=1.0, done=4.0)  # failed before the kill
     outcomes = [done(0), cut, early, done(3, text="abd", sent=8.0, end=12.0)]
-    view = upgrade.client_view(outcomes, ["A", "A", "A", "B"], reference, kill=10.0)
-    assert (view["via_a"], view["via_b"], view["cut"], view["cut_indices"]) == (3, 1, 1, [1])
+    unanswered = Outcome(4, status=None, error="RemoteProtocolError", sent=9.9, done=10.2)  # A went before its 200
+    refused = Outcome(5, status=503, error="unavailable", sent=11.0, done=11.1)
+    outcomes += [unanswered, refused]
+    reference += [done(4), done(5)]
+    via = ["A", "A", "A", "B", "A", "B"]
+    view = upgrade.client_view(outcomes, via, reference, kill=10.0)
+    assert (view["via_a"], view["via_b"], view["cut"], view["cut_indices"]) == (4, 2, 1, [1])
+    assert (view["unanswered"], view["refused"]) == ([4], [5])
     assert (view["lost"], view["lost_indices"], view["differing"]) == (1, [2], 1)
+    # A near-tie's text differs from the reference by design: not counted against the client.
+    assert upgrade.client_view(outcomes, via, reference, kill=10.0, near_tie=frozenset({3}))["differing"] == 0
     # Without a deletion nobody was cut off: both unfinished clients are lost.
-    assert upgrade.client_view(outcomes, ["A", "A", "A", "B"], reference, kill=None)["lost"] == 2
+    assert upgrade.client_view(outcomes, via, reference, kill=None)["lost"] == 2
 
 
 def passing():
     redis = {"lost": 0, "duplicated": 0, "corrupted": 0, "lost_indices": [], "duplicated_indices": [],
              "corrupted_indices": []}
-    clients = {"lost": 0, "differing": 0, "lost_indices": []}
+    clients = {"lost": 0, "differing": 0, "lost_indices": [], "refused": []}
     up = vars(upgrade.Upgrade(fence=5.0, a_unready=5.2, kill=20.0, in_flight_at_fence=[1, 2], live_at_fence=3,
                               held_logged=3, live_at_kill=["r1"], on_a_workers=[4]))
     return redis, clients, up, {"not_by_b": []}, {"completed": 4, "requests": 4}
@@ -63,6 +90,7 @@ def test_verdict_passes_only_a_handover_that_hit_requests_in_flight_and_lost_not
     assert upgrade.verdict(redis | {"lost": 1, "lost_indices": [3]}, clients, up, by_b, ref)
     assert upgrade.verdict(redis | {"duplicated": 1, "duplicated_indices": [3]}, clients, up, by_b, ref)
     assert upgrade.verdict(redis, clients | {"differing": 1}, up, by_b, ref)
+    assert upgrade.verdict(redis, clients | {"refused": [6]}, up, by_b, ref)
     assert upgrade.verdict(redis, clients, up | {"fence": None}, by_b, ref)  # nothing was fenced
     assert upgrade.verdict(redis, clients, up | {"held_logged": 0}, by_b, ref)  # A held nothing then
     assert upgrade.verdict(redis, clients, up | {"in_flight_at_fence": []}, by_b, ref)
@@ -105,7 +133,9 @@ def test_newcluster_upgrade_hands_every_request_to_the_new_cluster(tmp_path):
     up, redis, clients = result["upgrade"], result["redis"], result["clients"]
     assert result["reference"]["completed"] == 24, result["reference"]
     # Every accepted request finished once in Redis, token for token as in the reference.
-    assert redis["accepted"] == 24 and redis["completed"] == 24, result["problems"]
+    # A request sent to A just as it went may get no answer at all; every other one was accepted.
+    assert redis["accepted"] == 24 - len(clients["unanswered"]) and not clients["refused"], clients
+    assert redis["completed"] == redis["accepted"], result["problems"]
     assert redis["lost"] == 0 and redis["duplicated"] == 0 and redis["corrupted"] == 0
     assert clients["lost"] == 0 and clients["differing"] == 0, clients
     # A was fenced while it held requests that clients were streaming, and its health said so.
