@@ -186,10 +186,12 @@ class ApiSettings(_Strict):
     port: int = Field(8000, ge=1, le=65535)
     api_keys: list[str] = Field(default_factory=list, description="Bearer tokens; empty: no auth.")
     max_backlog_seconds: float = Field(
-        30.0, gt=0, description="Admission control: 429 (backlog_exceeded) when the dispatcher's predicted backlog "
-        "exceeds this: the seconds until the replicas could start a request arriving now, with the waiting pool "
-        "costed in batches of the size the scheduler forms (balancer.backlog). It bounds the queue where "
-        "api.max_inflight does not (a larger explicit max_inflight, several ingress replicas).",
+        600.0, gt=0, description="Admission control: 429 (backlog_exceeded) when the dispatcher's predicted backlog "
+        "exceeds this: the seconds until the replicas could start a request arriving now, the waiting pool costed "
+        "in batches of the size the scheduler forms (balancer.backlog). The estimate is only as good as the "
+        "latency model, and sees no request the ingress has not yet handed to the dispatcher: on a busy 2-core "
+        "CPU it read 6 s while requests waited 30-100 s, so api.max_inflight is the bound that holds there "
+        "(docs/reliability.md, Overload).",
     )
     request_timeout: float = Field(900.0, gt=0, description="Seconds a request may take before 504.")
     admin_keys: list[str] = Field(
@@ -213,7 +215,7 @@ class ApiSettings(_Strict):
         "what one replica holds (continuous_slices: scheduler.max_running rows; ils: ils_max_concurrency; scls: "
         "queue_depth x max_batch_size; sls: queue_depth x sls_batch_size), 128 with the defaults. Beyond that a "
         "request would only wait in the dispatcher's pool: at 3x capacity on CPU, 512 let the admitted wait "
-        "97 s (p99), 128 kept it at 18-20 s at the same throughput (docs/reliability.md, Overload).",
+        "97 s (p99), 128 kept it at 18-25 s (docs/reliability.md, Overload).",
     )
 
     @field_validator("api_keys", "admin_keys", "metrics_keys")

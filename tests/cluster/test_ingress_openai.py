@@ -134,7 +134,7 @@ def test_openai_client_errors(srv):
     _publish(srv, backlog_seconds=3000)
     with pytest.raises(openai.RateLimitError) as exc:
         srv.client.completions.create(model="tiny-test", prompt="x", max_tokens=2)
-    assert exc.value.response.headers["retry-after"] == "2970"  # above the default bound of 30 s
+    assert exc.value.response.headers["retry-after"] == "2400"
     assert [m.id for m in srv.client.models.list()] == ["tiny-test"]
 
 
