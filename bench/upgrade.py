@@ -609,7 +609,7 @@ def plot(result: dict, out: Path) -> None:
     ax.set_ylabel("request")
     r = result["redis"]
     ax.set_title(f"NewCluster upgrade on one Redis: {r['accepted']} accepted, {r['completed']} completed "
-                 f"identically, {r['lost']} lost, {r['duplicated']} duplicated")
+                 f"({r['identical']} identical), {r['lost']} lost, {r['duplicated']} duplicated")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
