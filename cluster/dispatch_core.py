@@ -18,10 +18,11 @@ import logging
 from dataclasses import dataclass
 from enum import IntEnum
 
+from balancer.backlog import predicted_backlog_seconds
 from balancer.config import SchedulerConfig
 from balancer.estimators import LinearKVMemory, MemoryEstimator, SliceTimeEstimator
 from balancer.scheduler import Scheduler
-from balancer.types import Batch, FinishReason, Mode, Request, SliceResult
+from balancer.types import Batch, Mode, Request, SliceResult
 from cluster.messages import (BatchOrder, MetricsSnapshot, Progress, ProgressRow, Release, ReplicaMetrics,
                               ResultMessage, SliceReport)
 from cluster.metrics import REQUEST_LATENCY_BUCKETS, SnapshotHistogram
@@ -389,7 +390,6 @@ class DispatchCore:
 
     def backlog_seconds(self, now: float) -> float:
         """Predicted seconds until the replicas could start a request arriving now."""
-        from balancer.backlog import predicted_backlog_seconds
         return predicted_backlog_seconds(self.scheduler, now)
 
     def snapshot(self, now: float, busy: dict[str, float]) -> MetricsSnapshot:
