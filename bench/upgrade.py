@@ -109,28 +109,41 @@ class Upgrade:
 
 # ---- accounting -------------------------------------------------------------------------------------------
 def verify(outcomes: list[Outcome], found: dict[int, tuple[str, str | None, list[int], list[str]]],
-           reference: dict[int, tuple[str | None, list[int]]],
-           greedy: Callable[[int, list[int]], bool] = lambda i, tokens: False) -> dict:
+           reference: dict[int, tuple[str | None, list[int]]] | None,
+           greedy: Callable[[int, list[int]], bool] = lambda i, tokens: False,
+           budgets: dict[int, int] | None = None) -> dict:
     """Every accepted request as Redis has it (``found``: index -> status, finish reason, token ids, replicas
     that ran its slices) against the reference's finish reason and token ids.
 
     ``greedy(index, tokens)``: whether every token is the model's greedy choice after the ones before it, up to
     float noise. An output that differs from the reference but passes counts as ``near_tie``, not corrupted:
     batches of other sizes round differently, and where two logits lie within that rounding the greedy token
-    flips (seen here: 8.6e-6 apart at token 332 of 462, in a request the upgrade never touched)."""
+    flips (seen here: 8.6e-6 apart at token 332 of 462, in a request the upgrade never touched).
+
+    ``reference`` None (no reference run): the greedy check is the oracle, and a request that did not end at
+    EOS must hold exactly its budget (``budgets``: index -> max_tokens)."""
     lost, duplicated, corrupted, near_tie = [], [], [], []
     for o in outcomes:
         if not o.accepted:
             continue
         status, reason, tokens, _ = found.get(o.index, ("missing", None, [], []))
-        ref_reason, ref_tokens = reference[o.index]
+        if reference is None:
+            ref_reason, ref_tokens = None, None
+            budget = budgets[o.index]
+        else:
+            ref_reason, ref_tokens = reference[o.index]
+            budget = len(ref_tokens)
         if status != "done" or reason not in FINISHED:
             lost.append(o.index)
+        elif reference is None:
+            if greedy(o.index, tokens) and (reason == FinishReason.EOS.value or len(tokens) == budget):
+                continue
+            (duplicated if len(tokens) > budget else corrupted).append(o.index)
         elif (reason, tokens) == (ref_reason, ref_tokens):
             continue
         elif greedy(o.index, tokens):
             near_tie.append(o.index)
-        elif len(tokens) > len(ref_tokens):
+        elif len(tokens) > budget:
             duplicated.append(o.index)
         else:
             corrupted.append(o.index)
@@ -164,10 +177,11 @@ def greedy_check(model_dir, prompts: dict[int, list[int]], tolerance: float = 1e
     return greedy
 
 
-def client_view(outcomes: list[Outcome], via: list[str | None], reference: list[Outcome], kill: float | None,
-                near_tie: frozenset[int] = frozenset()) -> dict:
+def client_view(outcomes: list[Outcome], via: list[str | None], reference: list[Outcome] | None,
+                kill: float | None, near_tie: frozenset[int] = frozenset(), found: dict | None = None) -> dict:
     """The clients' side: those cut off when A's ingress went, and how the others compare with the reference
-    (``near_tie``: requests whose output legitimately differs from it, see :func:`verify`; they are left out)."""
+    (``near_tie``: requests whose output legitimately differs from it, see :func:`verify`; they are left out).
+    Without a reference, a client must have been told as many tokens as Redis holds (``found``)."""
     def cut_off(o: Outcome) -> bool:
         return via[o.index] == "A" and kill is not None and o.done is not None and o.done >= kill
 
@@ -176,7 +190,13 @@ def client_view(outcomes: list[Outcome], via: list[str | None], reference: list[
     unanswered = [o.index for o in outcomes if not o.accepted and o.status is None and cut_off(o)]
     refused = [o.index for o in outcomes if not o.accepted and o.index not in unanswered]
     kept = [o for o in outcomes if o.index not in set(cut) and o.index not in near_tie]
-    summary = compare(kept, [reference[o.index] for o in kept])
+    if reference is None:
+        summary = compare(kept, kept)
+        differing = [o.index for o in kept if o.completed
+                     and (o.usage or {}).get("completion_tokens") != len((found or {}).get(o.index, ("", "", []))[2])]
+        summary.update(differing=len(differing), duplicated=0, corrupted=len(differing))
+    else:
+        summary = compare(kept, [reference[o.index] for o in kept])
     return {"via_a": sum(v == "A" for v in via), "via_b": sum(v == "B" for v in via), "cut": len(cut),
             "cut_indices": cut, "unanswered": unanswered, "refused": refused,
             "completed": summary["completed"], "lost": summary["lost"],
@@ -491,12 +511,15 @@ def run_upgrade(args) -> dict:
             start_ready(a, args.start_timeout)
             result["startup_s"] = time.perf_counter() - t
             a.quiet()
-            ref, _, ref_wall = asyncio.run(drive(a, MODEL, ref_requests, [], [], args.timeout, 0, 0, "reference",
-                                                 progress=not args.no_progress))
-            ref_redis = redis_outputs(a, ref, args.timeout)
-            reference = {i: (v[1], v[2]) for i, v in ref_redis.items()}
-            result["reference"] = {"wall_s": ref_wall, **compare(ref, ref)}
-            a.quiet()
+            ref, ref_redis, reference = None, {}, None
+            result["reference"] = {"wall_s": 0.0, "requests": len(requests), "completed": len(requests)}
+            if not args.no_reference:
+                ref, _, ref_wall = asyncio.run(drive(a, MODEL, ref_requests, [], [], args.timeout, 0, 0,
+                                                     "reference", progress=not args.no_progress))
+                ref_redis = redis_outputs(a, ref, args.timeout)
+                reference = {i: (v[1], v[2]) for i, v in ref_redis.items()}
+                result["reference"] = {"wall_s": ref_wall, **compare(ref, ref)}
+                a.quiet()
             outcomes, via, up, wall = asyncio.run(drive_upgrade(a, b, requests, args, "upgrade"))
             found = redis_outputs(b, outcomes, args.timeout)
             b_ids = set(up.b_replicas or []) | set(b.worker_pids())
@@ -510,14 +533,14 @@ def run_upgrade(args) -> dict:
             redis.stop()
     upd = asdict(up)
     greedy = greedy_check(ensure_default_model(), {r.index: r.prompt for r in requests})
-    redis_summary = verify(outcomes, found, reference, greedy)
-    clients = client_view(outcomes, via, ref, up.kill, frozenset(redis_summary["near_tie_indices"]))
+    redis_summary = verify(outcomes, found, reference, greedy, {r.index: r.max_tokens for r in requests})
+    clients = client_view(outcomes, via, ref, up.kill, frozenset(redis_summary["near_tie_indices"]), found)
     finished_by_b = {"live_at_kill": len(at_kill), "by_b": len(at_kill) - len(not_by_b), "not_by_b": not_by_b}
     result.update({
         "wall_s": wall, "upgrade": upd, "redis": redis_summary, "clients": clients, "finished_by_b": finished_by_b,
         "problems": verdict(redis_summary, clients, upd, finished_by_b, result["reference"]),
         "outcomes": [asdict(o) | {"via": v, "redis": redis_view(found.get(o.index))} for o, v in zip(outcomes, via)],
-        "reference_outcomes": [asdict(o) | {"redis": redis_view(ref_redis.get(o.index))} for o in ref],
+        "reference_outcomes": [asdict(o) | {"redis": redis_view(ref_redis.get(o.index))} for o in ref or []],
     })
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(markdown(result))
@@ -622,6 +645,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=80, help="requests in the set (both runs send the same set)")
     p.add_argument("--rate", type=float, default=1.5,
                    help="Poisson arrival rate, req/s: the send window must outlast cluster B's start")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the reference run: each output in Redis is checked by the greedy check alone (every "
+                        "token the model's greedy choice, and the whole budget unless it ended at EOS), and each "
+                        "connected client against the token count in Redis")
     p.add_argument("--reference-rate", type=_rate, default=None, metavar="RATE",
                    help="arrival rate of the reference run, req/s, or 'inf' for all at once (default: --rate)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, budgets and arrivals")
