@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal
 
 from balancer.types import Mode
 
@@ -36,10 +37,10 @@ class SchedulerConfig:
     """Continuous slices: at a slice boundary a request moves only if another replica is predicted to finish
     it this fraction sooner, its re-prefill included (hysteresis: a move costs a prefill and a round trip)."""
 
-    ordering: str = "sjf"
+    ordering: Literal["fcfs", "sjf", "hrrn"] = "sjf"
     """Which request runs first: ``fcfs``, ``sjf`` (shortest predicted remaining first) or ``hrrn``."""
 
-    placement: str = "maxmin"
+    placement: Literal["maxmin", "round_robin", "least_work"] = "maxmin"
     """Which replica gets a batch: ``maxmin``, ``round_robin`` or ``least_work``."""
 
     max_wait: float = 60.0

@@ -6,15 +6,21 @@ falls back to a default.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import os
+import textwrap
+import typing
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from balancer.backlog import requests_per_replica
 from balancer.config import SchedulerConfig
+from balancer.types import Mode
 from cluster.redis_server import safe_url, url_without_password
 
 
@@ -73,26 +79,46 @@ class EngineSettings(_Strict):
         return budget_bytes - keep, keep
 
 
-class SchedulerSettings(_Strict):
-    mode: Literal["continuous_slices", "scls", "sls", "ils"] = Field(
-        "continuous_slices", description="continuous_slices: slices over one continuous batch per replica; scls: the paper's "
-        "static slice batches; sls: static batches to completion; ils: continuous batching without slices.")
-    slice_len: int = Field(64, ge=1, description="S: tokens per slice (a lease on one replica in continuous_slices).")
-    max_gen_len: int = Field(1024, ge=1, description="G: largest generation budget.")
-    max_batch_size: int = Field(32, ge=1)
-    sls_batch_size: int = Field(8, ge=1)
-    ils_max_concurrency: int = Field(16, ge=1)
-    max_running: int = Field(64, ge=1, description="continuous_slices: most requests a replica decodes at once.")
-    move_margin: float = Field(0.25, ge=0, lt=1, description="continuous_slices: move a request at a slice "
-                               "boundary only if it finishes this fraction sooner elsewhere.")
-    ordering: Literal["fcfs", "sjf", "hrrn"] = "sjf"
-    placement: Literal["maxmin", "round_robin", "least_work"] = "maxmin"
-    max_wait: float = Field(60.0, gt=0)
-    queue_depth: int = Field(2, ge=1)
+def _attribute_docstrings(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the string right after its annotated assignment)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
+    return docs
 
+
+class _SchedulerSettingsBase(_Strict):
     def to_balancer(self, kv_reuse: bool = True) -> SchedulerConfig:
         """``kv_reuse`` is the engine's setting (``engine.kv_reuse``): the one place it is configured."""
         return SchedulerConfig.from_dict({**self.model_dump(), "kv_reuse": kv_reuse})
+
+    @model_validator(mode="after")
+    def _valid_for_the_scheduler(self):
+        try:
+            self.to_balancer()  # the dataclass checks its own ranges
+        except ValueError as exc:  # named as the YAML names it
+            raise ValueError(str(exc).replace("SchedulerConfig.", "scheduler.")) from None
+        return self
+
+
+def _scheduler_settings() -> type[_SchedulerSettingsBase]:
+    """``scheduler:`` of the YAML, built from :class:`balancer.config.SchedulerConfig`: its fields, defaults and
+    docstrings, so a scheduler setting is declared once, where the scheduler reads it. ``kv_reuse`` is left
+    out: the engine owns it (``engine.kv_reuse``)."""
+    hints = typing.get_type_hints(SchedulerConfig)
+    hints["mode"] = Literal[tuple(m.value for m in Mode)]  # plain strings in the YAML model, as the CLI prints them
+    docs = _attribute_docstrings(SchedulerConfig)
+    fields = {f.name: (hints[f.name], Field(f.default.value if isinstance(f.default, Mode) else f.default,
+                                            description=docs.get(f.name)))
+              for f in dataclasses.fields(SchedulerConfig) if f.name != "kv_reuse"}
+    return create_model("SchedulerSettings", __base__=_SchedulerSettingsBase,
+                        __doc__="How the dispatcher cuts, orders, groups and places work.", **fields)
+
+
+SchedulerSettings = _scheduler_settings()
 
 
 class RedisSettings(_Strict):

@@ -61,3 +61,27 @@ def test_an_explicit_max_inflight_wins():
         cfg.admission_summary()
     with pytest.raises(ValidationError):
         SlicefleetConfig.model_validate({"api": {"max_inflight": 0}})
+
+
+def test_scheduler_settings_are_the_scheduler_dataclass_declared_once():
+    """``scheduler:`` has every field of balancer.config.SchedulerConfig but the engine-owned kv_reuse, with its
+    default and its docstring; a range the dataclass refuses is a validation error named as in the YAML."""
+    import dataclasses
+
+    from pydantic import ValidationError
+
+    from balancer.config import SchedulerConfig
+    from cluster.config import SchedulerSettings, SlicefleetConfig
+
+    declared = {f.name: f.default for f in dataclasses.fields(SchedulerConfig) if f.name != "kv_reuse"}
+    assert set(SchedulerSettings.model_fields) == set(declared)
+    settings = SchedulerSettings()
+    for name, default in declared.items():
+        assert getattr(settings, name) == default, name
+        assert SchedulerSettings.model_fields[name].description, f"{name} has no description"
+    assert "S: decode steps" in SchedulerSettings.model_fields["slice_len"].description
+    assert settings.to_balancer(kv_reuse=False) == SchedulerConfig(kv_reuse=False)
+    with pytest.raises(ValidationError, match=r"scheduler\.slice_len must be >= 1"):
+        SlicefleetConfig.model_validate({"scheduler": {"slice_len": 0}})
+    with pytest.raises(ValidationError, match="'fcfs', 'sjf' or 'hrrn'"):
+        SlicefleetConfig.model_validate({"scheduler": {"ordering": "lifo"}})
