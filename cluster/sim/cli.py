@@ -1,4 +1,4 @@
-"""``slicefleet simulate``: the real scheduler on a simulated cluster, ShareGPT requests, virtual time."""
+"""``slicefleet simulate``: the live dispatch core on a simulated cluster, ShareGPT requests, virtual time, optional faults."""
 
 from __future__ import annotations
 
