@@ -73,8 +73,6 @@ class Upgrade:
     a_unready: float | None = None
     """When A's /health first said its dispatcher is not ready."""
     a_health: dict = field(default_factory=dict)
-    a_fenced_gauge: float | None = None
-    """slicefleet_dispatcher_fenced on A's /metrics once A was unready."""
     b_ready: float | None = None
     switch: float | None = None
     kill: float | None = None
@@ -308,17 +306,6 @@ def health(url: str) -> tuple[int, dict]:
         return 0, {"error": repr(exc)}
 
 
-def fenced_gauge(url: str) -> float | None:
-    import httpx
-
-    try:
-        text = httpx.get(url + "/metrics", timeout=5).text
-    except Exception:  # noqa: BLE001
-        return None
-    m = re.search(r"^slicefleet_dispatcher_fenced\s+(\S+)", text, re.MULTILINE)
-    return float(m.group(1)) if m else None
-
-
 def start_ready(cluster: Cluster, timeout: float) -> None:
     """Start the cluster and wait for its own workers: its /health alone may be ok early, since it counts the
     replicas beating in Redis, and those of the other cluster beat there too."""
@@ -396,7 +383,6 @@ async def drive_upgrade(a: Cluster, b: Cluster, requests: list[FaultRequest], ar
                 status, body = await asyncio.to_thread(health, a.url)
                 if status == 503 and not body.get("dispatcher_ready", True):
                     up.a_unready, up.a_health = now(), body
-                    up.a_fenced_gauge = await asyncio.to_thread(fenced_gauge, a.url)
                     a_logs = await asyncio.to_thread(log_files, a.dispatcher_pid())
                     break
                 await asyncio.sleep(0.1)
@@ -587,7 +573,6 @@ def figures(result: dict) -> list[tuple[str, str]]:
         ("deletion -> B's clients in flight moving again (s)", _s(up["after_kill_s"])),
         ("live at A's deletion, finished on B's workers",
          f"{result['finished_by_b']['by_b']} of {result['finished_by_b']['live_at_kill']}"),
-        ("A's fenced gauge on its /metrics", "–" if up["a_fenced_gauge"] is None else f"{up['a_fenced_gauge']:g}"),
         ("wall (s): cluster start, reference, upgrade run",
          f"{result['startup_s']:.0f}, {result['reference']['wall_s']:.0f}, {result['wall_s']:.0f}"),
         ("verdict", "pass" if not result["problems"] else "FAIL"),

@@ -404,7 +404,6 @@ class DispatchCore:
         return MetricsSnapshot(
             time=now,
             epoch=self.epoch,
-            fenced=self.fenced,
             mode=self.config.mode.value,
             pool_depth=len(s.pool),
             running=len(s.running),

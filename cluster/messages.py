@@ -291,8 +291,6 @@ class MetricsSnapshot:
     time: float
     epoch: int
     mode: str
-    fenced: bool = False
-    """A newer dispatcher took over this Redis and this one stopped dispatching."""
     pool_depth: int = 0
     running: int = 0
     backlog_seconds: float = 0.0

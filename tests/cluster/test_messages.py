@@ -48,7 +48,7 @@ histograms = st.integers(0, 6).flatmap(lambda n: st.builds(
     st.lists(counts, min_size=n + 1, max_size=n + 1), st.floats(0, 1e9)))
 snapshots = st.builds(
     MetricsSnapshot, finite, counts, st.sampled_from(["scls", "sls", "ils", "continuous_slices"]),
-    fenced=st.booleans(), pool_depth=counts, running=counts,
+    pool_depth=counts, running=counts,
     backlog_seconds=st.floats(0, 1e6) | st.just(float("inf")), batch_size_mean=st.floats(0, 1e3),
     **{name: counts for name in MetricsSnapshot.COUNTERS},
     queue_time=st.none() | histograms, replicas=st.dictionaries(ids, replica_metrics, max_size=4))
@@ -176,6 +176,6 @@ def test_a_snapshot_since_another_holds_what_accumulated_between():
 
 
 def test_the_snapshot_names_its_figures_for_the_metrics_table():
-    snap = MetricsSnapshot(1.0, 2, "sls", fenced=True, pool_depth=3)
-    assert snap.value("pool_depth") == 3.0 and snap.value("fenced") == 1.0 and snap.value("epoch") == 2.0
+    snap = MetricsSnapshot(1.0, 2, "sls", pool_depth=3)
+    assert snap.value("pool_depth") == 3.0 and snap.value("epoch") == 2.0
     assert snap.value("mode") is None and snap.value("no_such_figure") is None
