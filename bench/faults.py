@@ -25,6 +25,7 @@ dispatcher epoch, Redis answering on the same port).
 
 from __future__ import annotations
 
+from bench.harness_main import harness_main
 import argparse
 import asyncio
 import json
@@ -805,12 +806,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
+    return harness_main(__name__, argv)
 
 
 if __name__ == "__main__":

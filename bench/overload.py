@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.harness_main import harness_main
 from bench import pressure
 from bench.faults import machine
 
@@ -272,12 +273,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
+    return harness_main(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
+from bench.harness_main import harness_main
 from bench import pressure
 from bench.faults import fill_resumed, machine, run_faults
 
@@ -304,12 +305,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
+    return harness_main(__name__, argv)
 
 
 if __name__ == "__main__":

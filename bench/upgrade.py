@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from balancer.types import FinishReason
+from bench.harness_main import harness_main
 from bench.faults import (Cluster, FaultRecord, FaultRequest, Outcome, _streaming_from, alive, compare, descendants,
                           drive, machine, request_set, resumed_after, send)
 from bench.loadgen import arrivals
@@ -695,12 +696,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.upgrade", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
+    return harness_main(__name__, argv)
 
 
 if __name__ == "__main__":

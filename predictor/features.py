@@ -81,7 +81,6 @@ def cue_features(prompt: str, prompt_len: int) -> list[float]:
     """The :data:`FEATURE_NAMES` values of one prompt (``prompt_len`` in the serving model's tokens)."""
     text = prompt or ""
     window = text if len(text) <= 2000 else text[:1000] + "\n" + text[-1000:]
-    n = max(len(text), 1)
     words = text.split()
     lines = text.count("\n") + 1
     sample = text[:2000]

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -26,7 +26,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from predictor.latency import Profile, Samples, SliceMeasurement, fit_bilinear, hardware_key, mape, slice_mape
+from predictor.latency import Profile, Samples, SliceMeasurement, fit_bilinear, mape, slice_mape
 
 log = logging.getLogger(__name__)
 

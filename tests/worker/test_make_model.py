@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import threading
 
-import pytest
 
 from worker import make_model
 
