@@ -17,6 +17,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from operator import add
 
 import numpy as np
 
@@ -44,6 +45,11 @@ def row_caps(lengths: np.ndarray, steps: int, memory: MemoryEstimator, max_batch
             cap = cache[length] = min(max_batch_size, memory.max_batch_size(length, steps))
         caps[i] = cap
     return caps
+
+
+MATRIX_FROM_ROWS = 64
+"""Pools of at least this many rows are costed as one matrix even where per-shape costs are kept (below it,
+NumPy's per-call overhead costs more than the arithmetic)."""
 
 
 class _ByLength(dict):
@@ -85,6 +91,22 @@ class ShapeCosts:
         """[k]: the prefill of k rows padded to L (0.0 for none)."""
         self.resumed_only = _ByLength(self._resumed_only)
         """[s - 1]: s resumed rows (each feeds one token) decoded from L: no fresh row to prefill."""
+        self._tables: tuple[np.ndarray, np.ndarray] | None = None
+
+    def tables(self, longest: int) -> tuple[np.ndarray, np.ndarray]:
+        """``decode`` and ``prefill`` for every length up to ``longest`` at once, as arrays indexed
+        ``[L, s - 1]`` and ``[L, k]``, for ``_kept_caches_matrix``'s gathers. Computed by the same estimator
+        call as the rows (one column of lengths instead of one length), so they hold the same bits."""
+        if self._tables is None or len(self._tables[0]) <= longest:
+            top = max(2 * longest, 4096)  # room to grow: rounds see a few thousand lengths, rebuilt rarely
+            column = np.arange(top + 1, dtype=float)[:, None]
+            sizes = self._sizes[None, :]
+            decode = np.asarray(self.time.batch_time(sizes, column, self.steps)
+                                - self.time.batch_time(sizes, column, 0), dtype=float)
+            prefill = np.zeros((top + 1, self.max_batch_size + 1))
+            prefill[:, 1:] = np.asarray(self.time.batch_time(sizes, column, 0), dtype=float)
+            self._tables = decode, prefill
+        return self._tables
 
     @staticmethod
     def cacheable(time: SliceTimeEstimator, memory: MemoryEstimator) -> bool:
@@ -165,6 +187,8 @@ def _plan_with_kept_costs(ordered: list[Request], costs: ShapeCosts, kv_kept: bo
         return BatchPlan([], 0.0, unfit)
     if not kv_kept:
         return _split(ordered, [costs.whole[length] for length in lengths], caps, unfit)
+    if len(ordered) >= MATRIX_FROM_ROWS:
+        return _split(ordered, _kept_caches_matrix(ordered, lengths, costs), caps, unfit)
     best, take = _least_total_splits_with_kept_caches(ordered, lengths, caps, costs)
     return _groups(ordered, best, take, unfit)
 
@@ -208,6 +232,30 @@ def _least_total_splits_with_kept_caches(ordered: list[Request], lengths: list[i
                     least, size = total, s
         best[j], take[j] = least, size
     return best, take
+
+
+def _kept_caches_matrix(ordered: list[Request], lengths: list[int], costs: ShapeCosts) -> list[list[float]]:
+    """The cost matrix ``_costs_with_kept_caches`` gives, gathered from ``costs``' tables: cost[j - 1][s - 1]
+    for the s rows ending at row j (1-based, sorted by length) is
+
+        decode[L_j][s - 1] + (prefill[F][fresh rows] + prefill[1][resumed rows])
+
+    with F the length of the window's last fresh row (prefill[F][0] is 0.0: a window of resumed rows only),
+    the same operations in the same order as ``_least_total_splits_with_kept_caches``, so the same bits.
+    Entries past a row's window (s > j) are filler that the recurrence never reads.
+    """
+    n, width = len(ordered), costs.max_batch_size
+    decode, prefill = costs.tables(lengths[-1])  # sorted: the last length is the longest
+    length = np.array(lengths, dtype=np.int64)
+    fresh = np.fromiter((r.kv_replica is None for r in ordered), dtype=bool, count=n)
+    seen_fresh = np.concatenate(([0], np.cumsum(fresh)))  # fresh rows among the first i
+    end = np.arange(1, n + 1)[:, None]
+    sizes = costs._sizes[None, :]
+    n_fresh = seen_fresh[end] - seen_fresh[np.maximum(end - sizes, 0)]
+    n_resumed = np.clip(sizes - n_fresh, 0, width)
+    # the last fresh row up to j is also the longest (the rows are sorted); 0 before any
+    last_fresh_len = np.maximum.accumulate(np.where(fresh, length, 0))[:, None]
+    return (decode[length] + (prefill[last_fresh_len, n_fresh] + prefill[1][n_resumed])).tolist()
 
 
 def _split(ordered: list[Request], cost: list[list[float]], caps: list[int], unfit: list[Request]) -> BatchPlan:
@@ -258,15 +306,15 @@ def _least_total_splits(cost: list[list[float]], caps: list[int]) -> tuple[list[
     best = [0.0] * (n + 1)
     take = [0] * (n + 1)
     for j in range(1, n + 1):
-        least, size, s = math.inf, 0, 0
-        # zip over best[j - 1], best[j - 2], ... and cost[j - 1] instead of indexing both by s: this loop runs
-        # for every request of every round, and the index arithmetic was a third of it
-        for before, row_cost in zip(reversed(best[j - min(caps[j - 1], j):j]), cost[j - 1]):
-            s += 1
-            total = before + row_cost
-            if total < least:
-                least, size = total, s
-        best[j], take[j] = least, size
+        m = caps[j - 1]
+        stop = j - m - 1  # best[j - 1], best[j - 2], ..., best[j - m]: a reversed slice, up to the start
+        before = best[j - 1:stop:-1] if stop >= 0 else best[j - 1::-1]
+        # The window's totals added and compared in C (map, min, index) rather than a Python loop: this runs
+        # for every request of every round. min keeps the first of equal totals and index finds the first,
+        # so ties still go to the smallest s, and each total is the same one addition as before.
+        totals = list(map(add, before, cost[j - 1]))
+        least = min(totals)
+        best[j], take[j] = least, totals.index(least) + 1
     return best, take
 
 

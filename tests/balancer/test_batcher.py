@@ -153,3 +153,34 @@ def test_shape_costs_are_kept_only_for_estimators_that_cannot_change():
             return LATENCY.batch_time(n, max_input_len, steps)
 
     assert not ShapeCosts.cacheable(Refitting(), memory(1000))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pool=st.lists(st.tuples(st.integers(1, 3000), st.booleans()), min_size=1, max_size=200),
+    steps=st.integers(1, 64),
+    budget=st.integers(200, 200_000),
+    cap=st.integers(1, 32),
+    latency=models,
+)
+def test_large_pools_costed_from_tables_plan_as_row_by_row(pool, steps, budget, cap, latency):
+    """A pool of MATRIX_FROM_ROWS or more is costed from the kept tables in one gather; it must plan exactly
+    as the row-by-row recurrence over the same kept costs does (groups, unfit, total to the last bit)."""
+    import balancer.batcher as batcher
+
+    mem = memory(budget)
+    kept = ShapeCosts(latency, mem, steps, cap)
+    reqs = [request(i, prompt_len=n) for i, (n, _) in enumerate(pool)]
+    for r, (_, cached) in zip(reqs, pool):
+        r.kv_replica = "a" if cached else None
+    default = batcher.MATRIX_FROM_ROWS
+    try:
+        batcher.MATRIX_FROM_ROWS = 1
+        gathered = plan_batches(reqs, steps, latency, mem, cap, kv_kept=True, costs=kept)
+        batcher.MATRIX_FROM_ROWS = 10**9
+        row_by_row = plan_batches(reqs, steps, latency, mem, cap, kv_kept=True, costs=kept)
+    finally:
+        batcher.MATRIX_FROM_ROWS = default
+    assert [[r.id for r in g] for g in gathered.groups] == [[r.id for r in g] for g in row_by_row.groups]
+    assert [r.id for r in gathered.unfit] == [r.id for r in row_by_row.unfit]
+    assert gathered.total_time == row_by_row.total_time
