@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
 
 from balancer.backlog import predicted_backlog_seconds
@@ -131,6 +131,26 @@ class LogTiming:
 Command = Post | Commit | CommitProgress | Finish | Completed | ForgetReplica | HandOver | Repost | LogTiming
 
 
+@dataclass(slots=True)
+class DispatchCounters:
+    """What the core counts since its epoch began; the scheduler's ``stats`` count batches, rows, tokens and
+    finishes. Both go into the metrics snapshot under these names."""
+
+    stale_results: int = 0
+    pad_tokens: int = 0
+    invalid_tokens: int = 0
+    reprefill_tokens: int = 0
+    kv_reused_batches: int = 0
+    predicted_slice_seconds_sum: float = 0.0
+    actual_slice_seconds_sum: float = 0.0
+    abs_pct_error_sum: float = 0.0
+    slices_estimated: int = 0
+    replicas_lost: int = 0
+    batches_timed_out: int = 0
+    moves: int = 0
+    requests_requeued: int = 0
+
+
 class DispatchCore:
     """The scheduler with epochs, deadlines, replica loss, KV-budget fitting, aborts and counters.
 
@@ -148,12 +168,7 @@ class DispatchCore:
         self.epoch = 0
         self.fenced = False
         """A newer dispatcher took over this store: this one dispatches nothing more (see :meth:`on_epoch`)."""
-        self.counters = {"stale_results": 0, "pad_tokens": 0, "invalid_tokens": 0,
-                         "reprefill_tokens": 0, "kv_reused_batches": 0,
-                         "predicted_slice_seconds_sum": 0.0, "actual_slice_seconds_sum": 0.0,
-                         "abs_pct_error_sum": 0.0, "slices_estimated": 0, "replicas_lost": 0, "batches_timed_out": 0,
-                         "moves": 0, "requests_requeued": 0}
-        """What the scheduler does not count itself (its ``stats`` hold batches, rows, tokens, finishes)."""
+        self.counters = DispatchCounters()
         self.queue_time = SnapshotHistogram(REQUEST_LATENCY_BUCKETS)
         self.budgets: dict[str, float] = {}
         """Replica id -> the KV bytes it reported; batches must fit the least of the live ones."""
@@ -236,7 +251,7 @@ class DispatchCore:
             # that batch would wait for its deadline.
             return [Repost(report)] if report is not None else []
         if epoch != self.epoch or not self.scheduler.owns(result.batch_id):
-            self.counters["stale_results"] += 1
+            self.counters.stale_results += 1
             return []
         skip = _NOTHING
         if self.scheduler.aborting:  # (rows the replica itself aborted are left out by the adapter)
@@ -252,7 +267,7 @@ class DispatchCore:
             log.error("batch %s %s; re-queueing its requests", commit.batch_id,
                       "was already applied" if outcome is CommitOutcome.ALREADY_APPLIED else "left a gap")
             returned = self.scheduler.requeue(commit.batch_id, now)
-            self.counters["requests_requeued"] += len(returned)
+            self.counters.requests_requeued += len(returned)
             if self.continuous and returned:
                 return [Post(result.replica_id, Release([r.id for r in returned], self.epoch))]
             return []
@@ -269,21 +284,21 @@ class DispatchCore:
 
     def _account(self, result: SliceResult, report: SliceReport | None, out: list[Command]) -> None:
         c = self.counters
-        c["pad_tokens"] += result.pad_tokens
-        c["invalid_tokens"] += result.invalid_tokens
-        c["reprefill_tokens"] += result.reprefill_tokens
+        c.pad_tokens += result.pad_tokens
+        c.invalid_tokens += result.invalid_tokens
+        c.reprefill_tokens += result.reprefill_tokens
         if result.kv_reused:
-            c["kv_reused_batches"] += 1
+            c.kv_reused_batches += 1
         est = self._estimates.pop(result.batch_id, None)
         if est is None or result.elapsed <= 0 or self.continuous:
             return
         # Prediction error only where a batch's length is bounded by the slice: an SLS batch runs to its
         # longest member, which no estimate made at dispatch knows.
         if self.config.mode is Mode.SCLS:
-            c["predicted_slice_seconds_sum"] += est
-            c["actual_slice_seconds_sum"] += result.elapsed
-            c["abs_pct_error_sum"] += abs(est - result.elapsed) / result.elapsed
-            c["slices_estimated"] += 1
+            c.predicted_slice_seconds_sum += est
+            c.actual_slice_seconds_sum += result.elapsed
+            c.abs_pct_error_sum += abs(est - result.elapsed) / result.elapsed
+            c.slices_estimated += 1
         if report is not None and report.n:
             out.append(self._observe_timing(report, result))
 
@@ -318,8 +333,8 @@ class DispatchCore:
             return []
         returned = self.scheduler.remove_replica(replica_id, now)
         self.budgets.pop(replica_id, None)
-        self.counters["replicas_lost"] += 1
-        self.counters["requests_requeued"] += len(returned)
+        self.counters.replicas_lost += 1
+        self.counters.requests_requeued += len(returned)
         log.warning("replica %s stopped beating: %d requests back to the pool", replica_id, len(returned))
         return [ForgetReplica(replica_id)]
 
@@ -354,7 +369,7 @@ class DispatchCore:
                         self.queue_time.observe(max(now - arrival, 0.0))
             ids = [r.id for r in b.requests]
             if a.moved_from is not None:
-                self.counters["moves"] += 1
+                self.counters.moves += 1
                 out.append(Post(a.moved_from, Release(ids, self.epoch)))
             elif b.cheaper_on:
                 # caches kept where earlier slices ran (the replicas the batch was costed on), of no use any more
@@ -375,8 +390,8 @@ class DispatchCore:
             if not s.owns(batch_id):  # answered, or re-placed after its replica died
                 continue
             returned = s.requeue(batch_id, now)
-            self.counters["batches_timed_out"] += 1
-            self.counters["requests_requeued"] += len(returned)
+            self.counters.batches_timed_out += 1
+            self.counters.requests_requeued += len(returned)
             log.warning("batch %s overdue: %d requests back to the pool", batch_id, len(returned))
 
     # ---- views ------------------------------------------------------------------------------------------
@@ -398,9 +413,7 @@ class DispatchCore:
         c = self.counters
         st = s.stats
         batches = max(st.batches_completed, 1)
-        counted = c | {"slices_run": st.rows_completed, "batches_run": st.batches_completed,
-                       "rows_run": st.rows_completed, "requests_finished": st.requests_finished,
-                       "tokens_generated": st.tokens_generated, "early_returns": st.early_returns}
+        counted = {f.name: getattr(c, f.name) for f in fields(c)}
         return MetricsSnapshot(
             time=now,
             epoch=self.epoch,
@@ -409,13 +422,19 @@ class DispatchCore:
             running=len(s.running),
             backlog_seconds=self.backlog_seconds(now),
             batch_size_mean=st.rows_completed / batches,
-            slice_time_mape=c["abs_pct_error_sum"] / c["slices_estimated"] if c["slices_estimated"] else 0.0,
-            preemptions=c["moves"] + c["requests_requeued"],
+            slice_time_mape=c.abs_pct_error_sum / c.slices_estimated if c.slices_estimated else 0.0,
+            preemptions=c.moves + c.requests_requeued,
             queue_time=self.queue_time.snapshot(),
             replicas={rid: ReplicaMetrics(expected_completion_s=s.replicas[rid].outstanding(now),
                                           busy_seconds=busy.get(rid, 0.0),
                                           inflight_batches=len(s.replicas[rid].inflight),
                                           running_requests=sum(b.size for b in s.replicas[rid].inflight.values()),
                                           kv_usage=self.kv_usage(rid)) for rid in sorted(s.replicas)},
+            slices_run=st.rows_completed,
+            batches_run=st.batches_completed,
+            rows_run=st.rows_completed,
+            requests_finished=st.requests_finished,
+            tokens_generated=st.tokens_generated,
+            early_returns=st.early_returns,
             **counted,
         )

@@ -18,7 +18,8 @@ from balancer.estimators import LinearKVMemory
 from balancer.types import FinishReason, Request, RequestOutcome, SliceResult
 from cluster.config import SlicefleetConfig
 from cluster.dispatch_core import (LOSS_GRACE_AFTER_OUTAGE, Command, Commit, CommitOutcome, CommitProgress,
-                                   DispatchCore, Finish, ForgetReplica, HandOver, LogTiming, Post, Repost)
+                                   DispatchCore, DispatchCounters, Finish, ForgetReplica, HandOver, LogTiming, Post,
+                                   Repost)
 from cluster.messages import MetricsSnapshot, Progress, RequestRecord, SliceReport, WorkMessage
 from cluster.stores.base import STORE_UNAVAILABLE
 from cluster.stores.dispatcher import DispatcherStore
@@ -71,7 +72,7 @@ class DispatchLoop:
         return self.core.scheduler
 
     @property
-    def counters(self) -> dict:
+    def counters(self) -> DispatchCounters:
         return self.core.counters
 
     @property

@@ -1,4 +1,5 @@
-"""``slicefleet simulate``: the live dispatch core on a simulated cluster, ShareGPT requests, virtual time, optional faults."""
+"""``slicefleet simulate``: the live dispatch core on a simulated cluster, ShareGPT requests, virtual time,
+optional faults."""
 
 from __future__ import annotations
 

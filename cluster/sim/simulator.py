@@ -283,8 +283,8 @@ class Simulation:
             early_returns=early,
             slices=sum(r.slices for r in reqs),
             extra={"wall_seconds": wall, "rejected": len(self.rejected), "cancelled": len(self.cancelled),
-                   "replicas_lost": self.core.counters["replicas_lost"],
-                   "requests_requeued": self.core.counters["requests_requeued"],
+                   "replicas_lost": self.core.counters.replicas_lost,
+                   "requests_requeued": self.core.counters.requests_requeued,
                    "schedule_sha256": schedule_fingerprint((r.id, r.finished_at) for r in reqs),
                    "kv_reused_rows": sum(getattr(r, "kv_reused_rows", 0) for r in self.replicas.values())},
         )

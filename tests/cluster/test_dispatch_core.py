@@ -93,7 +93,7 @@ def test_a_commit_the_store_refuses_requeues_the_batch_untouched(outcome):
     (post,) = orders(core.tick(1.0))
     assert report_all(core, post, 2.0, outcome=outcome) == []
     assert core.scheduler.pool["a"].generated == 0  # the scheduler never saw the tokens
-    assert core.counters["requests_requeued"] == 1
+    assert core.counters.requests_requeued == 1
 
 
 def test_a_continuous_row_whose_commit_is_refused_is_released_where_it_runs():
@@ -109,7 +109,7 @@ def test_results_of_another_epoch_are_stale_or_handed_back():
     arrive(core, "a")
     (post,) = orders(core.tick(1.0))
     old = SliceResult(post.message.batch_id, "r0", [RequestOutcome("a", 8, FinishReason.EOS)], 0.1)
-    assert core.on_slice(old, 2, 2.0) == [] and core.counters["stale_results"] == 1
+    assert core.on_slice(old, 2, 2.0) == [] and core.counters.stale_results == 1
     newer = SliceReport("e4.b0", 4, "r0", [RowReport("x", [1], "eos")])
     assert core.on_slice(old, 4, 2.0, newer) == [Repost(newer)]
     assert core.scheduler.owns(post.message.batch_id)  # still waiting for its own result
@@ -164,7 +164,7 @@ def test_a_lost_replica_returns_what_it_ran_except_during_the_grace_after_an_out
     core.on_store_back(2.0)
     assert core.on_replica_lost("r0", 2.0 + LOSS_GRACE_AFTER_OUTAGE / 2) == [] and core.knows("r0")
     assert core.on_replica_lost("r0", 2.0 + LOSS_GRACE_AFTER_OUTAGE) == [ForgetReplica("r0")]
-    assert list(core.scheduler.pool) == ["a"] and core.counters["requests_requeued"] == 1
+    assert list(core.scheduler.pool) == ["a"] and core.counters.requests_requeued == 1
     late = SliceResult(post.message.batch_id, "r0", [RequestOutcome("a", 8, FinishReason.EOS)], 0.1)
     assert core.on_slice(late, 3, 20.0) == []  # its batch is gone: nothing runs twice into the store
     core.on_replica_joined("r1", 20.0)
@@ -180,7 +180,7 @@ def test_an_overdue_batch_goes_back_to_the_pool():
     assert core.scheduler.owns(post.message.batch_id)
     core.expire_overdue(1.0 + 10 * BATCH_TIMEOUT_SLACK)
     assert not core.scheduler.owns(post.message.batch_id) and list(core.scheduler.pool) == ["a"]
-    assert core.counters["batches_timed_out"] == 1
+    assert core.counters.batches_timed_out == 1
 
 
 def test_a_superseded_core_hands_everything_over_and_dispatches_nothing_more():

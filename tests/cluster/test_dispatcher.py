@@ -117,9 +117,9 @@ def test_results_of_an_earlier_epoch_are_ignored(redis_url):
         WorkerStore(redis_url).post_result(SliceReport("e0.b0", core.epoch - 1, "ghost", [RowReport("r", [1, 2, 3], "eos")],
                                       elapsed=0.1))
         deadline = time.monotonic() + 10
-        while core.counters["stale_results"] == 0 and time.monotonic() < deadline:
+        while core.counters.stale_results == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert core.counters["stale_results"] == 1
+        assert core.counters.stale_results == 1
         assert store.generated("r") == [] and "r" in store.live_ids()
     finally:
         core.stop()
@@ -167,9 +167,9 @@ def test_an_overdue_batch_is_placed_again(redis_url, monkeypatch):
     try:
         store.submit(RequestRecord("r", [5, 6, 7], 8, time.time()))
         deadline = time.monotonic() + 15
-        while core.counters["batches_timed_out"] == 0 and time.monotonic() < deadline:
+        while core.counters.batches_timed_out == 0 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert core.counters["batches_timed_out"] >= 1
+        assert core.counters.batches_timed_out >= 1
         assert "r" in core.scheduler.pool or "r" in core.scheduler.running
     finally:
         core.stop()
@@ -214,7 +214,7 @@ def test_continuous_slices_stream_renew_in_place_and_move_to_a_new_replica(redis
             time.sleep(0.02)
         workers.append(SliceWorker(cfg.model_dump()))  # joins while the first one runs everything
         wait_until_done(store)
-        assert core.counters["moves"] >= 1
+        assert core.counters.moves >= 1
         replicas_used = set()
         for rid, ids in prompts.items():
             events = [event for _, event in store.read_output(rid, "0", block_ms=100)]
@@ -287,7 +287,7 @@ def test_a_redis_outage_longer_than_the_heartbeat_loses_no_replica(tmp_path, ref
         wait_until_done(store, timeout=180)
         for rid, ids in prompts.items():
             assert store.generated(rid) == reference(ids, 64), rid
-        assert core.counters["replicas_lost"] == 0
+        assert core.counters.replicas_lost == 0
         worker.check_health()  # its loops rode the outage out
     finally:
         worker._stop.set()
@@ -425,7 +425,7 @@ def test_a_slice_result_read_just_before_a_redis_error_is_applied_once_redis_ans
         wait_until_done(store, timeout=120)
         assert failed, "no result was hit"
         assert store.generated("b") == reference([5, 6, 7, 9], 24)
-        assert core.counters["batches_timed_out"] == 0  # recovered from the pending entry, not the timeout
+        assert core.counters.batches_timed_out == 0  # recovered from the pending entry, not the timeout
         assert time.monotonic() - t0 < 25
     finally:
         worker._stop.set()

@@ -119,8 +119,8 @@ def test_killed_replicas_and_cancellations_lose_nothing(mode):
     cfg = SchedulerConfig(mode=mode, slice_len=32, max_gen_len=512, max_batch_size=16)
     report, sim = simulate(cfg, LATENCY, MEMORY, workload, replicas=4, faults=faults)
 
-    assert sim.dead == {"sim-1", "sim-2"} and sim.core.counters["replicas_lost"] == 2
-    assert sim.core.counters["requests_requeued"] > 0  # the kills hit requests in flight
+    assert sim.dead == {"sim-1", "sim-2"} and sim.core.counters.replicas_lost == 2
+    assert sim.core.counters.requests_requeued > 0  # the kills hit requests in flight
     finished = [f.request.id for f in sim.finished]
     assert len(finished) == len(set(finished))
     assert sim.cancelled and set(sim.cancelled) <= {f.target for f in cancels}
