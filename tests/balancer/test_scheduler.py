@@ -204,3 +204,25 @@ def test_without_kv_reuse_cost_is_the_same_everywhere():
     [a] = sched.schedule(0.0)
     complete(sched, a, 1.0)
     assert sched.pool["r0"].kv_replica is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(1, 2000), st.integers(0, 300), st.sampled_from([None, "a", "b", "c"])),
+                     min_size=1, max_size=32))
+def test_a_batch_costs_on_each_cache_holder_its_fresh_rows_prefill(rows):
+    """On a replica that keeps some rows' caches, only the other rows are prefilled, padded to the longest of
+    them (all rows resumed: one token each); the decode is the same everywhere."""
+    sched = Scheduler(SchedulerConfig(mode=Mode.SCLS), LATENCY, memory(10**9))
+    for rid in ("a", "b", "c"):
+        sched.add_replica(rid)
+    reqs = [request(i, prompt_len=p, max_tokens=1000, generated=g) for i, (p, g, _) in enumerate(rows)]
+    for r, (_, _, at) in zip(reqs, rows):
+        r.kv_replica = at
+    batch = sched._make_batch(reqs, 64)
+    full_prefill = float(LATENCY.batch_time(len(reqs), batch.max_input_len, 0))
+    expected = {}
+    for holder in {at for _, _, at in rows} - {None}:
+        fresh = [r.input_len for r in reqs if r.kv_replica != holder]
+        prefill = LATENCY.batch_time(len(fresh), max(fresh), 0) if fresh else LATENCY.batch_time(len(reqs), 1, 0)
+        expected[holder] = max(batch.est_time - full_prefill + float(prefill), 0.0)
+    assert batch.cheaper_on == expected
