@@ -394,22 +394,30 @@ class Scheduler:
         self._refresh_expected_free(replica, now)
         self.stats.batches_completed += 1
 
-        outcomes = {o.request_id: o for o in result.outcomes}
-        self.stats.rows_completed += len(outcomes)
+        # Replicas report their rows in the batch's order (the simulated ones always do): read each row's
+        # outcome by position, and only index them by id once one is out of place.
+        outcomes = result.outcomes
+        by_id = None if len(outcomes) == len(batch.requests) else {o.request_id: o for o in outcomes}
         finished: list[Request] = []
         tokens = 0
         continuing = 0
         renew = self.config.mode is Mode.CONTINUOUS_SLICES
         holder = replica_id if self.config.kv_reuse and replica.keeps_kv else None  # where unfinished rows' KV stays
         running, batch_of, pool, aborted = self.running, self._batch_of, self.pool, self._aborted
-        for req in batch.requests:
+        for i, req in enumerate(batch.requests):
             rid = req.id
             running.pop(rid, None)
             batch_of.pop(rid, None)
+            if by_id is None:
+                outcome = outcomes[i]
+                if outcome.request_id != rid:
+                    by_id = {o.request_id: o for o in outcomes}
+                    outcome = by_id.get(rid)
+            else:
+                outcome = by_id.get(rid)
             if aborted and rid in aborted:  # (an empty set is the rule: skip hashing the id)
                 aborted.discard(rid)
                 continue
-            outcome = outcomes.get(rid)
             if outcome is None:  # the replica said nothing of it: serve it again, nothing was lost
                 req.pool_since = now
                 pool[rid] = req
@@ -440,6 +448,8 @@ class Scheduler:
                 continuing += 1
         if renew:
             self._refresh_expected_free(replica, now)
+        # every row's outcome in place: one outcome per row (distinct ids), as counted by id
+        self.stats.rows_completed += len(outcomes) if by_id is None else len(by_id)
         self.stats.tokens_generated += tokens
         self.stats.requests_finished += len(finished)
         if continuing:

@@ -116,7 +116,8 @@ class Batch:
 
     def __post_init__(self) -> None:
         # Fixed at formation: the rows' input_len grows once the slice's tokens are applied.
-        self.max_input_len = max((r.input_len for r in self.requests), default=0)
+        # (input_len spelled out, in a list rather than a generator: a batch is made for every slice)
+        self.max_input_len = max([r.prompt_len + r.generated for r in self.requests], default=0)
 
     @property
     def size(self) -> int:

@@ -97,8 +97,15 @@ class SliceReplica:
         for r in batch.requests:
             rid, generated, target = r.id, r.generated, r.true_len
             input_len = r.prompt_len + generated
-            k = min(cap, target - generated, max(r.max_tokens - generated, 0))
-            reason = _finish(generated + k, target, r.max_tokens)
+            budget = r.max_tokens
+            k = target - generated  # min(cap, tokens to EOS, budget left (at least 0)), and _finish, inlined
+            if k > cap:
+                k = cap
+            left = budget - generated if budget > generated else 0
+            if k > left:
+                k = left
+            produced = generated + k
+            reason = _EOS if produced >= target else _LENGTH if produced >= budget else _SLICE_END
             outcomes.append(RequestOutcome(rid, k, reason))
             if k > steps:  # the engine stops once every row has finished
                 steps = k
