@@ -408,9 +408,12 @@ def _fire(cluster: Cluster, kind: str, in_flight_rids: list[str]) -> dict:
     if kind == "worker":
         # The replica that is streaming the most requests to their clients right now: its death must show.
         pids = cluster.worker_pids()
-        owners = {rid: rep for rid, rep in _streaming_from(cluster, in_flight_rids).items() if rep in pids}
+        # Only requests Redis still holds as live: a finished one may still be streaming its last chunk from the
+        # victim, and killing its replica would stop nothing.
+        owners = {rid: rep for rid, rep in _streaming_from(cluster, in_flight_rids).items()
+                  if rep in pids and rid in live}
         if not owners:
-            raise _NotYet("no request in flight streams from a live replica")
+            raise _NotYet("no request live in Redis streams from a live replica")
         victim = Counter(owners.values()).most_common(1)[0][0]
         snap = cluster.store.metrics_snapshot()
         os.kill(pids[victim], signal.SIGKILL)
@@ -515,6 +518,11 @@ async def run_faults(cluster: Cluster, kinds: list[str], outcomes: list[Outcome]
             await asyncio.sleep(0.1)
         else:
             rec.error = f"not restored within {restore_timeout:.0f} s"
+        # The next fault waits until what this one stopped is moving again, so that each stall is its own.
+        stopped = [outcomes[i] for i in (rec.on_victim if kind == "worker" else rec.in_flight)]
+        while time.monotonic() < deadline and not all(
+                not o.in_flight() or any(t > rec.at for t in o.chunk_times) for o in stopped):
+            await asyncio.sleep(0.1)
         if kind == "worker":
             rec.requeued = await asyncio.to_thread(_requeued, cluster, state)
         since = time.perf_counter() - t0
