@@ -92,12 +92,13 @@ def parse_faults(args, workload) -> list:
     faults = []
     for spec in args.kill:
         replica, sep, at = spec.rpartition("@")
+        malformed = f"--kill {spec!r}: expected REPLICA@SECONDS, e.g. sim-3@120"
+        if not sep:
+            raise SystemExit(malformed)
         try:
             faults.append(SimFault(float(at), "kill", replica))
         except ValueError:
-            raise SystemExit(f"--kill {spec!r}: expected REPLICA@SECONDS, e.g. sim-3@120") from None
-        if not sep:
-            raise SystemExit(f"--kill {spec!r}: expected REPLICA@SECONDS, e.g. sim-3@120")
+            raise SystemExit(malformed) from None
         if replica not in {f"sim-{i}" for i in range(args.replicas)}:
             raise SystemExit(f"--kill {spec!r}: no replica {replica!r}; the simulated replicas are sim-0 .. "
                              f"sim-{args.replicas - 1}")
