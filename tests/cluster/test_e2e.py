@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -233,18 +234,24 @@ def run_load_and(cluster, store, reference, action, n=12, max_tokens=64, progres
 
 
 def worker_with_rows(store, timeout=30.0):
-    """(replica id, pid) of a worker the dispatcher has rows running on (it registered its own pid)."""
+    """(replica id, pid) of a live worker that is running some of the load right now: the one the most
+    unfinished requests last streamed tokens from (each output event names its replica), else the one the
+    dispatcher's last metrics snapshot shows the most rows on. The output events are read first because they
+    are current, while the snapshot is published every few seconds and can trail a short load to its end
+    (CI once saw the whole load finish before a snapshot showed a busy replica)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        snap = store.metrics_snapshot()
-        running = {rid: r.running_requests for rid, r in snap.replicas.items()} if snap else {}
         alive, _ = store.replicas_alive()
-        busy = [rid for rid in alive if running.get(rid, 0) > 0]
-        if busy:
-            victim = max(busy, key=running.get)
+        streaming = Counter(rep for rep in store.output_replicas(in_flight(store)).values() if rep in alive)
+        if not streaming:
+            snap = store.metrics_snapshot()
+            streaming = Counter({rid: r.running_requests for rid, r in (snap.replicas.items() if snap else ())
+                                 if rid in alive and r.running_requests > 0})
+        if streaming:
+            victim = streaming.most_common(1)[0][0]
             return victim, store.replica_info(victim).pid
         time.sleep(0.05)
-    pytest.fail("no worker had rows running")
+    pytest.fail("no live worker was running any of the load")
 
 
 def actor_pid(handle) -> int:
