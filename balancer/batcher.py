@@ -9,19 +9,19 @@ member, so mixing far-apart lengths only adds padding.
 best[j] = min over s in 1..cap(L_j) of best[j - s] + cost(s, L_j)
 
 The costs for every (j, s) come from one vectorised call to the estimator, or, when the scheduler keeps a
-``ShapeCosts`` across rounds, from rows per length computed once; the recurrence is then a short loop per row.
+``ShapeCosts`` across rounds, from tables per length computed once. The recurrence itself is compiled
+(:mod:`balancer.splits`).
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
-from operator import add
 
 import numpy as np
 
 from balancer.estimators import BilinearLatencyModel, LinearKVMemory, MemoryEstimator, SliceTimeEstimator
+from balancer.splits import least_total_splits, least_total_splits_kept
 from balancer.types import Request
 
 
@@ -47,14 +47,8 @@ def row_caps(lengths: np.ndarray, steps: int, memory: MemoryEstimator, max_batch
     return caps
 
 
-MATRIX_FROM_ROWS = 64
-"""Pools of at least this many rows are costed as one matrix even where per-shape costs are kept (below it,
-NumPy's per-call overhead costs more than the arithmetic)."""
-
-
 class _ByLength(dict):
-    """length -> ``compute(length)``, computed on first use. A known length is a plain subscript: the DP reads
-    several of these per request of every round, where a method call per read was a tenth of its time."""
+    """length -> ``compute(length)``, computed on first use (a known length is a plain subscript)."""
 
     def __init__(self, compute):
         super().__init__()
@@ -67,15 +61,12 @@ class _ByLength(dict):
 
 class ShapeCosts:
     """What the DP asks of the estimators, asked once per shape and kept: for one slice length, the row cap
-    of each longest input, and for each length the costs over every batch size.
+    of each longest input, and per-length tables of batch costs over every batch size.
 
-    Rounds of a long run see the same few thousand input lengths again and again, and NumPy's per-call
-    overhead on a pool of a few dozen requests costs more than the arithmetic, so a cost matrix built afresh
-    each round was a quarter of the simulator's time. Each row is computed by the same estimator call on a
-    NumPy row as the matrix would, so the DP sees bit-identical costs.
-
-    Each table is read by length: ``cap[L]``, ``whole[L][s - 1]``, ... Keep one only while the estimators are
-    pure functions of the shape: see ``cacheable``.
+    Rounds of a long run see the same few thousand input lengths again and again, and a cost matrix built
+    afresh each round was a quarter of the simulator's time. The tables are computed by the same estimator
+    call on a NumPy column as a fresh matrix would be, so the DP sees bit-identical costs. Keep one only while
+    the estimators are pure functions of the shape: see ``cacheable``.
     """
 
     def __init__(self, time: SliceTimeEstimator, memory: MemoryEstimator, steps: int, max_batch_size: int):
@@ -83,29 +74,21 @@ class ShapeCosts:
         self._sizes = np.arange(1, max_batch_size + 1, dtype=np.int64)
         self.cap = _ByLength(self._cap)
         """Largest batch allowed when its longest row has L tokens (memory and the size cap)."""
-        self.whole = _ByLength(self._whole)
-        """[s - 1]: a batch of s rows padded to L, prefill and decode."""
-        self.decode = _ByLength(self._decode)
-        """[s - 1]: the decode steps alone of s rows whose longest context starts at L."""
-        self.prefill = _ByLength(self._prefill)
-        """[k]: the prefill of k rows padded to L (0.0 for none)."""
-        self.resumed_only = _ByLength(self._resumed_only)
-        """[s - 1]: s resumed rows (each feeds one token) decoded from L: no fresh row to prefill."""
-        self._tables: tuple[np.ndarray, np.ndarray] | None = None
+        self._tables: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
-    def tables(self, longest: int) -> tuple[np.ndarray, np.ndarray]:
-        """``decode`` and ``prefill`` for every length up to ``longest`` at once, as arrays indexed
-        ``[L, s - 1]`` and ``[L, k]``, for ``_kept_caches_matrix``'s gathers. Computed by the same estimator
-        call as the rows (one column of lengths instead of one length), so they hold the same bits."""
+    def tables(self, longest: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For every length L up to ``longest`` at once: ``whole[L, s - 1]`` (s rows padded to L, prefill and
+        decode), ``decode[L, s - 1]`` (the decode steps alone of s rows from context L) and ``prefill[L, k]``
+        (k rows prefilled padded to L; 0.0 for none)."""
         if self._tables is None or len(self._tables[0]) <= longest:
             top = max(2 * longest, 4096)  # room to grow: rounds see a few thousand lengths, rebuilt rarely
             column = np.arange(top + 1, dtype=float)[:, None]
             sizes = self._sizes[None, :]
-            decode = np.asarray(self.time.batch_time(sizes, column, self.steps)
-                                - self.time.batch_time(sizes, column, 0), dtype=float)
+            whole = np.asarray(self.time.batch_time(sizes, column, self.steps), dtype=float)
+            decode = np.asarray(whole - self.time.batch_time(sizes, column, 0), dtype=float)
             prefill = np.zeros((top + 1, self.max_batch_size + 1))
             prefill[:, 1:] = np.asarray(self.time.batch_time(sizes, column, 0), dtype=float)
-            self._tables = decode, prefill
+            self._tables = whole, decode, prefill
         return self._tables
 
     @staticmethod
@@ -121,21 +104,6 @@ class ShapeCosts:
     def _cap(self, length: int) -> int:
         return min(self.max_batch_size, self.memory.max_batch_size(length, self.steps))
 
-    def _whole(self, length: int) -> list[float]:
-        return np.asarray(self.time.batch_time(self._sizes, length, self.steps), dtype=float).tolist()
-
-    def _decode(self, length: int) -> list[float]:
-        longest = float(length)
-        return np.asarray(self.time.batch_time(self._sizes, longest, self.steps)
-                          - self.time.batch_time(self._sizes, longest, 0), dtype=float).tolist()
-
-    def _prefill(self, length: int) -> list[float]:
-        return [0.0] + np.asarray(self.time.batch_time(self._sizes, length, 0), dtype=float).tolist()
-
-    def _resumed_only(self, length: int) -> list[float]:
-        resumed = self.prefill[1]
-        return [d + (0.0 + resumed[s]) for s, d in enumerate(self.decode[length], 1)]
-
 
 def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, memory: MemoryEstimator,
                  max_batch_size: int, kv_kept: bool = False, costs: ShapeCosts | None = None) -> BatchPlan:
@@ -148,11 +116,14 @@ def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, 
     """
     # (input_len spelled out: the property's call was a third of this sort, which sees every row of every round)
     ordered = sorted(requests, key=lambda r: (r.prompt_len + r.generated, r.id))
+    lengths = [r.prompt_len + r.generated for r in ordered]
     if costs is not None:
-        return _plan_with_kept_costs(ordered, costs, kv_kept)
-    lengths = np.array([r.input_len for r in ordered], dtype=np.int64)
-    caps = row_caps(lengths, steps, memory, max_batch_size)
-    unfit = [r for r, c in zip(ordered, caps) if c < 1]
+        cap = costs.cap
+        caps = np.array([cap[length] for length in lengths], dtype=np.int64)
+    else:
+        caps = row_caps(np.array(lengths, dtype=np.int64), steps, memory, max_batch_size)
+    lengths = np.array(lengths, dtype=np.int64)
+    unfit = [r for r, c in zip(ordered, caps.tolist()) if c < 1] if caps.min(initial=1) < 1 else []
     if unfit:
         keep = caps >= 1
         ordered = [r for r, k in zip(ordered, keep) if k]
@@ -160,120 +131,35 @@ def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, 
     n = len(ordered)
     if n == 0:
         return BatchPlan([], 0.0, unfit)
-
+    if costs is not None:
+        whole, decode, prefill = costs.tables(int(lengths[-1]))  # sorted: the last length is the longest
+        if kv_kept:
+            fresh = np.fromiter((r.kv_replica is None for r in ordered), dtype=bool, count=n)
+            return _groups(ordered, *least_total_splits_kept(lengths, fresh, caps, decode, prefill), unfit)
+        return _groups(ordered, *least_total_splits(whole[lengths], caps), unfit)
     width = int(min(caps.max(), n))
     sizes = np.arange(1, width + 1, dtype=np.int64)
-    # cost[j][s-1]: a batch of s rows ending at sorted index j (its longest row), for every j at once. The
-    # recurrence itself runs on Python lists: its windows are a few dozen wide, where NumPy's per-call
-    # overhead costs more than the arithmetic.
+    # cost[j, s - 1]: a batch of s rows ending at sorted index j (its longest row), for every j at once
     if kv_kept:
-        fresh = np.array([r.kv_replica is None for r in ordered])
-        cost = _costs_with_kept_caches(time, lengths, fresh, sizes, steps).tolist()
+        fresh = np.array([r.kv_replica is None for r in ordered], dtype=bool)
+        cost = _costs_with_kept_caches(time, lengths, fresh, sizes, steps)
     else:
         cost = np.broadcast_to(np.asarray(time.batch_time(sizes[None, :], lengths[:, None], steps), dtype=float),
-                               (n, width)).tolist()
-    return _split(ordered, cost, np.minimum(caps, width).tolist(), unfit)
+                               (n, width))
+    return _groups(ordered, *least_total_splits(np.ascontiguousarray(cost), np.minimum(caps, width)), unfit)
 
 
-def _plan_with_kept_costs(ordered: list[Request], costs: ShapeCosts, kv_kept: bool) -> BatchPlan:
-    """``plan_batches`` from the rows kept per length instead of a cost matrix."""
-    lengths = [r.prompt_len + r.generated for r in ordered]  # input_len, inlined (hot)
-    caps = [costs.cap[length] for length in lengths]
-    unfit = [r for r, c in zip(ordered, caps) if c < 1]
-    if unfit:
-        ordered = [r for r, c in zip(ordered, caps) if c >= 1]
-        lengths = [length for length, c in zip(lengths, caps) if c >= 1]
-        caps = [c for c in caps if c >= 1]
-    if not ordered:
-        return BatchPlan([], 0.0, unfit)
-    if not kv_kept:
-        return _split(ordered, [costs.whole[length] for length in lengths], caps, unfit)
-    if len(ordered) >= MATRIX_FROM_ROWS:
-        return _split(ordered, _kept_caches_matrix(ordered, lengths, costs), caps, unfit)
-    best, take = _least_total_splits_with_kept_caches(ordered, lengths, caps, costs)
-    return _groups(ordered, best, take, unfit)
-
-
-def _least_total_splits_with_kept_caches(ordered: list[Request], lengths: list[int], caps: list[int],
-                                         costs: ShapeCosts) -> tuple[list[float], list[int]]:
-    """``_least_total_splits`` over the costs ``_costs_with_kept_caches`` gives, each computed as the recurrence
-    reads it (same operations, same order, so the same bits) instead of as a matrix first.
-
-    A window of resumed rows only costs what a row kept per length says; most windows are such, as most of a
-    pool is resumed rows (a request arrives fresh once and comes back for each slice after). A window that
-    reaches a fresh row adds the fresh rows' prefill, padded to the last fresh row of the window.
-    """
-    n = len(ordered)
-    best = [0.0] * (n + 1)
-    take = [0] * (n + 1)
-    resumed_prefill = costs.prefill[1]
-    resumed_rows, decode_rows, prefill_rows = costs.resumed_only, costs.decode, costs.prefill
-    seen_fresh = [0] * (n + 1)  # seen_fresh[i]: fresh rows among the first i
-    last_fresh, last_fresh_len, seen = 0, 0, 0  # the latest fresh row so far (1-based, 0: none), its length
-    for j, length, r, cap in zip(range(1, n + 1), lengths, ordered, caps):
-        if r.kv_replica is None:
-            last_fresh, last_fresh_len = j, length
-            seen += 1
-        seen_fresh[j] = seen
-        m = cap if cap < j else j  # (conditionals rather than min(): this runs for every request of a round)
-        clean = j - last_fresh  # windows of up to this many rows hold resumed rows only
-        if clean > m:
-            clean = m
-        least, size, row = math.inf, 0, resumed_rows[length]
-        for s in range(1, clean + 1):
-            total = best[j - s] + row[s - 1]
-            if total < least:
-                least, size = total, s
-        if clean < m:
-            fresh_prefill, decode = prefill_rows[last_fresh_len], decode_rows[length]
-            for s in range(clean + 1, m + 1):
-                n_fresh = seen - seen_fresh[j - s]
-                total = best[j - s] + (decode[s - 1] + (fresh_prefill[n_fresh] + resumed_prefill[s - n_fresh]))
-                if total < least:
-                    least, size = total, s
-        best[j], take[j] = least, size
-    return best, take
-
-
-def _kept_caches_matrix(ordered: list[Request], lengths: list[int], costs: ShapeCosts) -> list[list[float]]:
-    """The cost matrix ``_costs_with_kept_caches`` gives, gathered from ``costs``' tables: cost[j - 1][s - 1]
-    for the s rows ending at row j (1-based, sorted by length) is
-
-        decode[L_j][s - 1] + (prefill[F][fresh rows] + prefill[1][resumed rows])
-
-    with F the length of the window's last fresh row (prefill[F][0] is 0.0: a window of resumed rows only),
-    the same operations in the same order as ``_least_total_splits_with_kept_caches``, so the same bits.
-    Entries past a row's window (s > j) are filler that the recurrence never reads.
-    """
-    n, width = len(ordered), costs.max_batch_size
-    decode, prefill = costs.tables(lengths[-1])  # sorted: the last length is the longest
-    length = np.array(lengths, dtype=np.int64)
-    fresh = np.fromiter((r.kv_replica is None for r in ordered), dtype=bool, count=n)
-    seen_fresh = np.concatenate(([0], np.cumsum(fresh)))  # fresh rows among the first i
-    end = np.arange(1, n + 1)[:, None]
-    sizes = costs._sizes[None, :]
-    n_fresh = seen_fresh[end] - seen_fresh[np.maximum(end - sizes, 0)]
-    n_resumed = np.clip(sizes - n_fresh, 0, width)
-    # the last fresh row up to j is also the longest (the rows are sorted); 0 before any
-    last_fresh_len = np.maximum.accumulate(np.where(fresh, length, 0))[:, None]
-    return (decode[length] + (prefill[last_fresh_len, n_fresh] + prefill[1][n_resumed])).tolist()
-
-
-def _split(ordered: list[Request], cost: list[list[float]], caps: list[int], unfit: list[Request]) -> BatchPlan:
-    best, take = _least_total_splits(cost, caps)
-    return _groups(ordered, best, take, unfit)
-
-
-def _groups(ordered: list[Request], best: list[float], take: list[int], unfit: list[Request]) -> BatchPlan:
+def _groups(ordered: list[Request], best: np.ndarray, take: np.ndarray, unfit: list[Request]) -> BatchPlan:
     """The split the recurrence chose, read back from its last row."""
     groups: list[list[Request]] = []
+    take = take.tolist()
     j = len(ordered)
     while j > 0:
         s = take[j]
         groups.append(ordered[j - s:j])
         j -= s
     groups.reverse()
-    return BatchPlan(groups, best[len(ordered)], unfit)
+    return BatchPlan(groups, float(best[len(ordered)]), unfit)
 
 
 def _costs_with_kept_caches(time: SliceTimeEstimator, lengths: np.ndarray, fresh: np.ndarray, sizes: np.ndarray,
@@ -296,27 +182,6 @@ def _costs_with_kept_caches(time: SliceTimeEstimator, lengths: np.ndarray, fresh
     prefill = (np.where(n_fresh > 0, time.batch_time(n_fresh, fresh_len, 0), 0.0)
                + np.where(n_resumed > 0, time.batch_time(n_resumed, 1, 0), 0.0))
     return np.asarray(decode + prefill, dtype=float)
-
-
-def _least_total_splits(cost: list[list[float]], caps: list[int]) -> tuple[list[float], list[int]]:
-    """best[j]: least total cost of the first j rows; take[j]: the size of the last batch in that split.
-
-    best[j] = min over s in 1..min(caps[j-1], j) of best[j - s] + cost[j-1][s-1], the smallest s on ties.
-    """
-    n = len(cost)
-    best = [0.0] * (n + 1)
-    take = [0] * (n + 1)
-    for j in range(1, n + 1):
-        m = caps[j - 1]
-        stop = j - m - 1  # best[j - 1], best[j - 2], ..., best[j - m]: a reversed slice, up to the start
-        before = best[j - 1:stop:-1] if stop >= 0 else best[j - 1::-1]
-        # The window's totals added and compared in C (map, min, index) rather than a Python loop: this runs
-        # for every request of every round. min keeps the first of equal totals and index finds the first,
-        # so ties still go to the smallest s, and each total is the same one addition as before.
-        totals = list(map(add, before, cost[j - 1]))
-        least = min(totals)
-        best[j], take[j] = least, totals.index(least) + 1
-    return best, take
 
 
 def split_for_parallelism(groups: list[list[Request]], workers: int, cost) -> list[list[Request]]:

@@ -161,26 +161,34 @@ def test_shape_costs_are_kept_only_for_estimators_that_cannot_change():
     steps=st.integers(1, 64),
     budget=st.integers(200, 200_000),
     cap=st.integers(1, 32),
+    kv_kept=st.booleans(),
+    kept=st.booleans(),
     latency=models,
 )
-def test_large_pools_costed_from_tables_plan_as_row_by_row(pool, steps, budget, cap, latency):
-    """A pool of MATRIX_FROM_ROWS or more is costed from the kept tables in one gather; it must plan exactly
-    as the row-by-row recurrence over the same kept costs does (groups, unfit, total to the last bit)."""
+def test_compiled_recurrence_plans_as_its_python_source(pool, steps, budget, cap, kv_kept, kept, latency):
+    """The DP's recurrence runs compiled by Numba; the same functions run as plain Python must give the same
+    plan, to the last bit of its total (no fast-math, the same additions in the same order)."""
     import balancer.batcher as batcher
+    import balancer.splits as splits
 
     mem = memory(budget)
-    kept = ShapeCosts(latency, mem, steps, cap)
     reqs = [request(i, prompt_len=n) for i, (n, _) in enumerate(pool)]
     for r, (_, cached) in zip(reqs, pool):
         r.kv_replica = "a" if cached else None
-    default = batcher.MATRIX_FROM_ROWS
+    costs = ShapeCosts(latency, mem, steps, cap) if kept else None
+    compiled = plan_batches(reqs, steps, latency, mem, cap, kv_kept=kv_kept, costs=costs)
+    kernels = {name: getattr(batcher, name) for name in ("least_total_splits", "least_total_splits_kept")}
+    assert all(hasattr(k, "py_func") for k in kernels.values()), "the recurrence is not compiled"
+    choose = splits._choose
     try:
-        batcher.MATRIX_FROM_ROWS = 1
-        gathered = plan_batches(reqs, steps, latency, mem, cap, kv_kept=True, costs=kept)
-        batcher.MATRIX_FROM_ROWS = 10**9
-        row_by_row = plan_batches(reqs, steps, latency, mem, cap, kv_kept=True, costs=kept)
+        splits._choose = choose.py_func  # the kernels' own helper, as Python too
+        for name, kernel in kernels.items():
+            setattr(batcher, name, kernel.py_func)
+        python = plan_batches(reqs, steps, latency, mem, cap, kv_kept=kv_kept, costs=costs)
     finally:
-        batcher.MATRIX_FROM_ROWS = default
-    assert [[r.id for r in g] for g in gathered.groups] == [[r.id for r in g] for g in row_by_row.groups]
-    assert [r.id for r in gathered.unfit] == [r.id for r in row_by_row.unfit]
-    assert gathered.total_time == row_by_row.total_time
+        splits._choose = choose
+        for name, kernel in kernels.items():
+            setattr(batcher, name, kernel)
+    assert [[r.id for r in g] for g in compiled.groups] == [[r.id for r in g] for g in python.groups]
+    assert [r.id for r in compiled.unfit] == [r.id for r in python.unfit]
+    assert compiled.total_time == python.total_time
