@@ -87,3 +87,17 @@ def least_total_splits_kept(lengths, fresh, caps, decode, prefill):
             row[s - 1] = decode[length, s - 1] + (prefill[fresh_len, k] + prefill[1, s - k])
         _choose(best, take, j, row, m)
     return best, take
+
+
+def compile_now() -> float:
+    """Compile both kernels (or load them from Numba's cache) now, rather than in the first round that plans
+    batches: a serving process calls this at start-up so its first request does not wait for the compiler.
+    Returns the seconds it took."""
+    import time
+
+    started = time.perf_counter()
+    caps = np.ones(1, dtype=np.int64)
+    least_total_splits(np.zeros((1, 1)), caps)
+    least_total_splits_kept(np.ones(1, dtype=np.int64), np.ones(1, dtype=bool), caps, np.zeros((2, 1)),
+                            np.zeros((2, 2)))
+    return time.perf_counter() - started

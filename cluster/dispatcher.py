@@ -15,6 +15,7 @@ import threading
 import time
 
 from balancer.estimators import LinearKVMemory
+from balancer.splits import compile_now
 from balancer.types import FinishReason, Request, RequestOutcome, SliceResult
 from cluster.config import SlicefleetConfig
 from cluster.dispatch_core import (LOSS_GRACE_AFTER_OUTAGE, Command, Commit, CommitOutcome, CommitProgress,
@@ -264,6 +265,7 @@ class Dispatcher:
     def __init__(self, config: dict):
         cfg = SlicefleetConfig.model_validate(config)
         latency, memory = build_estimators(cfg)
+        log.info("DP batcher compiled in %.2f s", compile_now())
         store = DispatcherStore.connect(cfg.redis)
         self.loop = DispatchLoop(cfg, latency, memory, store)
         self.loop.start()
