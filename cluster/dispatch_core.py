@@ -221,7 +221,7 @@ class DispatchCore:
         except ValueError as exc:  # it can never run here (too big for any replica's KV budget, or empty)
             log.warning("refusing %s: %s", request.id, exc)
             return [Finish(request.id, "error")]
-        if request.generated == 0:
+        if request.generated == 0 and not request.slices:  # never placed: its queue time is still to come
             self._arrivals[request.id] = request.arrival
         return []
 
@@ -364,9 +364,12 @@ class DispatchCore:
             arrivals = self._arrivals
             if arrivals:
                 for r in b.requests:
-                    arrival = arrivals.pop(r.id, None)
-                    if arrival is not None:  # its first placement: the wait vLLM calls queue time ends here
-                        self.queue_time.observe(max(now - arrival, 0.0))
+                    # Only a request that has not run a slice yet can be on its first placement (the wait vLLM
+                    # calls queue time ends there): skips a lookup for every later slice of every request.
+                    if not r.slices:
+                        arrival = arrivals.pop(r.id, None)
+                        if arrival is not None:
+                            self.queue_time.observe(max(now - arrival, 0.0))
             ids = [r.id for r in b.requests]
             if a.moved_from is not None:
                 self.counters.moves += 1
