@@ -53,8 +53,9 @@ def length_pairs(n: int, base: int, seed: int, max_gen_len: int) -> list[tuple[i
     tok = AutoTokenizer.from_pretrained(ensure_default_model())
     sample = sample_requests(tok, base, seed=seed)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(sample), size=n)
-    return [(sample[i].prompt_len, min(sample[i].output_len, max_gen_len)) for i in idx]
+    idx = rng.integers(0, len(sample), size=n).tolist()  # (Python ints: a NumPy index per request is slow)
+    lengths = [(s.prompt_len, min(s.output_len, max_gen_len)) for s in sample]
+    return [lengths[i] for i in idx]
 
 
 def run_point(mode: str, replicas: int, pairs, rate: float, args, profile: Path | None = None) -> dict:

@@ -13,7 +13,6 @@ elsewhere); a cancelled request is released where it runs and never finishes.
 
 from __future__ import annotations
 
-import gc
 import heapq
 import itertools
 import math
@@ -25,6 +24,7 @@ from balancer.estimators import BilinearLatencyModel, MemoryEstimator
 from balancer.types import FinishReason, Mode, Request, RequestOutcome, SliceResult
 from cluster.dispatch_core import (Commit, CommitOutcome, Completed, DispatchCore, Finish, ForgetReplica, Post)
 from cluster.messages import BatchOrder
+from cluster.sim.gc_pause import gc_paused
 from cluster.sim.replica import ContinuousReplica, SimulatedRequest, SliceReplica
 from cluster.sim.report import RunReport, schedule_fingerprint, summarize
 from cluster.sim.workload import SimRequest
@@ -116,15 +116,8 @@ class Simulation:
         heapq.heappush(self._events, (t, next(self._seq), kind, payload))
 
     def run(self) -> RunReport:
-        # The run allocates millions of small acyclic objects (requests, batches, results, events): the cyclic
-        # garbage collector's passes over them cost a quarter of the run and free nothing.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             return self._run()
-        finally:
-            if collecting:
-                gc.enable()
 
     def _run(self) -> RunReport:
         started = wallclock.perf_counter()
