@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 log = logging.getLogger("slicefleet.bench")
@@ -374,10 +375,11 @@ def predicted_lengths(args, requests) -> list[float] | None:
 def calibrations(args, slice_log: list[dict]) -> dict:
     """Latency models the simulator replays with: the packaged profile (taken on a quiet machine, one engine),
     and one refit from the slices the live runs measured (this machine's load, every replica busy)."""
+    from cluster.messages import read_timing
     from predictor.latency import Profile, fit_bilinear, hardware_key, read_profile, samples_from_slice_log
 
     models = {"packaged": read_profile(None).model}
-    samples = samples_from_slice_log(slice_log)
+    samples = samples_from_slice_log(read_timing(row) for row in slice_log)
     try:
         # Plain least squares, not the profiler's relative error: under contention step times have a heavy
         # tail (a step's mean was 1.25x its median here), and the simulator must reproduce sums of them.
@@ -459,10 +461,7 @@ def run_live_mode(args, mode: str, placement: str, requests, schedules, slo, res
                      entry["report"]["request_throughput"], entry["report"]["output_token_throughput"],
                      entry["report"]["latency_p99"], entry["serving"]["failed"])
         if engine == "hf":  # the in-situ profile is of the HF engines
-            logged = store.slice_log()
-            for row in logged:
-                row["label"] = label
-            slice_log.extend(logged)
+            slice_log.extend({**asdict(t), "label": label} for t in store.slice_log())
     finally:
         cluster.stop()
 

@@ -24,7 +24,7 @@ from balancer.estimators import LinearKVMemory, MemoryEstimator, SliceTimeEstima
 from balancer.scheduler import Scheduler
 from balancer.types import Batch, Mode, Request, SliceResult
 from cluster.messages import (BatchOrder, MetricsSnapshot, Progress, ProgressRow, Release, ReplicaMetrics,
-                              ResultMessage, SliceReport)
+                              ResultMessage, SliceReport, SliceTiming)
 from cluster.metrics import REQUEST_LATENCY_BUCKETS, SnapshotHistogram
 
 log = logging.getLogger("slicefleet.dispatcher")
@@ -125,7 +125,7 @@ class Repost:
 class LogTiming:
     """A slice's measured timing, kept so that a latency profile can be refit offline."""
 
-    timing: dict
+    timing: SliceTiming
 
 
 Command = Post | Commit | CommitProgress | Finish | Completed | ForgetReplica | HandOver | Repost | LogTiming
@@ -308,9 +308,9 @@ class DispatchCore:
         if hasattr(self.latency, "observe_result"):
             steps = len(result.decode_step_times) or max((o.new_tokens for o in result.outcomes), default=0)
             self.latency.observe_result(result, n=n, max_input_len=max_input_len, steps=steps)
-        return LogTiming({"n": n, "max_input_len": max_input_len, "resumed_rows": report.resumed_rows,
-                          "prefill_time": result.prefill_time, "decode_step_times": result.decode_step_times,
-                          "elapsed": result.elapsed, "replica_id": result.replica_id})
+        return LogTiming(SliceTiming(n, max_input_len, prefill_time=result.prefill_time,
+                                     decode_step_times=result.decode_step_times, resumed_rows=report.resumed_rows,
+                                     elapsed=result.elapsed, replica_id=result.replica_id))
 
     # ---- replicas ---------------------------------------------------------------------------------------
     def knows(self, replica_id: str) -> bool:

@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 
 from balancer.types import FinishReason
-from cluster.messages import BatchOrder, Progress, ProgressRow, Release, RowReport, SliceReport, WorkMessage
+from cluster.messages import (BatchOrder, Progress, ProgressRow, Release, RowReport, SliceReport, SliceTiming,
+                              WorkMessage)
 
 log = logging.getLogger("slicefleet.worker")
 
@@ -218,8 +219,8 @@ class LeaseLoop:
             return
         taken, stats.forwards = forwards, []
         self.store.log_slice(*[
-            {"n": n, "max_input_len": width, "prefill_time": dt if prefill else 0.0,
-             "decode_step_times": [] if prefill else [dt], "replica_id": self.replica_id, "continuous": True}
+            SliceTiming(n, width, prefill_time=dt if prefill else 0.0, decode_step_times=[] if prefill else [dt],
+                        replica_id=self.replica_id, continuous=True)
             for n, width, dt, prefill in taken])
 
     def _tokens(self, rid: str, row: Row) -> list[int]:

@@ -15,6 +15,7 @@ What travels where:
   one's;
 - a request's output stream carries :class:`OutputEvent` (new tokens, then the finish) for the ingress;
 - the metrics key holds the dispatcher's latest :class:`MetricsSnapshot` (admission control, ``/metrics``).
+- the slice log holds :class:`SliceTiming` entries (measured slices and forwards, to refit a latency profile).
 
 Each message and record carries ``v`` (:data:`VERSION`), and a message its ``kind`` (output events excepted: the
 store's result script writes them field by field, and their three fields have not changed since the first
@@ -149,6 +150,29 @@ class OutputEvent:
     """The replica the tokens came from ("" for a close that ran nothing, e.g. a cancellation)."""
     finish_reason: str | None = None
     """Set on the last event only."""
+
+
+@dataclass
+class SliceTiming:
+    """Dispatcher or replica -> the slice log: one measured slice, or one forward of a continuous batch, kept so
+    that a latency profile can be refit under the cluster's real conditions
+    (``predictor.latency.samples_from_slice_log``)."""
+
+    n: int
+    """Rows the forward ran."""
+    max_input_len: int
+    """The longest row's context at the start: what every row is padded to."""
+    prefill_time: float = 0.0
+    """Seconds of the prefill (0: none in this entry, e.g. a decode forward of a continuous batch)."""
+    decode_step_times: list[float] = field(default_factory=list)
+    resumed_rows: int = 0
+    """Rows that resumed from a kept KV cache: their prefill was a forward of its own, not part of this one."""
+    elapsed: float = 0.0
+    replica_id: str = ""
+    continuous: bool = False
+    """One forward of a continuous batch (continuous slices, ILS), not a whole slice."""
+
+    kind = "timing"
 
 
 # ---- records -------------------------------------------------------------------------------------------------
@@ -361,7 +385,7 @@ WorkMessage = BatchOrder | Release
 ResultMessage = SliceReport | Progress
 
 
-def encode(msg: WorkMessage | ResultMessage | MetricsSnapshot) -> str:
+def encode(msg: WorkMessage | ResultMessage | MetricsSnapshot | SliceTiming) -> str:
     return json.dumps({"v": VERSION, "kind": msg.kind, **asdict(msg)})
 
 
@@ -410,6 +434,17 @@ def decode_work(raw: str | bytes) -> WorkMessage:
 def decode_result(raw: str | bytes) -> ResultMessage:
     cls, data = _fields(raw, {"slice": SliceReport, "progress": Progress})
     return _rows(cls, data, RowReport if cls is SliceReport else ProgressRow)
+
+
+def decode_timing(raw: str | bytes) -> SliceTiming:
+    """A slice-log entry; one logged before versions were stamped (a plain JSON object) reads as version 1."""
+    cls, data = _fields(raw, {"timing": SliceTiming}, legacy_kind="timing")
+    return _build(cls, data)
+
+
+def read_timing(data: Mapping) -> SliceTiming:
+    """A slice-log entry saved as a plain mapping (a bench run's ``slice_log.json``); other keys are ignored."""
+    return _build(SliceTiming, dict(data))
 
 
 def decode_metrics(raw: str | bytes) -> MetricsSnapshot:

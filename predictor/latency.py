@@ -139,17 +139,18 @@ def fit_bilinear(
     return BilinearLatencyModel(*map(float, coefs))
 
 
-def samples_from_slice_log(rows: Iterable[dict]) -> Samples:
-    """The slice timings a cluster logged (``AdminStore.slice_log``) as profile samples.
+def samples_from_slice_log(rows: Iterable) -> Samples:
+    """The slice timings a cluster logged (``AdminStore.slice_log``: ``cluster.messages.SliceTiming``, or
+    anything with its fields) as profile samples.
 
     Decode steps count from every slice. A prefill counts only when no row resumed from a kept cache: the
     engine feeds resumed rows in a forward of their own, so such a prefill is not one prefill(N, L).
     """
     samples = Samples()
     for row in rows:
-        n, length, steps = row["n"], row["max_input_len"], row.get("decode_step_times") or []
-        if int(row.get("resumed_rows", 0)) == 0 and float(row.get("prefill_time") or 0) > 0:
-            samples.add_slice(n, length, row["prefill_time"], steps)
+        n, length, steps = row.n, row.max_input_len, row.decode_step_times
+        if row.resumed_rows == 0 and row.prefill_time > 0:
+            samples.add_slice(n, length, row.prefill_time, steps)
         else:
             samples.add_decode(n, length, steps)
     return samples

@@ -8,11 +8,10 @@ Nothing here takes part in serving: the roles' stores are :mod:`~cluster.stores.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
-from cluster.messages import (MetricsSnapshot, OutputEvent, RequestRecord, ResultMessage, UnknownMessage,
-                              decode_metrics, read_output_entry, read_request_entry, read_result_entry,
+from cluster.messages import (MetricsSnapshot, OutputEvent, RequestRecord, ResultMessage, SliceTiming,
+                              UnknownMessage, decode_metrics, decode_timing, read_output_entry, read_request_entry, read_result_entry,
                               request_entry)
 from cluster.stores.base import Store, queue_submit
 from cluster.stores.dispatcher import DispatcherStore
@@ -49,9 +48,9 @@ class AdminStore(Store):
         except UnknownMessage:
             return None
 
-    def slice_log(self) -> list[dict]:
+    def slice_log(self) -> list[SliceTiming]:
         """The measured slice timings, oldest first (``predictor.latency.samples_from_slice_log`` reads them)."""
-        return [json.loads(x) for x in self._r.lrange(self.k.slice_log, 0, -1)]
+        return [decode_timing(x) for x in self._r.lrange(self.k.slice_log, 0, -1)]
 
     def output_replicas(self, rids: list[str]) -> dict[str, str]:
         """Request id -> the replica its latest tokens came from (each output event names it)."""

@@ -24,14 +24,14 @@ once its reader acknowledged it, so the streams stay as long as the work in flig
 
 from __future__ import annotations
 
-import json
 import ssl
 import time
 
 import redis
 
 from cluster.config import RedisSettings
-from cluster.messages import ReplicaInfo, RequestRecord, ResultMessage, request_entry, result_entry
+from cluster.messages import (ReplicaInfo, RequestRecord, ResultMessage, SliceTiming, encode, request_entry,
+                              result_entry)
 from cluster.redis_server import safe_url
 
 OUTPUT_TTL_SECONDS = 3600
@@ -219,13 +219,13 @@ class Store:
             pipe.xadd(self.k.results, result_entry(message))
         pipe.execute()
 
-    def log_slice(self, *timings: dict, keep: int = SLICE_LOG_LENGTH) -> None:
+    def log_slice(self, *timings: SliceTiming, keep: int = SLICE_LOG_LENGTH) -> None:
         """Append measured slice (or forward) timings (the newest ``keep`` are kept): what a profile can be
         refit from under the cluster's real conditions (``predictor.latency.samples_from_slice_log``)."""
         if not timings:
             return
         pipe = self._r.pipeline(transaction=False)
-        pipe.rpush(self.k.slice_log, *[json.dumps(t) for t in timings])
+        pipe.rpush(self.k.slice_log, *[encode(t) for t in timings])
         pipe.ltrim(self.k.slice_log, -keep, -1)
         pipe.execute()
 

@@ -83,10 +83,10 @@ def test_a_dispatcher_restart_mid_load_loses_and_doubles_nothing(redis_url, refe
         second.stop()
         timings = store.slice_log()
         if mode in ("ils", "continuous_slices"):  # one record per forward of the continuous batch
-            assert timings and all(t["continuous"] and t["n"] >= 1 for t in timings)
+            assert timings and all(t.continuous and t.n >= 1 for t in timings)
         else:
-            assert timings and all(t["n"] >= 1 and t["max_input_len"] >= 4 for t in timings)
-            assert sum(len(t["decode_step_times"]) for t in timings) > 0
+            assert timings and all(t.n >= 1 and t.max_input_len >= 4 for t in timings)
+            assert sum(len(t.decode_step_times) for t in timings) > 0
     finally:
         for w in workers:
             w._stop.set()

@@ -174,7 +174,7 @@ def test_vanishing_clients_are_cancelled_and_free_everything(cluster, store):
     assert idle_to == idle_from, (idle_from, idle_to)
     # ...after computing a small share of the budgets: rows x decode steps from the forwards the replica logs
     # (every 16 steps, so at most 16 x 24 row-steps are not in the log yet).
-    row_steps = sum(f["n"] for f in store.slice_log()[log_before:] if f.get("decode_step_times"))
+    row_steps = sum(f.n for f in store.slice_log()[log_before:] if f.decode_step_times)
     assert row_steps <= 24 * BUDGET // 8, row_steps
     assert max(tokens.values()) <= BUDGET // 8, tokens  # and published even fewer
     print(f"\nvanishing clients: 24 cancelled; tokens stored per streaming request min {min(tokens.values())} max "

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from cluster.messages import (VERSION, BatchOrder, HistogramSnapshot, MetricsSnapshot, OutputEvent, Progress,
                               ProgressRow, Release, ReplicaInfo, ReplicaMetrics, RequestRecord, RowReport,
-                              SliceReport, UnknownMessage, decode_metrics, decode_result, decode_work, encode,
+                              SliceReport, SliceTiming, UnknownMessage, decode_metrics, decode_result,
+                              decode_timing, decode_work, encode, read_timing,
                               output_entry, read_output_entry, read_request_entry, read_result_entry,
                               read_work_entry, request_entry, result_entry, work_entry)
 
@@ -55,6 +56,9 @@ snapshots = st.builds(
 outputs = st.builds(OutputEvent, tokens, ids, st.none() | finishes)
 progresses = st.builds(Progress, ids, st.lists(st.builds(ProgressRow, ids, ids, epochs, st.integers(0, 10**5), tokens),
                                                max_size=8))
+timings = st.builds(SliceTiming, st.integers(1, 64), st.integers(0, 10**5), prefill_time=st.floats(0, 1e3),
+                    decode_step_times=st.lists(st.floats(0, 10), max_size=8), resumed_rows=st.integers(0, 64),
+                    elapsed=st.floats(0, 1e4), replica_id=ids, continuous=st.booleans())
 
 
 @given(orders | releases)
@@ -65,6 +69,21 @@ def test_work_messages_round_trip(msg):
 @given(reports | progresses)
 def test_result_messages_round_trip(msg):
     assert decode_result(encode(msg)) == msg
+
+
+@given(timings)
+def test_slice_timings_round_trip(timing):
+    assert decode_timing(encode(timing)) == timing
+    assert read_timing(json.loads(encode(timing)) | {"label": "a bench run's own key"}) == timing
+
+
+def test_slice_timings_logged_before_versions_read_as_version_1():
+    """The slice log of a cluster that ran older code holds plain JSON objects, without v or kind."""
+    legacy = {"n": 4, "max_input_len": 96, "prefill_time": 0.5, "decode_step_times": [0.01, 0.02],
+              "resumed_rows": 1, "elapsed": 0.6, "replica_id": "w0"}
+    assert decode_timing(json.dumps(legacy)) == SliceTiming(4, 96, 0.5, [0.01, 0.02], 1, 0.6, "w0")
+    with pytest.raises(UnknownMessage, match="version"):
+        decode_timing(json.dumps(legacy | {"v": VERSION + 1, "kind": "timing"}))
 
 
 def test_the_wire_names_version_and_kind():

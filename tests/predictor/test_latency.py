@@ -62,13 +62,15 @@ def test_fit_with_noise_predicts_heldout_slices_within_5_percent():
 def test_slice_log_refits_the_model_and_skips_prefills_of_resumed_batches():
     """Timings logged by a cluster refit the model; a prefill of a batch with resumed rows is left out (it
     was two forwards, not prefill(N, L)), while its decode steps still count."""
+    from cluster.messages import SliceTiming
+
     rows = []
     for n in (1, 2, 4, 8, 16, 32):
         for L in (16, 64, 256, 1024):
-            rows.append({"n": n, "max_input_len": L, "resumed_rows": 0, "prefill_time": TRUE.prefill_time(n, L),
-                         "decode_step_times": [TRUE.decode_step_time(n, L + j) for j in range(8)]})
-    rows.append({"n": 8, "max_input_len": 512, "resumed_rows": 3, "prefill_time": 99.0,
-                 "decode_step_times": [TRUE.decode_step_time(8, 512 + j) for j in range(4)]})
+            rows.append(SliceTiming(n, L, resumed_rows=0, prefill_time=TRUE.prefill_time(n, L),
+                                    decode_step_times=[TRUE.decode_step_time(n, L + j) for j in range(8)]))
+    rows.append(SliceTiming(8, 512, resumed_rows=3, prefill_time=99.0,
+                            decode_step_times=[TRUE.decode_step_time(8, 512 + j) for j in range(4)]))
     samples = samples_from_slice_log(rows)
     assert len(samples.prefill) == 24 and len(samples.decode) == 24 * 8 + 4
     fit = fit_bilinear(samples.prefill, samples.decode)
