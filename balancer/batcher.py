@@ -35,18 +35,6 @@ class BatchPlan:
     """Requests whose single-row batch already exceeds the memory budget; they can never run here."""
 
 
-def row_caps(lengths: np.ndarray, steps: int, memory: MemoryEstimator, max_batch_size: int) -> np.ndarray:
-    """Largest batch allowed when the longest row has each of ``lengths`` tokens (memory and the cap)."""
-    cache: dict[int, int] = {}
-    caps = np.empty(len(lengths), dtype=np.int64)
-    for i, length in enumerate(lengths.tolist()):
-        cap = cache.get(length)
-        if cap is None:
-            cap = cache[length] = min(max_batch_size, memory.max_batch_size(length, steps))
-        caps[i] = cap
-    return caps
-
-
 class _ByLength(dict):
     """length -> ``compute(length)``, computed on first use (a known length is a plain subscript)."""
 
@@ -57,6 +45,11 @@ class _ByLength(dict):
     def __missing__(self, length: int):
         value = self[length] = self._compute(length)
         return value
+
+
+def _caps_by_length(memory: MemoryEstimator, steps: int, max_batch_size: int) -> _ByLength:
+    """length L -> the largest batch allowed when its longest row has L tokens (memory and the size cap)."""
+    return _ByLength(lambda length: min(max_batch_size, memory.max_batch_size(length, steps)))
 
 
 class ShapeCosts:
@@ -72,7 +65,7 @@ class ShapeCosts:
     def __init__(self, time: SliceTimeEstimator, memory: MemoryEstimator, steps: int, max_batch_size: int):
         self.time, self.memory, self.steps, self.max_batch_size = time, memory, steps, max_batch_size
         self._sizes = np.arange(1, max_batch_size + 1, dtype=np.int64)
-        self.cap = _ByLength(self._cap)
+        self.cap = _caps_by_length(memory, steps, max_batch_size)
         """Largest batch allowed when its longest row has L tokens (memory and the size cap)."""
         self._tables: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -101,9 +94,6 @@ class ShapeCosts:
         return (self.time is time and self.memory is memory and self.steps == steps
                 and self.max_batch_size == max_batch_size)
 
-    def _cap(self, length: int) -> int:
-        return min(self.max_batch_size, self.memory.max_batch_size(length, self.steps))
-
 
 def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, memory: MemoryEstimator,
                  max_batch_size: int, kv_kept: bool = False, costs: ShapeCosts | None = None) -> BatchPlan:
@@ -117,11 +107,8 @@ def plan_batches(requests: list[Request], steps: int, time: SliceTimeEstimator, 
     # (input_len spelled out: the property's call was a third of this sort, which sees every row of every round)
     ordered = sorted(requests, key=lambda r: (r.prompt_len + r.generated, r.id))
     lengths = [r.prompt_len + r.generated for r in ordered]
-    if costs is not None:
-        cap = costs.cap
-        caps = np.array([cap[length] for length in lengths], dtype=np.int64)
-    else:
-        caps = row_caps(np.array(lengths, dtype=np.int64), steps, memory, max_batch_size)
+    cap = costs.cap if costs is not None else _caps_by_length(memory, steps, max_batch_size)
+    caps = np.array([cap[length] for length in lengths], dtype=np.int64)
     lengths = np.array(lengths, dtype=np.int64)
     unfit = [r for r, c in zip(ordered, caps.tolist()) if c < 1] if caps.min(initial=1) < 1 else []
     if unfit:

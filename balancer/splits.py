@@ -14,6 +14,8 @@ same to the last bit compiled or not.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 try:
@@ -93,8 +95,6 @@ def compile_now() -> float:
     """Compile both kernels (or load them from Numba's cache) now, rather than in the first round that plans
     batches: a serving process calls this at start-up so its first request does not wait for the compiler.
     Returns the seconds it took."""
-    import time
-
     started = time.perf_counter()
     caps = np.ones(1, dtype=np.int64)
     least_total_splits(np.zeros((1, 1)), caps)
