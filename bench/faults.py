@@ -652,23 +652,30 @@ def verdict(summary: dict, faults: list[dict], kinds: list[str]) -> list[str]:
 
 
 # ---- the command ------------------------------------------------------------------------------------------
+def add_request_set_arguments(p: argparse.ArgumentParser, *, min_tokens: int = 16, slice_len: int = 64,
+                              slice_len_help: str = "scheduler.slice_len", what: str = "the cluster") -> None:
+    """The options every harness shares: which requests it sends (seeded prompts and budgets) and the cluster's
+    mode, replicas and slice length. ``what`` names the cluster(s) in the help."""
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts, budgets and arrivals")
+    p.add_argument("--min-tokens", type=int, default=min_tokens, help="smallest max_tokens of a request")
+    p.add_argument("--max-tokens", type=int, default=96, help="largest max_tokens of a request")
+    p.add_argument("--prompts", choices=("sharegpt", "fixed"), default="sharegpt",
+                   help="ShareGPT prompts (the bench extra) or a fixed list of short prompts")
+    p.add_argument("--max-prompt-len", type=int, default=512, help="longest ShareGPT prompt, tokens")
+    p.add_argument("--mode", choices=("continuous_slices", "scls", "sls", "ils"), default="continuous_slices",
+                   help=f"scheduler.mode of {what}")
+    p.add_argument("--replicas", type=int, default=2, help=f"worker replicas of {what}")
+    p.add_argument("--slice-len", type=int, default=slice_len, help=slice_len_help)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated, run in this order after the reference: {', '.join(SCENARIOS)} "
                         "(all: worker, dispatcher and redis in sequence in one run)")
     p.add_argument("--requests", type=int, default=80, help="requests in the set (every run sends the same set)")
     p.add_argument("--rate", type=float, default=3.0, help="Poisson arrival rate, req/s")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts, budgets and arrivals")
-    p.add_argument("--min-tokens", type=int, default=16, help="smallest max_tokens in the set")
-    p.add_argument("--max-tokens", type=int, default=96, help="largest max_tokens in the set")
-    p.add_argument("--prompts", choices=("sharegpt", "fixed"), default="sharegpt",
-                   help="ShareGPT prompts (the bench extra) or a fixed list of short prompts")
-    p.add_argument("--max-prompt-len", type=int, default=512, help="longest ShareGPT prompt, tokens")
-    p.add_argument("--mode", choices=("continuous_slices", "scls", "sls", "ils"), default="continuous_slices",
-                   help="scheduler.mode of the cluster")
-    p.add_argument("--replicas", type=int, default=2, help="worker replicas")
-    p.add_argument("--slice-len", type=int, default=16,
-                   help="scheduler.slice_len: short, so that a worker is killed with slices still to run")
+    add_request_set_arguments(p, slice_len=16, slice_len_help="scheduler.slice_len: short, so that a worker is "
+                                                              "killed with slices still to run")
     p.add_argument("--external-redis", action="store_true",
                    help="give the cluster a Redis this harness owns and restarts itself after killing it (as a "
                         "supervisor would), instead of the embedded one the local cluster supervises")

@@ -23,6 +23,7 @@ from bench.faults import (
     Cluster,
     FaultRequest,
     Outcome,
+    add_request_set_arguments,
     alive,
     cmdline,
     descendants,
@@ -426,17 +427,8 @@ def add_common_arguments(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--capacity-seconds", type=float, default=60.0, help="length of the capacity measurement")
     p.add_argument("--capacity-concurrency", type=int, default=64,
                    help="clients of the capacity measurement (enough to fill every replica's batch)")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts, budgets and arrivals")
     p.add_argument("--pool", type=int, default=200, help="distinct requests (prompt, budget) the load cycles through")
-    p.add_argument("--min-tokens", type=int, default=16, help="smallest max_tokens of a request")
-    p.add_argument("--max-tokens", type=int, default=96, help="largest max_tokens of a request")
-    p.add_argument("--prompts", choices=("sharegpt", "fixed"), default="sharegpt",
-                   help="ShareGPT prompts (the bench extra) or a fixed list of short prompts")
-    p.add_argument("--max-prompt-len", type=int, default=512, help="longest ShareGPT prompt, tokens")
-    p.add_argument("--mode", choices=("continuous_slices", "scls", "sls", "ils"), default="continuous_slices",
-                   help="scheduler.mode of the cluster")
-    p.add_argument("--replicas", type=int, default=2, help="worker replicas")
-    p.add_argument("--slice-len", type=int, default=64, help="scheduler.slice_len")
+    add_request_set_arguments(p)
     p.add_argument("--max-backlog-seconds", type=float, default=None,
                    help="api.max_backlog_seconds of the cluster (default: the config's default)")
     p.add_argument("--max-inflight", type=int, default=None,

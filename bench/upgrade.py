@@ -51,8 +51,8 @@ from pathlib import Path
 
 from balancer.types import FinishReason
 from bench.harness_main import harness_main
-from bench.faults import (Cluster, FaultRecord, FaultRequest, Outcome, _streaming_from, alive, compare, descendants,
-                          drive, machine, request_set, resumed_after, send)
+from bench.faults import (Cluster, FaultRecord, FaultRequest, Outcome, _streaming_from, add_request_set_arguments,
+                          alive, compare, descendants, drive, machine, request_set, resumed_after, send)
 from bench.loadgen import arrivals
 from bench.pressure import snapshot_code
 
@@ -637,16 +637,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "connected client against the token count in Redis")
     p.add_argument("--reference-rate", type=_rate, default=None, metavar="RATE",
                    help="arrival rate of the reference run, req/s, or 'inf' for all at once (default: --rate)")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts, budgets and arrivals")
-    p.add_argument("--min-tokens", type=int, default=32, help="smallest max_tokens in the set")
-    p.add_argument("--max-tokens", type=int, default=96, help="largest max_tokens in the set")
-    p.add_argument("--prompts", choices=("sharegpt", "fixed"), default="sharegpt",
-                   help="ShareGPT prompts (the bench extra) or a fixed list of short prompts")
-    p.add_argument("--max-prompt-len", type=int, default=512, help="longest ShareGPT prompt, tokens")
-    p.add_argument("--mode", choices=("continuous_slices", "scls", "sls", "ils"), default="continuous_slices",
-                   help="scheduler.mode of both clusters")
-    p.add_argument("--replicas", type=int, default=2, help="worker replicas per cluster")
-    p.add_argument("--slice-len", type=int, default=16, help="scheduler.slice_len")
+    add_request_set_arguments(p, min_tokens=32, slice_len=16, what="each cluster")
     p.add_argument("--upgrade-at", type=float, default=0.15,
                    help="cluster B starts once this share of the send window has passed and requests are in flight")
     p.add_argument("--min-in-flight", type=int, default=3,
