@@ -23,7 +23,7 @@ from balancer.config import SchedulerConfig
 from balancer.estimators import LinearKVMemory, MemoryEstimator, SliceTimeEstimator
 from balancer.scheduler import Scheduler
 from balancer.types import Batch, Mode, Request, SliceResult
-from cluster.messages import (BatchOrder, MetricsSnapshot, Progress, ProgressRow, Release, ReplicaMetrics,
+from cluster.messages import (BatchOrder, DispatchCounters, MetricsSnapshot, Progress, ProgressRow, Release, ReplicaMetrics,
                               ResultMessage, SliceReport, SliceTiming)
 from cluster.metrics import REQUEST_LATENCY_BUCKETS, SnapshotHistogram
 
@@ -129,26 +129,6 @@ class LogTiming:
 
 
 Command = Post | Commit | CommitProgress | Finish | Completed | ForgetReplica | HandOver | Repost | LogTiming
-
-
-@dataclass(slots=True)
-class DispatchCounters:
-    """What the core counts since its epoch began; the scheduler's ``stats`` count batches, rows, tokens and
-    finishes. Both go into the metrics snapshot under these names."""
-
-    stale_results: int = 0
-    pad_tokens: int = 0
-    invalid_tokens: int = 0
-    reprefill_tokens: int = 0
-    kv_reused_batches: int = 0
-    predicted_slice_seconds_sum: float = 0.0
-    actual_slice_seconds_sum: float = 0.0
-    abs_pct_error_sum: float = 0.0
-    slices_estimated: int = 0
-    replicas_lost: int = 0
-    batches_timed_out: int = 0
-    moves: int = 0
-    requests_requeued: int = 0
 
 
 class DispatchCore:

@@ -19,9 +19,8 @@ from balancer.splits import compile_now
 from balancer.types import FinishReason, Request, RequestOutcome, SliceResult
 from cluster.config import SlicefleetConfig
 from cluster.dispatch_core import (LOSS_GRACE_AFTER_OUTAGE, Command, Commit, CommitOutcome, CommitProgress,
-                                   DispatchCore, DispatchCounters, Finish, ForgetReplica, HandOver, LogTiming, Post,
-                                   Repost)
-from cluster.messages import MetricsSnapshot, Progress, RequestRecord, SliceReport, WorkMessage
+                                   DispatchCore, Finish, ForgetReplica, HandOver, LogTiming, Post, Repost)
+from cluster.messages import DispatchCounters, MetricsSnapshot, Progress, RequestRecord, SliceReport, WorkMessage
 from cluster.stores.base import STORE_UNAVAILABLE
 from cluster.stores.dispatcher import DispatcherStore
 

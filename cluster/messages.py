@@ -306,11 +306,33 @@ class ReplicaMetrics:
     """KV cache the dispatcher reserved there, over its budget (1 = full)."""
 
 
+@dataclass(slots=True, kw_only=True)
+class DispatchCounters:
+    """What the dispatch core counts since its epoch began (the scheduler's ``stats`` count batches, rows,
+    tokens and finishes). A :class:`MetricsSnapshot` carries them under the same names, so they are declared
+    once, here."""
+
+    stale_results: int = 0
+    pad_tokens: int = 0
+    invalid_tokens: int = 0
+    reprefill_tokens: int = 0
+    kv_reused_batches: int = 0
+    predicted_slice_seconds_sum: float = 0.0
+    actual_slice_seconds_sum: float = 0.0
+    abs_pct_error_sum: float = 0.0
+    slices_estimated: int = 0
+    replicas_lost: int = 0
+    batches_timed_out: int = 0
+    moves: int = 0
+    requests_requeued: int = 0
+
+
 @dataclass
-class MetricsSnapshot:
+class MetricsSnapshot(DispatchCounters):
     """Dispatcher -> ingress, bench and ``/metrics``: the dispatcher's figures, republished every second.
 
-    Counters count since this dispatcher's epoch started (a restart begins them at 0 again)."""
+    Counters count since this dispatcher's epoch started (a restart begins them at 0 again): the core's
+    (inherited from :class:`DispatchCounters`, keyword-only) and the scheduler's below."""
 
     time: float
     epoch: int
@@ -321,26 +343,13 @@ class MetricsSnapshot:
     """Predicted seconds until the replicas could start a request arriving now (inf: no replica)."""
     batch_size_mean: float = 0.0
     slice_time_mape: float = 0.0
-    # counters
+    # the scheduler's counters
     slices_run: int = 0
     batches_run: int = 0
     rows_run: int = 0
     requests_finished: int = 0
-    stale_results: int = 0
     tokens_generated: int = 0
-    pad_tokens: int = 0
-    invalid_tokens: int = 0
-    reprefill_tokens: int = 0
-    kv_reused_batches: int = 0
     early_returns: int = 0
-    predicted_slice_seconds_sum: float = 0.0
-    actual_slice_seconds_sum: float = 0.0
-    abs_pct_error_sum: float = 0.0
-    slices_estimated: int = 0
-    replicas_lost: int = 0
-    batches_timed_out: int = 0
-    moves: int = 0
-    requests_requeued: int = 0
     preemptions: int = 0
     """Moves plus re-queued requests: each will be prefilled again elsewhere."""
     queue_time: HistogramSnapshot | None = None
@@ -349,10 +358,8 @@ class MetricsSnapshot:
 
     kind = "metrics"
 
-    COUNTERS = ("slices_run", "batches_run", "rows_run", "requests_finished", "stale_results", "tokens_generated",
-                "pad_tokens", "invalid_tokens", "reprefill_tokens", "kv_reused_batches", "early_returns",
-                "predicted_slice_seconds_sum", "actual_slice_seconds_sum", "abs_pct_error_sum", "slices_estimated",
-                "replicas_lost", "batches_timed_out", "moves", "requests_requeued", "preemptions")
+    COUNTERS = ("slices_run", "batches_run", "rows_run", "requests_finished", "tokens_generated", "early_returns",
+                "preemptions", *(f.name for f in fields(DispatchCounters)))
 
     def since(self, before: "MetricsSnapshot | None") -> "MetricsSnapshot":
         """What accumulated between ``before`` and this snapshot: counters and each replica's busy seconds as
