@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from cluster.http_app import build_api
 from cluster.redis_server import EmbeddedRedis, free_loopback_port
-from cluster.messages import MetricsSnapshot, ReplicaInfo, ReplicaMetrics, RequestRecord
+from cluster.messages import ReplicaInfo, ReplicaMetrics, RequestRecord
 from tests.cluster.test_ingress_support import (
     ANSWER_TEXT,
     FakeDispatcher,
@@ -51,18 +51,13 @@ def client(env):
 @pytest.fixture(autouse=True)
 def _reset(env):
     env.fake.reset()
-    _publish(env)
+    env.fake.publish()
     yield
     env.fake.reset()
 
 
 def _decode(env, ids):
     return env.tok.decode(ids, skip_special_tokens=True)
-
-
-def _publish(env, **figures) -> None:
-    """A dispatcher snapshot with ``figures`` (the rest at their defaults: no backlog, nothing running)."""
-    env.fake.dispatch.publish_metrics(MetricsSnapshot(time.time(), 1, "scls", **figures))
 
 
 def _incoming(env) -> int:
@@ -481,18 +476,18 @@ def test_json_depth_counts_brackets_outside_strings():
 
 def test_admission_control_429_with_retry_after(client, env):
     before = _incoming(env)
-    _publish(env, backlog_seconds=1000.5)  # bound: 600 s
+    env.fake.publish(backlog_seconds=1000.5)  # bound: 600 s
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
     assert r.status_code == 429
     assert r.headers["retry-after"] == "401"
     err = r.json()["error"]
     assert err["type"] == "rate_limit_error" and err["code"] == "backlog_exceeded"
     assert _incoming(env) == before
-    _publish(env, backlog_seconds=float("inf"))  # no replicas at all
+    env.fake.publish(backlog_seconds=float("inf"))  # no replicas at all
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
     assert r.status_code == 503 and r.headers["retry-after"] == "5"  # a restart, not overload: not a 429
     assert r.json()["error"]["code"] == "no_replicas"
-    _publish(env, backlog_seconds=10.0)
+    env.fake.publish(backlog_seconds=10.0)
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
 
 
@@ -584,7 +579,7 @@ def test_health_503_when_redis_is_down_or_ready_fails(env):
 def test_metrics_exposes_ingress_and_dispatcher_metrics(client, env):
     assert client.post("/v1/completions", json={"prompt": "m", "max_tokens": 4}).status_code == 200
     assert client.post("/v1/completions", json={"prompt": "m", "max_tokens": 0}).status_code == 400
-    _publish(env, pool_depth=3, running=1, slices_run=17, backlog_seconds=2.5, slice_time_mape=0.125,
+    env.fake.publish(pool_depth=3, running=1, slices_run=17, backlog_seconds=2.5, slice_time_mape=0.125,
              replicas={"w0": ReplicaMetrics(expected_completion_s=1.25, busy_seconds=9.0)})
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")

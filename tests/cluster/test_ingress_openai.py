@@ -14,7 +14,6 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from cluster.http_app import build_api  # noqa: E402
-from cluster.messages import MetricsSnapshot  # noqa: E402
 from cluster.redis_server import free_loopback_port  # noqa: E402
 from tests.cluster.test_ingress_support import (  # noqa: E402
     ANSWER_TEXT,
@@ -51,18 +50,13 @@ def srv(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _reset(srv):
     srv.fake.reset()
-    _publish(srv)
+    srv.fake.publish()
     yield
     srv.fake.reset()
 
 
 def _text(srv, n):
     return srv.tok.decode(srv.answer[:n], skip_special_tokens=True)
-
-
-def _publish(srv, **figures) -> None:
-    """A dispatcher snapshot with ``figures`` (the rest at their defaults: no backlog, nothing running)."""
-    srv.fake.dispatch.publish_metrics(MetricsSnapshot(time.time(), 1, "scls", **figures))
 
 
 def _last_incoming(srv) -> str:
@@ -131,7 +125,7 @@ def test_openai_client_errors(srv):
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
     bad.close()
-    _publish(srv, backlog_seconds=3000)
+    srv.fake.publish(backlog_seconds=3000)
     with pytest.raises(openai.RateLimitError) as exc:
         srv.client.completions.create(model="tiny-test", prompt="x", max_tokens=2)
     assert exc.value.response.headers["retry-after"] == "2400"

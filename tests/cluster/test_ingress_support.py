@@ -141,6 +141,10 @@ class FakeDispatcher(threading.Thread):
             self.final_reason: str | None = None
             self.ready = True
 
+    def publish(self, **figures) -> None:
+        """A dispatcher snapshot with ``figures`` (the rest at their defaults: no backlog, nothing running)."""
+        self.dispatch.publish_metrics(MetricsSnapshot(time.time(), 1, "scls", **figures))
+
     def stop(self) -> None:
         self._halt.set()
         self.join(5)
