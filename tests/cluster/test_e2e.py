@@ -25,25 +25,32 @@ MODEL = "slicefleet-tiny-llama"
 SLICE = 8
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def start_cluster(tmp_path_factory, **overrides):
+    """A started local cluster on loopback: two replicas of the tiny model at half a CPU each, slices of
+    ``SLICE`` tokens, the scheduling extensions on (the tests drive ignore_eos and priorities), and
+    ``overrides`` (dotted config keys) on top."""
     from cluster.config import load_config
     from cluster.local import LocalCluster
     from cluster.redis_server import free_loopback_port
 
     cfg = load_config(None, {
         "api.port": free_loopback_port(),
-        "api.scheduling_extensions": True,  # the tests drive ignore_eos and priorities
-        "scheduler.mode": "scls",
+        "api.scheduling_extensions": True,
         "scheduler.slice_len": SLICE,
         "scheduler.max_gen_len": 96,
-        "scheduler.max_batch_size": 8,
         "replicas.num_replicas": 2,
         "replicas.num_cpus": 0.5,
-        "scheduler.placement": "round_robin",
+        **overrides,
     })
     c = LocalCluster(cfg, redis_dir=tmp_path_factory.mktemp("redis"))
     c.start(timeout=600)
+    return c
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = start_cluster(tmp_path_factory, **{"scheduler.mode": "scls", "scheduler.max_batch_size": 8,
+                                           "scheduler.placement": "round_robin"})
     yield c
     c.stop()
 

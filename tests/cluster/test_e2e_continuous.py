@@ -14,34 +14,19 @@ import time
 import httpx
 import pytest
 
-from tests.cluster.test_e2e import (MODEL, PROMPTS, check_output, kill_a_worker_mid_slice,  # noqa: F401
+from tests.cluster.test_e2e import (MODEL, PROMPTS, SLICE, check_output, kill_a_worker_mid_slice,  # noqa: F401
                                     kill_the_dispatcher_mid_load, prompt_ids, reference, send_mixed)
+from tests.cluster.test_e2e import start_cluster as start_e2e_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SLICE = 8
 STREAM_EVERY = 2
 
 
 def start_cluster(tmp_path_factory, **overrides):
-    from cluster.config import load_config
-    from cluster.local import LocalCluster
-    from cluster.redis_server import free_loopback_port
-
-    cfg = load_config(None, {
-        "api.port": free_loopback_port(),
-        "api.scheduling_extensions": True,  # the tests drive ignore_eos and priorities
-        "scheduler.mode": "continuous_slices",
-        "scheduler.slice_len": SLICE,
-        "scheduler.max_gen_len": 96,
-        "engine.stream_every": STREAM_EVERY,
-        "replicas.num_replicas": 2,
-        "replicas.num_cpus": 0.5,
-        **overrides,
-    })
-    c = LocalCluster(cfg, redis_dir=tmp_path_factory.mktemp("redis"))
-    c.start(timeout=600)
-    return c
+    """The end-to-end cluster of test_e2e in continuous slices, streaming every ``STREAM_EVERY`` steps."""
+    return start_e2e_cluster(tmp_path_factory, **{"scheduler.mode": "continuous_slices",
+                                                  "engine.stream_every": STREAM_EVERY, **overrides})
 
 
 @pytest.fixture(scope="module")
