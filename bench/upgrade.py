@@ -75,6 +75,8 @@ class Upgrade:
     """When A's /health first said its dispatcher is not ready."""
     a_health: dict = field(default_factory=dict)
     b_ready: float | None = None
+    b_workers_at_health: tuple[int, int] | None = None
+    """(B's own workers beating, B's replicas) when B's /health first said ok: it must count only its own."""
     switch: float | None = None
     kill: float | None = None
     epochs: tuple[int, int] | None = None
@@ -229,6 +231,9 @@ def verdict(redis: dict, clients: dict, up: dict, finished_by_b: dict, reference
         problems.append("the fence caught no request in flight")
     if up["fence"] is not None and up["a_unready"] is None:
         problems.append("A's /health never said its dispatcher was not ready")
+    beating, replicas = up.get("b_workers_at_health") or (0, 0)
+    if beating < replicas:
+        problems.append(f"B's /health said ok with only {beating} of its {replicas} workers beating")
     if up["kill"] is None:
         problems.append("cluster A was never deleted")
     elif not up["live_at_kill"] or not up["on_a_workers"]:
@@ -307,15 +312,12 @@ def health(url: str) -> tuple[int, dict]:
         return 0, {"error": repr(exc)}
 
 
-def start_ready(cluster: Cluster, timeout: float) -> None:
-    """Start the cluster and wait for its own workers: its /health alone may be ok early, since it counts the
-    replicas beating in Redis, and those of the other cluster beat there too."""
+def start_ready(cluster: Cluster, timeout: float) -> tuple[int, int]:
+    """Start the cluster and wait for its /health to say ok, as KubeRay waits for the new cluster's app.
+    Returns (its own workers beating then, its replicas): /health counts only the replicas of its own Ray
+    cluster, so the other cluster's, which beat in the same Redis, cannot make it ok early."""
     cluster.start(timeout)
-    deadline = time.monotonic() + timeout
-    while len(cluster.worker_pids()) < cluster.replicas:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"cluster's workers not up after {timeout:.0f} s")
-        time.sleep(0.25)
+    return len(cluster.worker_pids()), cluster.replicas
 
 
 # ---- one run ----------------------------------------------------------------------------------------------
@@ -387,7 +389,7 @@ async def drive_upgrade(a: Cluster, b: Cluster, requests: list[FaultRequest], ar
                     a_logs = await asyncio.to_thread(log_files, a.dispatcher_pid())
                     break
                 await asyncio.sleep(0.1)
-            await starting  # raises if B never came up: the run fails with the reason
+            up.b_workers_at_health = await starting  # raises if B never came up: the run fails with the reason
             up.b_ready = now()
             if up.a_unready is None:  # B was up before A's health said so: look once more
                 status, body = await asyncio.to_thread(health, a.url)
@@ -567,6 +569,8 @@ def figures(result: dict) -> list[tuple[str, str]]:
          f"{up['in_flight_at_start']} / {len(up['in_flight_at_fence'])}"),
         ("B started, fence, A unready, B ready, A deleted (s)",
          ", ".join(_s(up[k]) for k in ("b_start", "fence", "a_unready", "b_ready", "kill"))),
+        ("B's own workers beating when its /health first said ok",
+         "{} of {}".format(*up["b_workers_at_health"]) if up.get("b_workers_at_health") else "–"),
         ("handover: fence -> every request in flight moving again (s)", _s(up["handover_s"])),
         ("A's deletion: live in Redis / streaming from A's workers",
          f"{len(up['live_at_kill'])} / {len(up['on_a_workers'])}"),

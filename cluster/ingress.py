@@ -88,6 +88,7 @@ from cluster.output_relay import (
     relay,
     sse,
 )
+from cluster.ray_session import current_ray_session
 from cluster.stores.ingress import IngressStore
 
 log = logging.getLogger(__name__)
@@ -188,13 +189,15 @@ class IngressService:
     when the dispatcher's metrics snapshot is present in Redis" (it republishes it every second, TTL 60 s).
     ``length_predictor``: ``f(prompt_text, prompt_ids) -> float | None`` or None.
     ``snapshot_ttl``: seconds the dispatcher snapshot is cached for admission control.
+    ``ray_session``: the Ray session this ingress runs in; /health counts only the worker replicas registered
+    from the same one ("": every replica beating in Redis).
     """
 
     def __init__(self, config: SlicefleetConfig, tokenizer, store: IngressStore, *,
                  ready: Callable[[], Awaitable[bool] | bool] | None = None,
                  length_predictor: Callable[[str, list[int]], float | None] | None = None,
                  context_len: int = 2048, vocab_size: int | None = None, default_temperature: float = 0.0,
-                 snapshot_ttl: float = 0.5, poll_seconds: float = 5.0):
+                 snapshot_ttl: float = 0.5, poll_seconds: float = 5.0, ray_session: str = ""):
         self.config = config
         self.tokenizer = tokenizer
         self.store = store
@@ -205,6 +208,7 @@ class IngressService:
         self.default_temperature = float(default_temperature)
         self.snapshot_ttl = snapshot_ttl
         self.poll_seconds = poll_seconds
+        self.ray_session = ray_session
         self.metrics = IngressMetrics(config.model.name, self.context_len)
         self.model_name = config.model.name
         self.limits = ModelLimits(self.model_name, self.context_len, self.vocab_size,
@@ -312,14 +316,20 @@ class IngressService:
         ready, why = await self._is_ready()
         body["dispatcher_ready"] = ready
         try:
-            alive, _dead = await self.store.replicas_alive()
+            alive = await self.store.alive_replicas()
         except Exception as exc:  # noqa: BLE001
             body["reason"] = f"redis failed while reading replicas: {type(exc).__name__}: {exc}"
             return 503, body
-        body["replicas_alive"] = len(alive)
+        # Another Ray cluster's replicas beat in the same Redis during a NewCluster upgrade, and the dispatcher
+        # uses them, but they leave with their cluster: this one is ready once its own replicas beat.
+        own = [r for r in alive if not self.ray_session or r.ray_session == self.ray_session]
+        body["replicas_alive"] = len(own)
+        body["replicas_alive_other_clusters"] = len(alive) - len(own)
         reasons = [] if ready else [why or "dispatcher not ready"]
-        if len(alive) < expected:
-            reasons.append(f"{len(alive)} of {expected} worker replicas alive")
+        if len(own) < expected:
+            other = f" ({len(alive) - len(own)} more of another Ray cluster on this Redis)" if len(own) < len(alive) \
+                else ""
+            reasons.append(f"{len(own)} of {expected} worker replicas alive{other}")
         if reasons:
             body["reason"] = "; ".join(reasons)
             return 503, body
@@ -607,7 +617,8 @@ class Ingress:
         cfg = config if isinstance(config, SlicefleetConfig) else SlicefleetConfig.model_validate(config)
         self._dispatcher = dispatcher
         self._workers = workers
-        self.service = IngressService.from_config(cfg, ready=self._ready if dispatcher is not None else None)
+        self.service = IngressService.from_config(cfg, ready=self._ready if dispatcher is not None else None,
+                                                  ray_session=current_ray_session())
 
     async def _ready(self) -> bool:
         return bool(await self._dispatcher.ready.remote())

@@ -249,6 +249,9 @@ class ReplicaInfo:
     """Its engine keeps requests' KV caches between slices (so the dispatcher may count on cache holders)."""
     busy_seconds: float = 0.0
     """Seconds its engine has computed so far (updated with every heartbeat)."""
+    ray_session: str = ""
+    """The Ray session (one per Ray cluster) it runs in; "" outside Ray. Two clusters share one Redis during an
+    upgrade, and each ingress's /health counts only the replicas of its own cluster."""
 
     def to_hash(self) -> dict[str, str]:
         return _to_hash(self)

@@ -19,6 +19,7 @@ from cluster.config import SlicefleetConfig
 from cluster.lease_loop import LeaseLoop
 from cluster.messages import (BatchOrder, Progress, ProgressRow, Release, ReplicaInfo, RequestRecord, RowReport,
                               SliceReport)
+from cluster.ray_session import current_ray_session
 from cluster.stores.base import STORE_UNAVAILABLE, stream_gone
 from cluster.stores.worker import WorkerStore
 
@@ -93,7 +94,7 @@ class SliceWorker:
         self._error: BaseException | None = None
         self.leases = LeaseLoop(self.store, self.engine, self.replica_id, self._load, cfg.engine.stream_every)
         self._replica_info = ReplicaInfo(self.replica_id, os.getpid(), self._backend(cfg), socket.gethostname(),
-                                         time.time(), batch_budget, keeps_kv)
+                                         time.time(), batch_budget, keeps_kv, ray_session=current_ray_session())
         self._forgotten = threading.Event()
         """Set by the heartbeat when a dispatcher presumed this replica dead; the work loop then drops its rows
         (the dispatcher has put them back in the pool)."""

@@ -17,7 +17,7 @@ import weakref
 import redis.asyncio as aioredis
 
 from cluster.config import RedisSettings
-from cluster.messages import (MetricsSnapshot, OutputEvent, RequestRecord, UnknownMessage, decode_metrics,
+from cluster.messages import (MetricsSnapshot, OutputEvent, ReplicaInfo, RequestRecord, UnknownMessage, decode_metrics,
                               read_output_entry, request_entry)
 from cluster.stores.base import Keys, queue_submit, split_alive
 
@@ -106,3 +106,13 @@ class IngressStore:
             for rid in ids:
                 pipe.exists(self.k.hb(rid))
             return split_alive(ids, await pipe.execute())
+
+    async def alive_replicas(self) -> list[ReplicaInfo]:
+        """The registered replicas whose heartbeat is alive, as they registered (their Ray session included)."""
+        alive, _ = await self.replicas_alive()
+        if not alive:
+            return []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for rid in alive:
+                pipe.hgetall(self.k.replica(rid))
+            return [ReplicaInfo.from_hash(data) for data in await pipe.execute() if data]

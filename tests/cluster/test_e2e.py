@@ -139,6 +139,19 @@ def test_completion_matches_generate(cluster, store, reference):
     assert len(rec.replicas) == 3 and len(set(rec.replicas)) == 2, rec.replicas
 
 
+def test_replicas_register_this_ray_cluster_and_health_counts_them(cluster, store):
+    """Each worker replica registers the Ray session it runs in (this process's, which started Ray), and /health
+    counts them as its own cluster's."""
+    from cluster.ray_session import current_ray_session
+
+    session = current_ray_session()
+    alive, _ = store.replicas_alive()
+    assert session and len(alive) == 2
+    assert {store.replica_info(rid).ray_session for rid in alive} == {session}
+    body = httpx.get(f"{cluster.url}/health", timeout=30).json()
+    assert body["status"] == "ok" and body["replicas_alive"] == 2 and body["replicas_alive_other_clusters"] == 0
+
+
 def test_chat_and_streaming(cluster, reference):
     tok = reference.tokenizer
     messages = [{"role": "user", "content": "Say something nice"}]

@@ -558,6 +558,31 @@ def test_health_503_until_ready_and_replicas_alive(client, env):
     env.fake.dispatch.forget_replica("w0")
 
 
+def test_health_counts_only_the_replicas_of_its_own_ray_cluster(env):
+    """During a NewCluster upgrade two Ray clusters beat in one Redis: the new cluster's /health must not say ok
+    on the old cluster's replicas, which leave with it."""
+    cfg = make_config(env.url, env.model_dir, PREFIX)
+    service = make_service(cfg, env.tok, env.model_dir, ready=lambda: True, ray_session="session_b")
+    old = [ReplicaInfo(f"a{i}", 10 + i, "hf", ray_session="session_a") for i in range(2)]
+    new = [ReplicaInfo(f"b{i}", 20 + i, "hf", ray_session="session_b") for i in range(2)]
+    try:
+        with TestClient(build_api(service)) as c:
+            for info in old + new[:1]:
+                env.fake.worker.register_replica(info, ttl=30)
+            r = c.get("/health")
+            assert r.status_code == 503, r.text
+            body = r.json()
+            assert body["replicas_alive"] == 1 and body["replicas_alive_other_clusters"] == 2
+            assert "1 of 2 worker replicas alive (2 more of another Ray cluster on this Redis)" in body["reason"]
+            env.fake.worker.register_replica(new[1], ttl=30)
+            r = c.get("/health")
+            assert r.status_code == 200, r.text
+            assert r.json()["replicas_alive"] == 2 and r.json()["replicas_alive_other_clusters"] == 2
+    finally:
+        for info in old + new:
+            env.fake.dispatch.forget_replica(info.id)
+
+
 def test_health_503_when_redis_is_down_or_ready_fails(env):
     cfg = make_config(f"redis://127.0.0.1:{free_loopback_port()}/0", env.model_dir, PREFIX)
     service = make_service(cfg, env.tok, env.model_dir, ready=lambda: True)
