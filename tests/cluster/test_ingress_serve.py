@@ -77,10 +77,19 @@ def test_health_follows_the_dispatcher_handle(served):
     r = httpx.get(base + "/health", timeout=10)  # probes need no key
     assert r.status_code == 503 and r.json()["dispatcher_ready"] is False
     served["dispatcher"].set_ready.remote(True).result()
+    # Replicas of another Ray cluster on the same Redis (an upgrade's old cluster) do not make it ready...
     for i in range(2):
-        worker.register_replica(ReplicaInfo(f"w{i}", i, "hf"), ttl=60)
+        worker.register_replica(ReplicaInfo(f"old{i}", 10 + i, "hf", ray_session="session_of_another_cluster"),
+                                ttl=60)
     r = httpx.get(base + "/health", timeout=10)
-    assert r.status_code == 200, r.text
+    assert r.status_code == 503 and r.json()["replicas_alive_other_clusters"] == 2, r.text
+    # ...its own do: the Serve ingress knows the Ray session it runs in, which is this process's.
+    from cluster.ray_session import current_ray_session
+
+    for i in range(2):
+        worker.register_replica(ReplicaInfo(f"w{i}", i, "hf", ray_session=current_ray_session()), ttl=60)
+    r = httpx.get(base + "/health", timeout=10)
+    assert r.status_code == 200 and r.json()["replicas_alive"] == 2, r.text
 
 
 def test_completion_and_stream_through_serve(served):
