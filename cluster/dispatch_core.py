@@ -23,8 +23,8 @@ from balancer.config import SchedulerConfig
 from balancer.estimators import LinearKVMemory, MemoryEstimator, SliceTimeEstimator
 from balancer.scheduler import Scheduler
 from balancer.types import Batch, Mode, Request, SliceResult
-from cluster.messages import (BatchOrder, DispatchCounters, MetricsSnapshot, Progress, ProgressRow, Release, ReplicaMetrics,
-                              ResultMessage, SliceReport, SliceTiming)
+from cluster.messages import (BatchOrder, DispatchCounters, MetricsSnapshot, Progress, ProgressRow, Release,
+                              ReplicaMetrics, ResultMessage, SliceReport, SliceTiming)
 from cluster.metrics import REQUEST_LATENCY_BUCKETS, SnapshotHistogram
 
 log = logging.getLogger("slicefleet.dispatcher")

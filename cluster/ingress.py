@@ -322,14 +322,14 @@ class IngressService:
             return 503, body
         # Another Ray cluster's replicas beat in the same Redis during a NewCluster upgrade, and the dispatcher
         # uses them, but they leave with their cluster: this one is ready once its own replicas beat.
-        own = [r for r in alive if not self.ray_session or r.ray_session == self.ray_session]
-        body["replicas_alive"] = len(own)
-        body["replicas_alive_other_clusters"] = len(alive) - len(own)
+        own = sum(not self.ray_session or r.ray_session == self.ray_session for r in alive)
+        others = len(alive) - own
+        body["replicas_alive"] = own
+        body["replicas_alive_other_clusters"] = others
         reasons = [] if ready else [why or "dispatcher not ready"]
-        if len(own) < expected:
-            other = f" ({len(alive) - len(own)} more of another Ray cluster on this Redis)" if len(own) < len(alive) \
-                else ""
-            reasons.append(f"{len(own)} of {expected} worker replicas alive{other}")
+        if own < expected:
+            elsewhere = f" ({others} more of another Ray cluster on this Redis)" if others else ""
+            reasons.append(f"{own} of {expected} worker replicas alive{elsewhere}")
         if reasons:
             body["reason"] = "; ".join(reasons)
             return 503, body

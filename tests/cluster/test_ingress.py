@@ -605,7 +605,7 @@ def test_metrics_exposes_ingress_and_dispatcher_metrics(client, env):
     assert client.post("/v1/completions", json={"prompt": "m", "max_tokens": 4}).status_code == 200
     assert client.post("/v1/completions", json={"prompt": "m", "max_tokens": 0}).status_code == 400
     env.fake.publish(pool_depth=3, running=1, slices_run=17, backlog_seconds=2.5, slice_time_mape=0.125,
-             replicas={"w0": ReplicaMetrics(expected_completion_s=1.25, busy_seconds=9.0)})
+                     replicas={"w0": ReplicaMetrics(expected_completion_s=1.25, busy_seconds=9.0)})
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
